@@ -1,0 +1,26 @@
+"""fastsoup: fused kernels and a streaming merge engine for diffusion-model training and
+merging (anti-gradient control, ambient diffusion, Diff-Tuning, Diffusion Soup).
+
+The public API (SPEC §6) is re-exported here flat: ``import fastsoup as fs``.
+"""
+from ._version import __version__
+from ._backend import use_backend
+from .ops import (
+    AGCMemoryBank,
+    AGCStats,
+    NonFiniteLossError,
+    agc_loss,
+    low_loss_keep_mask,
+    per_sample_mse,
+)
+
+__all__ = [
+    "__version__",
+    "use_backend",
+    "AGCMemoryBank",
+    "AGCStats",
+    "NonFiniteLossError",
+    "agc_loss",
+    "low_loss_keep_mask",
+    "per_sample_mse",
+]

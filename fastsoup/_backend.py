@@ -1,0 +1,195 @@
+"""Which implementation of an op runs: ``reference`` (PyTorch), ``triton`` or ``cuda``.
+
+Policy, per op and per call (the device of the inputs decides):
+
+* CPU tensors run the PyTorch reference, unless the Triton interpreter is active
+  (``TRITON_INTERPRET=1``) and ``triton`` was requested explicitly: that is how the Triton
+  kernels are tested on machines without a GPU.
+* CUDA tensors run the op's default GPU backend (``DEFAULT_GPU`` below, chosen by
+  benchmark), falling back to the other GPU backend and then to the reference when one is
+  unavailable.
+
+Overrides, strongest first: :func:`use_backend` (a context manager, for tests and
+benchmarks), then the ``FASTSOUP_BACKEND`` environment variable, either one name for
+every op (``FASTSOUP_BACKEND=cuda``) or a comma list of ``op=name`` pairs
+(``FASTSOUP_BACKEND=per_sample_mse=cuda,weighted_sum=triton``). An override that cannot
+be honoured warns once and falls back; :func:`explain` says what runs and why.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import threading
+import warnings
+from dataclasses import dataclass
+from typing import Dict, Iterator, Optional
+
+import torch
+
+BACKENDS = ("reference", "triton", "cuda")
+
+# op name -> backends it implements, and the GPU default among them.
+OPS: Dict[str, tuple] = {}
+DEFAULT_GPU: Dict[str, str] = {}
+
+_local = threading.local()
+_warned: set = set()
+
+
+def register_op(name: str, backends: tuple, default_gpu: str) -> None:
+    """Declare an op's implementations (called by each ``fastsoup.ops`` module)."""
+    assert default_gpu in backends and "reference" in backends
+    OPS[name] = tuple(backends)
+    DEFAULT_GPU[name] = default_gpu
+
+
+@functools.lru_cache(maxsize=None)
+def triton_status() -> tuple:
+    """(available: bool, reason: str) for running Triton kernels at all."""
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:
+        return False, f"triton is not importable ({type(exc).__name__}: {exc})"
+    if interpreter_active():
+        return True, "triton interpreter (TRITON_INTERPRET=1)"
+    if not torch.cuda.is_available():
+        return False, "no CUDA device (set TRITON_INTERPRET=1 to run Triton on the CPU)"
+    return True, f"triton {triton.__version__}"
+
+
+def interpreter_active() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_status() -> tuple:
+    """(available: bool, reason: str) for the compiled CUDA extension."""
+    if not torch.cuda.is_available():
+        return False, "no CUDA device"
+    from . import _ext
+
+    if _ext.cuda_ext(warn=True) is None:
+        return False, f"fastsoup._cuda not loaded ({_ext.load_error('_cuda')})"
+    return True, "fastsoup._cuda extension"
+
+
+def _parse_env() -> Dict[str, str]:
+    raw = os.environ.get("FASTSOUP_BACKEND", "").strip()
+    if not raw:
+        return {}
+    out: Dict[str, str] = {}
+    for part in raw.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if "=" in part:
+            op, name = (s.strip() for s in part.split("=", 1))
+        else:
+            op, name = "*", part
+        if name not in BACKENDS:
+            raise ValueError(
+                f"FASTSOUP_BACKEND: unknown backend {name!r} (expected one of {BACKENDS})"
+            )
+        out[op] = name
+    return out
+
+
+@contextlib.contextmanager
+def use_backend(name: str, op: str = "*") -> Iterator[None]:
+    """Force ``name`` for ``op`` (or every op) inside the ``with`` block (thread-local)."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r} (expected one of {BACKENDS})")
+    stack = getattr(_local, "stack", None)
+    if stack is None:
+        stack = _local.stack = []
+    stack.append((op, name))
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def _requested(op: str) -> tuple:
+    for scope, name in reversed(getattr(_local, "stack", None) or []):
+        if scope in ("*", op):
+            return name, "use_backend()"
+    env = _parse_env()
+    if op in env:
+        return env[op], f"FASTSOUP_BACKEND={os.environ['FASTSOUP_BACKEND']}"
+    if "*" in env:
+        return env["*"], f"FASTSOUP_BACKEND={os.environ['FASTSOUP_BACKEND']}"
+    return None, ""
+
+
+def _available(name: str, device_type: str) -> tuple:
+    if name == "reference":
+        return True, "PyTorch reference"
+    if name == "triton":
+        ok, why = triton_status()
+        if ok and device_type != "cuda" and not interpreter_active():
+            return False, "Triton kernels need CUDA tensors (or TRITON_INTERPRET=1)"
+        if ok and device_type == "cuda" and interpreter_active():
+            return False, "TRITON_INTERPRET=1 is set; the interpreter runs on CPU tensors"
+        return ok, why
+    if name == "cuda":
+        if device_type != "cuda":
+            return False, "the CUDA kernels need CUDA tensors"
+        return cuda_status()
+    raise AssertionError(name)
+
+
+@dataclass(frozen=True)
+class Choice:
+    op: str
+    backend: str
+    reason: str
+
+
+def choose(op: str, device: torch.device | str) -> Choice:
+    """The backend that runs ``op`` on tensors of ``device``, with the reason."""
+    if op not in OPS:
+        raise KeyError(f"unknown fastsoup op {op!r}")
+    device_type = torch.device(device).type
+    requested, source = _requested(op)
+    if requested is not None:
+        if requested not in OPS[op]:
+            _warn_once(op, requested, f"{op} has no {requested} implementation")
+        else:
+            ok, why = _available(requested, device_type)
+            if ok:
+                return Choice(op, requested, f"requested by {source}")
+            _warn_once(op, requested, why)
+    if device_type != "cuda":
+        return Choice(op, "reference", f"{device_type} tensors use the PyTorch reference")
+    default = DEFAULT_GPU[op]
+    order = [default] + [b for b in ("triton", "cuda") if b != default and b in OPS[op]]
+    reasons = []
+    for name in order:
+        ok, why = _available(name, device_type)
+        if ok:
+            note = "default GPU backend" if name == default else "fallback"
+            extra = f" ({'; '.join(reasons)})" if reasons else ""
+            return Choice(op, name, f"{note}: {why}{extra}")
+        reasons.append(f"{name} unavailable: {why}")
+    return Choice(op, "reference", "; ".join(reasons))
+
+
+def _warn_once(op: str, name: str, why: str) -> None:
+    key = (op, name, why)
+    if key in _warned:
+        return
+    _warned.add(key)
+    warnings.warn(
+        f"fastsoup: backend {name!r} requested for {op} cannot run here ({why}); "
+        "using the next-best backend",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+
+
+def explain(device: Optional[str] = None) -> Dict[str, Choice]:
+    """Backend choice for every registered op on ``device`` (default: cuda if present)."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return {op: choose(op, device) for op in sorted(OPS)}

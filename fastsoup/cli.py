@@ -1,0 +1,73 @@
+"""Command line: ``fastsoup info`` (and the subcommands later modules add)."""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from typing import List, Optional
+
+
+def _info(args) -> int:
+    import torch
+
+    import fastsoup
+
+    from . import _backend, _ext
+
+    lines = []
+    data = {"fastsoup": fastsoup.__version__, "python": platform.python_version(),
+            "torch": torch.__version__, "torch_cuda": torch.version.cuda}
+    try:
+        import triton
+
+        data["triton"] = triton.__version__
+    except Exception as exc:  # pragma: no cover - depends on the machine
+        data["triton"] = f"not available ({type(exc).__name__})"
+    data["cuda_available"] = torch.cuda.is_available()
+    data["devices"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    c = _ext.cpu_ext(warn=False)
+    data["_C"] = c.build_info() if c is not None else f"not loaded ({_ext.load_error('_C')})"
+    cu = _ext.cuda_ext(warn=False)
+    data["_cuda"] = "loaded" if cu is not None else f"not loaded ({_ext.load_error('_cuda')})"
+    data["FASTSOUP_BACKEND"] = __import__("os").environ.get("FASTSOUP_BACKEND", "")
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    data["backends"] = {
+        dev: {op: {"backend": ch.backend, "why": ch.reason}
+              for op, ch in _backend.explain(dev).items()}
+        for dev in devices
+    }
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    for key in ("fastsoup", "python", "torch", "torch_cuda", "triton", "cuda_available",
+                "devices", "_C", "_cuda", "FASTSOUP_BACKEND"):
+        lines.append(f"{key:>16}: {data[key]}")
+    for dev, ops in data["backends"].items():
+        lines.append(f"backends for {dev} tensors:")
+        for op, ch in ops.items():
+            lines.append(f"  {op:<22} {ch['backend']:<10} {ch['why']}")
+    print("\n".join(lines))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastsoup", description=__doc__)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    p = sub.add_parser("info", help="versions, devices and which backend each op uses, and why")
+    p.add_argument("--json", action="store_true", help="print as JSON")
+    p.set_defaults(func=_info)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""Argument validation shared by the ops: clear errors that name the argument."""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_float_tensor(name: str, t, min_dim: int = 1) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must be a floating tensor (float16, bfloat16, float32 or float64), "
+            f"got {t.dtype}"
+        )
+    if t.dim() < min_dim:
+        raise ValueError(f"{name} must have a batch dimension [B, ...], got a {t.dim()}-d tensor")
+
+
+def check_same_shape(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
+    if a.shape != b.shape:
+        raise ValueError(
+            f"{name_a} and {name_b} must have the same shape, got {tuple(a.shape)} and "
+            f"{tuple(b.shape)} (no broadcasting: a silently broadcast target is a common bug)"
+        )
+    if a.device != b.device:
+        raise ValueError(f"{name_a} is on {a.device} but {name_b} is on {b.device}")
+
+
+def check_per_sample(name: str, t, batch: int, device: torch.device,
+                     floating: bool = True) -> None:
+    """``t`` must be a ``[B]`` tensor (per-sample values) on ``device``."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape [{batch}], got {type(t).__name__}")
+    if floating and not t.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating tensor, got {t.dtype}")
+    if t.dim() != 1 or t.shape[0] != batch:
+        raise ValueError(f"{name} must have shape [B] = [{batch}], got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but the batch is on {device}")
+
+
+def as_weight(weight: Optional[Union[float, torch.Tensor]], batch: int,
+              device: torch.device) -> Optional[torch.Tensor]:
+    """Normalise a per-sample weight: None, a Python number, or a ``[B]`` float tensor."""
+    if weight is None:
+        return None
+    if isinstance(weight, (int, float)) and not isinstance(weight, bool):
+        return torch.full((batch,), float(weight), dtype=torch.float32, device=device)
+    if isinstance(weight, torch.Tensor) and weight.dim() == 0:
+        if not weight.dtype.is_floating_point:
+            raise TypeError(f"weight must be a floating tensor, got {weight.dtype}")
+        return weight.to(device).expand(batch)
+    check_per_sample("weight", weight, batch, device)
+    return weight

@@ -1,0 +1,17 @@
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def target_programs(device: torch.device) -> int:
+    """About how many programs keep ``device`` busy for a bandwidth-bound kernel."""
+    if device.type == "cuda":
+        return 8 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return 4  # the interpreter: few programs keep tests fast but still exercise chunking

@@ -12,6 +12,15 @@ from .ops import (
     agc_loss,
     low_loss_keep_mask,
     per_sample_mse,
+    ambient_loss_vp,
+    ambient_loss_ve,
+    consistency_loss,
+    consistency_loss_eps,
+    ReverseStepCoefficients,
+    vp_alpha_sigma,
+    vp_reverse_step,
+    vp_reverse_step_coefficients,
+    vp_reverse_step_from_eps,
 )
 
 __all__ = [
@@ -23,4 +32,13 @@ __all__ = [
     "agc_loss",
     "low_loss_keep_mask",
     "per_sample_mse",
+    "ambient_loss_vp",
+    "ambient_loss_ve",
+    "consistency_loss",
+    "consistency_loss_eps",
+    "ReverseStepCoefficients",
+    "vp_alpha_sigma",
+    "vp_reverse_step",
+    "vp_reverse_step_coefficients",
+    "vp_reverse_step_from_eps",
 ]

@@ -1,0 +1,107 @@
+"""Consistency loss below the data noise level (SPEC §3, "Consistency loss below σ_n").
+
+The exact denoiser is a martingale along the reverse process: ``E[h(x_s, s) | x_t] = h(x_t,
+t)`` for ``s < t``. With two independent reverse samples ``x_s⁽¹⁾``, ``x_s⁽²⁾`` drawn from the
+same ``x_t`` (:func:`fastsoup.vp_reverse_step`), the unbiased estimator of the squared
+violation is ``L_c = mean[(h_1 − h_t)(h_2 − h_t)]`` (elementwise products; it can be
+negative). Both ops below are one fused row reduction
+(:func:`fastsoup.ops.ambient.row_bilinear`): inputs are read once in the forward pass and
+once in the backward pass, which writes the gradients directly.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import Tensor
+
+from .ambient import (
+    OP_CONSISTENCY, Scalar, _acc_dtype, _check_reduction, check_data, per_sample_scalar,
+    row_bilinear,
+)
+
+import torch
+
+
+def _reduce(per_sample: Tensor, reduction: str) -> Tensor:
+    if reduction == "none":
+        return per_sample
+    return per_sample.sum() if reduction == "sum" else per_sample.mean()
+
+
+def consistency_loss(h_anchor: Tensor, h1: Tensor, h2: Tensor, stop_anchor_grad: bool = True,
+                     reduction: str = "mean") -> Tensor:
+    """``L_c = mean[(h_1 − h_t)(h_2 − h_t)]`` over every element of the batch.
+
+    Args:
+        h_anchor: ``h_t = h(x_t, t)``, the x0-prediction at the anchor, ``[B, ...]``
+            float16/bfloat16/float32 (any strides).
+        h1, h2: x0-predictions at the two reverse samples ``x_s⁽¹⁾``, ``x_s⁽²⁾`` (same shape;
+            dtypes may differ).
+        stop_anchor_grad: ``True`` treats ``h_t`` as a constant (the SDXL reference code,
+            ``with_grad=False``); ``False`` lets the gradient reach it (the EDM code).
+        reduction: ``"mean"`` (over all ``N = B·D`` elements), ``"sum"`` (of the per-sample
+            means) or ``"none"`` (fp32 ``[B]`` per-sample means).
+
+    Returns:
+        float32 (float64 for float64 inputs). Gradients (``"mean"``):
+        ``∂L/∂h_1 = (h_2 − h_t)/N``, ``∂L/∂h_2 = (h_1 − h_t)/N`` and, only when
+        ``stop_anchor_grad=False``, ``∂L/∂h_t = (2h_t − h_1 − h_2)/N``.
+    """
+    _check_reduction(reduction)
+    check_data(("h_anchor", "h1", "h2"), (h_anchor, h1, h2))
+    if not isinstance(stop_anchor_grad, bool):
+        raise TypeError(f"stop_anchor_grad must be a bool, got {type(stop_anchor_grad).__name__}")
+    if stop_anchor_grad:
+        h_anchor = h_anchor.detach()
+    B = h_anchor.shape[0]
+    acc = _acc_dtype((h_anchor, h1, h2))
+    # u = h1 − h_t, v = h2 − h_t over the inputs (h_t, h1, h2)
+    row = torch.tensor([[-1.0, 1.0, 0.0], [-1.0, 0.0, 1.0]], dtype=acc, device=h1.device)
+    coef = row.expand(B, 2, 3)
+    per_sample = row_bilinear(OP_CONSISTENCY, [h_anchor, h1, h2], coef, square=False)
+    return _reduce(per_sample, reduction)
+
+
+def consistency_loss_eps(x_t: Tensor, eps_t: Tensor, alpha_t: Scalar, sigma_t: Scalar,
+                         x_s1: Tensor, eps_s1: Tensor, x_s2: Tensor, eps_s2: Tensor,
+                         alpha_s: Scalar, sigma_s: Scalar, stop_anchor_grad: bool = True,
+                         reduction: str = "mean") -> Tensor:
+    """:func:`consistency_loss` for an ε-predicting network (VP), fused.
+
+    The x0-predictions ``h = (x − σ ε̂)/α`` are formed inside the kernel, per element:
+    ``h_t`` from ``(x_t, ε̂_t, α_t, σ_t)`` and ``h_1``, ``h_2`` from the two reverse samples
+    ``(x_s⁽ⁱ⁾, ε̂_s⁽ⁱ⁾)`` at level ``(α_s, σ_s)``; none of the three ``h`` tensors is
+    materialised.
+
+    Args:
+        x_t, eps_t: the anchor input and the network's ``ε̂`` there, ``[B, ...]``.
+        alpha_t, sigma_t: anchor schedule values, ``[B]`` or numbers (constants, ``α > 0``).
+        x_s1, eps_s1, x_s2, eps_s2: the two reverse samples and the ``ε̂`` there.
+        alpha_s, sigma_s: schedule values at ``s``.
+        stop_anchor_grad: ``True`` detaches ``x_t`` and ``eps_t`` (the anchor ``h_t``).
+        reduction: as in :func:`consistency_loss`.
+
+    Gradients follow from the chain rule through ``h``: e.g. ``∂L/∂ε̂_s⁽¹⁾ =
+    −(σ_s/α_s)(h_2 − h_t)/N``. Reverse samples are normally produced without gradient
+    (as in the reference code); if ``x_s⁽ⁱ⁾`` depends on ``ε̂_t`` with grad enabled, autograd
+    also follows that path whatever ``stop_anchor_grad`` says.
+    """
+    _check_reduction(reduction)
+    names = ("x_t", "eps_t", "x_s1", "eps_s1", "x_s2", "eps_s2")
+    xs = [x_t, eps_t, x_s1, eps_s1, x_s2, eps_s2]
+    check_data(names, xs)
+    if not isinstance(stop_anchor_grad, bool):
+        raise TypeError(f"stop_anchor_grad must be a bool, got {type(stop_anchor_grad).__name__}")
+    if stop_anchor_grad:
+        xs[0], xs[1] = xs[0].detach(), xs[1].detach()
+    B, dev = x_t.shape[0], x_t.device
+    a_t, s_t, a_s, s_s = (per_sample_scalar(n, v, B, dev) for n, v in (
+        ("alpha_t", alpha_t), ("sigma_t", sigma_t), ("alpha_s", alpha_s), ("sigma_s", sigma_s)))
+    z = torch.zeros_like(a_t)
+    anchor = [-1 / a_t, s_t / a_t]            # −h_t
+    sample = [1 / a_s, -s_s / a_s]            # +h_s
+    u = torch.stack(anchor + sample + [z, z], dim=1)
+    v = torch.stack(anchor + [z, z] + sample, dim=1)
+    coef = torch.stack([u, v], dim=1).to(_acc_dtype(xs))   # [B, 2, 6]
+    per_sample = row_bilinear(OP_CONSISTENCY, xs, coef, square=False)
+    return _reduce(per_sample, reduction)

@@ -1,0 +1,312 @@
+"""Row-wise linear forms for the ambient-diffusion ops (SPEC §3): kernels and launchers.
+
+Every ambient op reduces to one of two shapes of computation over ``K`` same-shaped
+``[B, ...]`` inputs ``x_k`` with per-sample fp32 coefficients:
+
+* **bilinear reduction** (the losses): ``ℓ_i = mean_j u_ij · v_ij`` with
+  ``u = Σ_k A_ik x_k`` and ``v = Σ_k B_ik x_k`` (``K ≤ 6``). ``SQUARE`` (``v = u``) gives
+  the squared residuals of the double-Tweedie losses; the consistency loss is the general
+  case. The backward kernel writes ``∂ℓ_i/∂x_k = s_i (A_ik v + B_ik u)`` with
+  ``s_i = g_i / D`` directly into the gradients; a row with ``s_i = 0`` gets exact zeros.
+* **row-linear map** (the reverse sampler and its backward): ``y_m = Σ_k C_imk x_k`` for
+  ``K ≤ 4`` inputs and ``M ≤ 4`` outputs, e.g. two reverse samples sharing ``ĥ`` and ``ε̂``.
+
+Kernels walk a :class:`fastsoup.ops._rows.RowLayout` (program ``(row, chunk)`` handles
+``CHUNK`` consecutive elements of one sample), offsets are int64, arithmetic is fp32
+whatever the storage dtypes, and no ``[B, D]`` temporary is allocated: inputs are read
+once per pass, the per-sample reduction goes through fp32 ``[B, n_chunks]`` partial sums
+that are added in a fixed order (deterministic, no atomics).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from ..ops._rows import RowLayout, plan_chunks
+from ._util import target_programs
+from .mse import _inner_offsets
+
+BLOCK = 1024
+NUM_WARPS = 4
+MAX_BILINEAR_INPUTS = 6
+MAX_LINEAR_INPUTS = 4
+MAX_LINEAR_OUTPUTS = 4
+
+
+@triton.jit
+def _offs(row, sb, s1, s2, s3, j, S2, S3, DENSE: tl.constexpr):
+    return row * sb + _inner_offsets(j, s1, s2, s3, S2, S3, DENSE)
+
+
+@triton.jit
+def _ld(ptr, row, sb, s1, s2, s3, j, mask, S2, S3, DENSE: tl.constexpr):
+    return tl.load(ptr + _offs(row, sb, s1, s2, s3, j, S2, S3, DENSE),
+                   mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _bilinear_uv(
+    row, j, mask, coef_ptr,
+    x0, x1, x2, x3, x4, x5,
+    sb0, s10, s20, s30, sb1, s11, s21, s31, sb2, s12, s22, s32,
+    sb3, s13, s23, s33, sb4, s14, s24, s34, sb5, s15, s25, s35,
+    S2, S3,
+    N_IN: tl.constexpr, SQUARE: tl.constexpr, DENSE: tl.constexpr,
+):
+    """u = Σ_k A_k x_k and v = Σ_k B_k x_k (v = u when SQUARE) for one block, in fp32."""
+    cb = coef_ptr + row * 12  # coefficients: [B, 2, 6] fp32, A then B
+    v0 = _ld(x0, row, sb0, s10, s20, s30, j, mask, S2, S3, DENSE)
+    u = tl.load(cb + 0) * v0
+    v = tl.load(cb + 6) * v0
+    if N_IN > 1:
+        v1 = _ld(x1, row, sb1, s11, s21, s31, j, mask, S2, S3, DENSE)
+        u += tl.load(cb + 1) * v1
+        v += tl.load(cb + 7) * v1
+    if N_IN > 2:
+        v2 = _ld(x2, row, sb2, s12, s22, s32, j, mask, S2, S3, DENSE)
+        u += tl.load(cb + 2) * v2
+        v += tl.load(cb + 8) * v2
+    if N_IN > 3:
+        v3 = _ld(x3, row, sb3, s13, s23, s33, j, mask, S2, S3, DENSE)
+        u += tl.load(cb + 3) * v3
+        v += tl.load(cb + 9) * v3
+    if N_IN > 4:
+        v4 = _ld(x4, row, sb4, s14, s24, s34, j, mask, S2, S3, DENSE)
+        u += tl.load(cb + 4) * v4
+        v += tl.load(cb + 10) * v4
+    if N_IN > 5:
+        v5 = _ld(x5, row, sb5, s15, s25, s35, j, mask, S2, S3, DENSE)
+        u += tl.load(cb + 5) * v5
+        v += tl.load(cb + 11) * v5
+    if SQUARE:
+        v = u
+    return u, v
+
+
+@triton.jit
+def _bilinear_partial_kernel(
+    x0, x1, x2, x3, x4, x5, coef_ptr, partial_ptr,
+    sb0, s10, s20, s30, sb1, s11, s21, s31, sb2, s12, s22, s32,
+    sb3, s13, s23, s33, sb4, s14, s24, s34, sb5, s15, s25, s35,
+    D, S2, S3, CHUNK, n_chunks, inv_D,
+    N_IN: tl.constexpr, SQUARE: tl.constexpr, BLOCK: tl.constexpr, DENSE: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1).to(tl.int64)
+    start = chunk * CHUNK
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for off in range(0, CHUNK, BLOCK):
+        j = start + off + tl.arange(0, BLOCK).to(tl.int64)
+        mask = j < D
+        u, v = _bilinear_uv(
+            row, j, mask, coef_ptr, x0, x1, x2, x3, x4, x5,
+            sb0, s10, s20, s30, sb1, s11, s21, s31, sb2, s12, s22, s32,
+            sb3, s13, s23, s33, sb4, s14, s24, s34, sb5, s15, s25, s35,
+            S2, S3, N_IN, SQUARE, DENSE,
+        )
+        acc += u * v
+    tl.store(partial_ptr + row * n_chunks + chunk, tl.sum(acc, axis=0) * inv_D)
+
+
+@triton.jit
+def _store_grad(gptr, row, gsb, gs1, gs2, gs3, j, mask, S2, S3, s, a, b, u, v,
+                DENSE: tl.constexpr):
+    # s == 0 (a masked or excluded sample) writes exact zeros even if the row holds inf/NaN.
+    g = tl.where(s == 0.0, 0.0, s * (a * v + b * u))
+    tl.store(gptr + _offs(row, gsb, gs1, gs2, gs3, j, S2, S3, DENSE),
+             g.to(gptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bilinear_grad_kernel(
+    x0, x1, x2, x3, x4, x5, coef_ptr, scale_ptr,
+    g0, g1, g2, g3, g4, g5,
+    sb0, s10, s20, s30, sb1, s11, s21, s31, sb2, s12, s22, s32,
+    sb3, s13, s23, s33, sb4, s14, s24, s34, sb5, s15, s25, s35,
+    gsb0, gs10, gs20, gs30, gsb1, gs11, gs21, gs31, gsb2, gs12, gs22, gs32,
+    gsb3, gs13, gs23, gs33, gsb4, gs14, gs24, gs34, gsb5, gs15, gs25, gs35,
+    D, S2, S3, CHUNK,
+    N_IN: tl.constexpr, SQUARE: tl.constexpr, BLOCK: tl.constexpr, DENSE: tl.constexpr,
+    W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr,
+    W3: tl.constexpr, W4: tl.constexpr, W5: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1).to(tl.int64)
+    start = chunk * CHUNK
+    s = tl.load(scale_ptr + row)
+    cb = coef_ptr + row * 12
+    for off in range(0, CHUNK, BLOCK):
+        j = start + off + tl.arange(0, BLOCK).to(tl.int64)
+        mask = j < D
+        u, v = _bilinear_uv(
+            row, j, mask, coef_ptr, x0, x1, x2, x3, x4, x5,
+            sb0, s10, s20, s30, sb1, s11, s21, s31, sb2, s12, s22, s32,
+            sb3, s13, s23, s33, sb4, s14, s24, s34, sb5, s15, s25, s35,
+            S2, S3, N_IN, SQUARE, DENSE,
+        )
+        if W0:
+            _store_grad(g0, row, gsb0, gs10, gs20, gs30, j, mask, S2, S3, s,
+                        tl.load(cb + 0), tl.load(cb + 6), u, v, DENSE)
+        if W1:
+            _store_grad(g1, row, gsb1, gs11, gs21, gs31, j, mask, S2, S3, s,
+                        tl.load(cb + 1), tl.load(cb + 7), u, v, DENSE)
+        if W2:
+            _store_grad(g2, row, gsb2, gs12, gs22, gs32, j, mask, S2, S3, s,
+                        tl.load(cb + 2), tl.load(cb + 8), u, v, DENSE)
+        if W3:
+            _store_grad(g3, row, gsb3, gs13, gs23, gs33, j, mask, S2, S3, s,
+                        tl.load(cb + 3), tl.load(cb + 9), u, v, DENSE)
+        if W4:
+            _store_grad(g4, row, gsb4, gs14, gs24, gs34, j, mask, S2, S3, s,
+                        tl.load(cb + 4), tl.load(cb + 10), u, v, DENSE)
+        if W5:
+            _store_grad(g5, row, gsb5, gs15, gs25, gs35, j, mask, S2, S3, s,
+                        tl.load(cb + 5), tl.load(cb + 11), u, v, DENSE)
+
+
+@triton.jit
+def _linear_out(x0v, x1v, x2v, x3v, cm, N_IN: tl.constexpr):
+    y = tl.load(cm + 0) * x0v
+    if N_IN > 1:
+        y += tl.load(cm + 1) * x1v
+    if N_IN > 2:
+        y += tl.load(cm + 2) * x2v
+    if N_IN > 3:
+        y += tl.load(cm + 3) * x3v
+    return y
+
+
+@triton.jit
+def _linear_kernel(
+    x0, x1, x2, x3, y0, y1, y2, y3, coef_ptr,
+    sb0, s10, s20, s30, sb1, s11, s21, s31, sb2, s12, s22, s32, sb3, s13, s23, s33,
+    tb0, t10, t20, t30, tb1, t11, t21, t31, tb2, t12, t22, t32, tb3, t13, t23, t33,
+    D, S2, S3, CHUNK,
+    N_IN: tl.constexpr, N_OUT: tl.constexpr, BLOCK: tl.constexpr, DENSE: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1).to(tl.int64)
+    start = chunk * CHUNK
+    cb = coef_ptr + row * 16  # coefficients: [B, 4 (out), 4 (in)] fp32
+    for off in range(0, CHUNK, BLOCK):
+        j = start + off + tl.arange(0, BLOCK).to(tl.int64)
+        mask = j < D
+        x0v = _ld(x0, row, sb0, s10, s20, s30, j, mask, S2, S3, DENSE)
+        x1v = x0v
+        x2v = x0v
+        x3v = x0v
+        if N_IN > 1:
+            x1v = _ld(x1, row, sb1, s11, s21, s31, j, mask, S2, S3, DENSE)
+        if N_IN > 2:
+            x2v = _ld(x2, row, sb2, s12, s22, s32, j, mask, S2, S3, DENSE)
+        if N_IN > 3:
+            x3v = _ld(x3, row, sb3, s13, s23, s33, j, mask, S2, S3, DENSE)
+        y = _linear_out(x0v, x1v, x2v, x3v, cb + 0, N_IN)
+        tl.store(y0 + _offs(row, tb0, t10, t20, t30, j, S2, S3, DENSE),
+                 y.to(y0.dtype.element_ty), mask=mask)
+        if N_OUT > 1:
+            y = _linear_out(x0v, x1v, x2v, x3v, cb + 4, N_IN)
+            tl.store(y1 + _offs(row, tb1, t11, t21, t31, j, S2, S3, DENSE),
+                     y.to(y1.dtype.element_ty), mask=mask)
+        if N_OUT > 2:
+            y = _linear_out(x0v, x1v, x2v, x3v, cb + 8, N_IN)
+            tl.store(y2 + _offs(row, tb2, t12, t22, t32, j, S2, S3, DENSE),
+                     y.to(y2.dtype.element_ty), mask=mask)
+        if N_OUT > 3:
+            y = _linear_out(x0v, x1v, x2v, x3v, cb + 12, N_IN)
+            tl.store(y3 + _offs(row, tb3, t13, t23, t33, j, S2, S3, DENSE),
+                     y.to(y3.dtype.element_ty), mask=mask)
+
+
+# ------------------------------------------------------------------------------ launchers
+def _pad(items: Sequence, n: int, fill):
+    items = list(items)
+    return items + [fill] * (n - len(items))
+
+
+def _flat_strides(layout: RowLayout, first: int, count: int, n: int):
+    strides = [layout.strides[first + i] for i in range(count)]
+    strides = _pad(strides, n, strides[0])
+    return [s for st in strides for s in st]
+
+
+def _chunks(layout: RowLayout, device: torch.device, chunk: Optional[int]):
+    B, D = layout.batch, layout.row_numel
+    if chunk is None:
+        return plan_chunks(B, D, BLOCK, target_programs(device))
+    return chunk, -(-D // chunk)
+
+
+def bilinear_forward(xs: Sequence[torch.Tensor], coef: torch.Tensor, square: bool,
+                     layout: RowLayout, chunk: Optional[int] = None) -> torch.Tensor:
+    """fp32 ``[B]``: ``ℓ_i = mean_j (Σ_k A_ik x_k)(Σ_k B_ik x_k)``.
+
+    ``coef`` is contiguous fp32 ``[B, 2, 6]`` (``A`` then ``B``, zero-padded); ``layout``
+    describes ``xs``. ``chunk`` (a multiple of ``BLOCK``) overrides the row split.
+    """
+    n = len(xs)
+    assert 1 <= n <= MAX_BILINEAR_INPUTS and coef.shape[1:] == (2, MAX_BILINEAR_INPUTS)
+    B, D = layout.batch, layout.row_numel
+    chunk, n_chunks = _chunks(layout, xs[0].device, chunk)
+    partial = torch.empty((B, n_chunks), dtype=torch.float32, device=xs[0].device)
+    _, S2, S3 = layout.sizes
+    _bilinear_partial_kernel[(B, n_chunks)](
+        *_pad(xs, MAX_BILINEAR_INPUTS, xs[0]), coef, partial,
+        *_flat_strides(layout, 0, n, MAX_BILINEAR_INPUTS),
+        D, S2, S3, chunk, n_chunks, 1.0 / D,
+        N_IN=n, SQUARE=square, BLOCK=BLOCK, DENSE=layout.dense, num_warps=NUM_WARPS,
+    )
+    return partial.view(B) if n_chunks == 1 else partial.sum(dim=1)
+
+
+def bilinear_backward(xs: Sequence[torch.Tensor], coef: torch.Tensor, scale: torch.Tensor,
+                      grads: Sequence[Optional[torch.Tensor]], square: bool,
+                      layout: RowLayout, chunk: Optional[int] = None) -> None:
+    """Write ``grads[k] = s_i (A_ik v + B_ik u)`` for every ``grads[k]`` that is not None.
+
+    ``scale`` is contiguous fp32 ``[B]`` (``s_i = g_i / D``); ``layout`` must describe
+    ``xs`` followed by ``grads[k] or xs[k]`` for every ``k``.
+    """
+    n = len(xs)
+    assert len(grads) == n
+    B = layout.batch
+    chunk, n_chunks = _chunks(layout, xs[0].device, chunk)
+    _, S2, S3 = layout.sizes
+    write = [g is not None for g in grads]
+    outs = [g if g is not None else x for g, x in zip(grads, xs)]
+    flags = _pad(write, MAX_BILINEAR_INPUTS, False)
+    _bilinear_grad_kernel[(B, n_chunks)](
+        *_pad(xs, MAX_BILINEAR_INPUTS, xs[0]), coef, scale,
+        *_pad(outs, MAX_BILINEAR_INPUTS, outs[0]),
+        *_flat_strides(layout, 0, n, MAX_BILINEAR_INPUTS),
+        *_flat_strides(layout, n, n, MAX_BILINEAR_INPUTS),
+        layout.row_numel, S2, S3, chunk,
+        N_IN=n, SQUARE=square, BLOCK=BLOCK, DENSE=layout.dense,
+        W0=flags[0], W1=flags[1], W2=flags[2], W3=flags[3], W4=flags[4], W5=flags[5],
+        num_warps=NUM_WARPS,
+    )
+
+
+def linear_forward(xs: Sequence[torch.Tensor], coef: torch.Tensor,
+                   outs: Sequence[torch.Tensor], layout: RowLayout,
+                   chunk: Optional[int] = None) -> None:
+    """Write ``outs[m] = Σ_k C_imk xs[k]`` (fp32 arithmetic, stored in ``outs[m].dtype``).
+
+    ``coef`` is contiguous fp32 ``[B, 4, 4]`` (zero-padded); ``layout`` describes ``xs``
+    followed by ``outs``.
+    """
+    n_in, n_out = len(xs), len(outs)
+    assert 1 <= n_in <= MAX_LINEAR_INPUTS and 1 <= n_out <= MAX_LINEAR_OUTPUTS
+    B = layout.batch
+    chunk, n_chunks = _chunks(layout, xs[0].device, chunk)
+    _, S2, S3 = layout.sizes
+    _linear_kernel[(B, n_chunks)](
+        *_pad(xs, MAX_LINEAR_INPUTS, xs[0]), *_pad(outs, MAX_LINEAR_OUTPUTS, outs[0]), coef,
+        *_flat_strides(layout, 0, n_in, MAX_LINEAR_INPUTS),
+        *_flat_strides(layout, n_in, n_out, MAX_LINEAR_OUTPUTS),
+        layout.row_numel, S2, S3, chunk,
+        N_IN=n_in, N_OUT=n_out, BLOCK=BLOCK, DENSE=layout.dense, num_warps=NUM_WARPS,
+    )

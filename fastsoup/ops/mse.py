@@ -21,7 +21,7 @@ from torch import Tensor
 
 from .. import _backend
 from ._checks import as_weight, check_float_tensor, check_same_shape
-from ._rows import row_layout
+from ._rows import plan_chunks, row_layout
 
 OP = "per_sample_mse"
 _backend.register_op(OP, ("reference", "triton", "cuda"), default_gpu="triton")
@@ -69,9 +69,22 @@ def _fused_forward(backend: str, pred: Tensor, target: Tensor) -> Tensor:
         return tmse.mse_forward(pred, target, layout)
     from .. import _ext
 
-    return _ext.cuda_ext().per_sample_mse_forward(
-        pred, target, list(layout.sizes), [list(s) for s in layout.strides], layout.dense
+    chunk, n_chunks = _cuda_chunks(pred, layout)
+    partial = _ext.cuda_ext().per_sample_mse_forward(
+        pred, target, list(layout.sizes), [list(st) for st in layout.strides[:2]],
+        layout.dense, chunk, n_chunks,
     )
+    return partial.view(-1) if n_chunks == 1 else partial.sum(dim=1)
+
+
+CUDA_CHUNK_QUANTUM = 1024  # the CUDA kernels require chunks that are multiples of this
+
+
+def _cuda_chunks(pred: Tensor, layout) -> Tuple[int, int]:
+    from ..triton._util import target_programs
+
+    return plan_chunks(layout.batch, layout.row_numel, CUDA_CHUNK_QUANTUM,
+                       target_programs(pred.device))
 
 
 def _fused_backward(backend: str, grad: Tensor, pred: Tensor, target: Tensor,
@@ -98,9 +111,10 @@ def _fused_backward(backend: str, grad: Tensor, pred: Tensor, target: Tensor,
     else:
         from .. import _ext
 
+        chunk, n_chunks = _cuda_chunks(pred, layout)
         _ext.cuda_ext().per_sample_mse_backward(
             coef, pred, target, gp, gt, list(layout.sizes),
-            [list(s) for s in layout.strides], layout.dense,
+            [list(st) for st in layout.strides], layout.dense, chunk, n_chunks,
         )
     return (gp if gp is not None else pred.new_empty(0),
             gt if gt is not None else target.new_empty(0))

@@ -1,0 +1,188 @@
+// Per-sample mean squared error: forward partial sums and the backward gradient.
+//
+// One block per (row, chunk). Each block walks `chunk` consecutive elements of one
+// sample through the shared row layout (dense: offset j; strided: three inner dims),
+// reading fp32/fp16/bf16 and accumulating in fp32. The dense path of the forward loads
+// four elements per thread per step when both rows are 4-element aligned.
+// Offsets are int64 throughout. No torch headers: see fastsoup_cuda.h.
+#include "fastsoup_cuda.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kVec = 4;
+
+__device__ __forceinline__ float to_f32(float x) { return x; }
+__device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T> __device__ __forceinline__ T from_f32(float x);
+template <> __device__ __forceinline__ float from_f32<float>(float x) { return x; }
+template <> __device__ __forceinline__ __half from_f32<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) {
+    return __float2bfloat16_rn(x);
+}
+
+template <typename T>
+struct alignas(sizeof(T) * kVec) Vec {
+    T v[kVec];
+};
+
+__device__ __forceinline__ int64_t inner_offset(int64_t j, const fastsoup_row_strides& s,
+                                                int64_t size2, int64_t size3, bool dense) {
+    if (dense) return j * s.s3;
+    const int64_t i3 = j % size3;
+    const int64_t q = j / size3;
+    return (q / size2) * s.s1 + (q % size2) * s.s2 + i3 * s.s3;
+}
+
+__device__ __forceinline__ float block_sum(float v) {
+    __shared__ float warp_sums[kThreads / 32];
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) warp_sums[warp] = v;
+    __syncthreads();
+    v = (threadIdx.x < kThreads / 32) ? warp_sums[threadIdx.x] : 0.f;
+    if (warp == 0) {
+        for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+    }
+    return v;
+}
+
+template <typename TP, typename TT>
+__global__ void __launch_bounds__(kThreads) mse_forward_kernel(
+    const TP* __restrict__ pred, fastsoup_row_strides ps,
+    const TT* __restrict__ target, fastsoup_row_strides ts,
+    float* __restrict__ partial, int64_t row_numel, int64_t size2, int64_t size3,
+    bool dense, int64_t chunk, int64_t n_chunks, float inv_d) {
+    const int64_t block = static_cast<int64_t>(blockIdx.x);
+    const int64_t row = block / n_chunks;
+    const int64_t c = block % n_chunks;
+    const int64_t start = c * chunk;
+    const int64_t stop = min(start + chunk, row_numel);
+    const TP* prow = pred + row * ps.batch_stride;
+    const TT* trow = target + row * ts.batch_stride;
+    float acc = 0.f;
+    const bool vec = dense && ps.s3 == 1 && ts.s3 == 1 &&
+                     (reinterpret_cast<uintptr_t>(prow) % sizeof(Vec<TP>)) == 0 &&
+                     (reinterpret_cast<uintptr_t>(trow) % sizeof(Vec<TT>)) == 0;
+    if (vec) {
+        const int64_t vstop = start + ((stop - start) / kVec) * kVec;
+        for (int64_t j = start + threadIdx.x * kVec; j < vstop; j += kThreads * kVec) {
+            const Vec<TP> p = *reinterpret_cast<const Vec<TP>*>(prow + j);
+            const Vec<TT> t = *reinterpret_cast<const Vec<TT>*>(trow + j);
+#pragma unroll
+            for (int k = 0; k < kVec; ++k) {
+                const float d = to_f32(p.v[k]) - to_f32(t.v[k]);
+                acc = fmaf(d, d, acc);
+            }
+        }
+        for (int64_t j = vstop + threadIdx.x; j < stop; j += kThreads) {
+            const float d = to_f32(prow[j]) - to_f32(trow[j]);
+            acc = fmaf(d, d, acc);
+        }
+    } else {
+        for (int64_t j = start + threadIdx.x; j < stop; j += kThreads) {
+            const float d = to_f32(prow[inner_offset(j, ps, size2, size3, dense)]) -
+                            to_f32(trow[inner_offset(j, ts, size2, size3, dense)]);
+            acc = fmaf(d, d, acc);
+        }
+    }
+    acc = block_sum(acc);
+    if (threadIdx.x == 0) partial[row * n_chunks + c] = acc * inv_d;
+}
+
+template <typename TP, typename TT>
+__global__ void __launch_bounds__(kThreads) mse_backward_kernel(
+    const TP* __restrict__ pred, fastsoup_row_strides ps,
+    const TT* __restrict__ target, fastsoup_row_strides ts,
+    const float* __restrict__ coef,
+    TP* __restrict__ grad_pred, fastsoup_row_strides gps,
+    TT* __restrict__ grad_target, fastsoup_row_strides gts,
+    int64_t row_numel, int64_t size2, int64_t size3, bool dense,
+    int64_t chunk, int64_t n_chunks) {
+    const int64_t block = static_cast<int64_t>(blockIdx.x);
+    const int64_t row = block / n_chunks;
+    const int64_t c = block % n_chunks;
+    const int64_t start = c * chunk;
+    const int64_t stop = min(start + chunk, row_numel);
+    const float k = coef[row];
+    const TP* prow = pred + row * ps.batch_stride;
+    const TT* trow = target + row * ts.batch_stride;
+    TP* gprow = grad_pred ? grad_pred + row * gps.batch_stride : nullptr;
+    TT* gtrow = grad_target ? grad_target + row * gts.batch_stride : nullptr;
+    for (int64_t j = start + threadIdx.x; j < stop; j += kThreads) {
+        float g = 0.f;
+        if (k != 0.f) {
+            g = k * (to_f32(prow[inner_offset(j, ps, size2, size3, dense)]) -
+                     to_f32(trow[inner_offset(j, ts, size2, size3, dense)]));
+        }
+        if (gprow) gprow[inner_offset(j, gps, size2, size3, dense)] = from_f32<TP>(g);
+        if (gtrow) gtrow[inner_offset(j, gts, size2, size3, dense)] = from_f32<TT>(-g);
+    }
+}
+
+template <typename F>
+cudaError_t dispatch2(int a, int b, F&& f) {
+    // Calls f(TP{}, TT{}) with the C++ types of the two dtype codes.
+    auto inner = [&](auto ta) -> cudaError_t {
+        switch (b) {
+            case FASTSOUP_F32: return f(ta, float{});
+            case FASTSOUP_F16: return f(ta, __half{});
+            case FASTSOUP_BF16: return f(ta, __nv_bfloat16{});
+            default: return cudaErrorInvalidValue;
+        }
+    };
+    switch (a) {
+        case FASTSOUP_F32: return inner(float{});
+        case FASTSOUP_F16: return inner(__half{});
+        case FASTSOUP_BF16: return inner(__nv_bfloat16{});
+        default: return cudaErrorInvalidValue;
+    }
+}
+
+}  // namespace
+
+extern "C" cudaError_t fastsoup_mse_forward(
+    const void* pred, int pred_dtype, fastsoup_row_strides pred_strides,
+    const void* target, int target_dtype, fastsoup_row_strides target_strides,
+    float* partial, int64_t batch, int64_t row_numel, int64_t size2, int64_t size3,
+    int dense, int64_t chunk, int64_t n_chunks, float inv_d, cudaStream_t stream) {
+    if (batch <= 0 || n_chunks <= 0) return cudaSuccess;
+    if (chunk <= 0 || chunk % kVec != 0 || batch * n_chunks > 0x7fffffffLL) return cudaErrorInvalidValue;
+    const dim3 grid(static_cast<unsigned>(batch * n_chunks));
+    return dispatch2(pred_dtype, target_dtype, [&](auto tp, auto tt) {
+        using TP = decltype(tp);
+        using TT = decltype(tt);
+        mse_forward_kernel<TP, TT><<<grid, kThreads, 0, stream>>>(
+            static_cast<const TP*>(pred), pred_strides, static_cast<const TT*>(target),
+            target_strides, partial, row_numel, size2, size3, dense != 0, chunk, n_chunks, inv_d);
+        return cudaGetLastError();
+    });
+}
+
+extern "C" cudaError_t fastsoup_mse_backward(
+    const void* pred, int pred_dtype, fastsoup_row_strides pred_strides,
+    const void* target, int target_dtype, fastsoup_row_strides target_strides,
+    const float* coef,
+    void* grad_pred, fastsoup_row_strides grad_pred_strides,
+    void* grad_target, fastsoup_row_strides grad_target_strides,
+    int64_t batch, int64_t row_numel, int64_t size2, int64_t size3,
+    int dense, int64_t chunk, int64_t n_chunks, cudaStream_t stream) {
+    if (batch <= 0 || n_chunks <= 0) return cudaSuccess;
+    if (chunk <= 0 || batch * n_chunks > 0x7fffffffLL) return cudaErrorInvalidValue;
+    const dim3 grid(static_cast<unsigned>(batch * n_chunks));
+    return dispatch2(pred_dtype, target_dtype, [&](auto tp, auto tt) {
+        using TP = decltype(tp);
+        using TT = decltype(tt);
+        mse_backward_kernel<TP, TT><<<grid, kThreads, 0, stream>>>(
+            static_cast<const TP*>(pred), pred_strides, static_cast<const TT*>(target),
+            target_strides, coef, static_cast<TP*>(grad_pred), grad_pred_strides,
+            static_cast<TT*>(grad_target), grad_target_strides, row_numel, size2, size3,
+            dense != 0, chunk, n_chunks);
+        return cudaGetLastError();
+    });
+}

@@ -1,0 +1,88 @@
+"""Backend selection and `fastsoup info`."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastsoup as fs
+from fastsoup import _backend
+
+
+def test_cpu_tensors_use_reference_by_default(monkeypatch):
+    monkeypatch.delenv("FASTSOUP_BACKEND", raising=False)
+    ch = _backend.choose("per_sample_mse", "cpu")
+    assert ch.backend == "reference" and "cpu" in ch.reason
+
+
+def test_use_backend_forces_triton_under_interpreter(monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    _backend.triton_status.cache_clear()
+    try:
+        with fs.use_backend("triton"):
+            ch = _backend.choose("per_sample_mse", "cpu")
+        assert ch.backend == "triton" and "use_backend" in ch.reason
+        assert _backend.choose("per_sample_mse", "cpu").backend == "reference"
+    finally:
+        _backend.triton_status.cache_clear()
+
+
+def test_env_override_per_op_and_global(monkeypatch):
+    monkeypatch.setenv("FASTSOUP_BACKEND", "per_sample_mse=reference")
+    assert _backend._requested("per_sample_mse")[0] == "reference"
+    monkeypatch.setenv("FASTSOUP_BACKEND", "reference")
+    assert _backend._requested("per_sample_mse")[0] == "reference"
+    monkeypatch.setenv("FASTSOUP_BACKEND", "per_sample_mse=fast")
+    with pytest.raises(ValueError, match="unknown backend 'fast'"):
+        _backend.choose("per_sample_mse", "cpu")
+
+
+def test_unavailable_request_warns_once_and_falls_back(monkeypatch):
+    monkeypatch.setenv("FASTSOUP_BACKEND", "cuda")
+    monkeypatch.setattr(_backend, "_warned", set())
+    with pytest.warns(RuntimeWarning, match="backend 'cuda' requested for per_sample_mse cannot run here"):
+        ch = _backend.choose("per_sample_mse", "cpu")
+    assert ch.backend == "reference"
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _backend.choose("per_sample_mse", "cpu")  # no second warning
+
+
+def test_gpu_default_order_and_fallback(monkeypatch):
+    monkeypatch.delenv("FASTSOUP_BACKEND", raising=False)
+    avail = {"triton": (False, "no triton"), "cuda": (True, "ext"), "reference": (True, "ref")}
+    monkeypatch.setattr(_backend, "_available", lambda name, dev: avail[name])
+    ch = _backend.choose("per_sample_mse", "cuda")
+    assert ch.backend == "cuda" and "fallback" in ch.reason and "no triton" in ch.reason
+    avail["cuda"] = (False, "no ext")
+    assert _backend.choose("per_sample_mse", "cuda").backend == "reference"
+    avail["triton"] = (True, "triton 3")
+    ch = _backend.choose("per_sample_mse", "cuda")
+    assert ch.backend == "triton" and "default GPU backend" in ch.reason
+
+
+def test_use_backend_rejects_unknown_names():
+    with pytest.raises(ValueError, match="unknown backend"):
+        with fs.use_backend("numpy"):
+            pass
+    with pytest.raises(KeyError, match="unknown fastsoup op"):
+        _backend.choose("no_such_op", "cpu")
+
+
+def test_info_cli_text_and_json():
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    out = subprocess.run([sys.executable, "-m", "fastsoup", "info"], capture_output=True,
+                         text=True, env=env, check=True).stdout
+    assert "per_sample_mse" in out and "torch" in out and "backends for cpu tensors" in out
+    js = subprocess.run([sys.executable, "-m", "fastsoup", "info", "--json"], capture_output=True,
+                        text=True, env=env, check=True).stdout
+    data = json.loads(js)
+    assert data["fastsoup"] == fs.__version__
+    assert data["backends"]["cpu"]["per_sample_mse"]["backend"] == "reference"
+    assert data["torch"] == torch.__version__

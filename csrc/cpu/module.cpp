@@ -1,9 +1,15 @@
 // fastsoup._C: CPU kernels exposed through pybind11. Kernels take raw buffers
 // (Python buffer protocol / numpy arrays), never torch headers.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
+#include <memory>
+#include <stdexcept>
 #include <string>
 #include <thread>
+#include <vector>
+
+#include "weighted_sum.h"
 
 namespace py = pybind11;
 
@@ -31,7 +37,84 @@ static py::dict build_info() {
     return d;
 }
 
+// A contiguous Python buffer (numpy array, memoryview of an mmap, bytearray), held for
+// the lifetime of this object. `writable` requests a writable export.
+class ByteBuffer {
+  public:
+    ByteBuffer(const py::handle& obj, bool writable, const char* name) {
+        int flags = PyBUF_C_CONTIGUOUS | (writable ? PyBUF_WRITABLE : 0);
+        if (PyObject_GetBuffer(obj.ptr(), &view_, flags) != 0) {
+            PyErr_Clear();
+            throw py::type_error(std::string(name) + " must be a contiguous" +
+                                 (writable ? " writable" : "") + " buffer");
+        }
+    }
+    ~ByteBuffer() { PyBuffer_Release(&view_); }
+    ByteBuffer(const ByteBuffer&) = delete;
+    ByteBuffer& operator=(const ByteBuffer&) = delete;
+    void* data() const { return view_.buf; }
+    size_t nbytes() const { return static_cast<size_t>(view_.len); }
+
+  private:
+    Py_buffer view_{};
+};
+
+static void weighted_sum_py(py::object out, int out_dtype, py::sequence inputs,
+                            std::vector<int> in_dtypes, std::vector<double> weights,
+                            int64_t n, int threads, bool acc64) {
+    namespace ws = fastsoup::ws;
+    const size_t K = static_cast<size_t>(py::len(inputs));
+    if (K == 0) throw py::value_error("weighted_sum: inputs is empty");
+    if (in_dtypes.size() != K || weights.size() != K)
+        throw py::value_error("weighted_sum: inputs, in_dtypes and weights differ in length");
+    if (n < 0) throw py::value_error("weighted_sum: n must be >= 0");
+    if (ws::dtype_size(out_dtype) == 0)
+        throw py::value_error("weighted_sum: unknown out_dtype code " + std::to_string(out_dtype));
+    ByteBuffer out_buf(out, true, "out");
+    if (out_buf.nbytes() < static_cast<size_t>(n) * ws::dtype_size(out_dtype))
+        throw py::value_error("weighted_sum: out holds " + std::to_string(out_buf.nbytes()) +
+                              " bytes, needs " + std::to_string(n * ws::dtype_size(out_dtype)));
+    std::vector<std::unique_ptr<ByteBuffer>> held;
+    std::vector<const void*> ptrs;
+    const char* lo = static_cast<const char*>(out_buf.data());
+    const char* hi = lo + static_cast<size_t>(n) * ws::dtype_size(out_dtype);
+    for (size_t k = 0; k < K; ++k) {
+        size_t es = ws::dtype_size(in_dtypes[k]);
+        if (es == 0)
+            throw py::value_error("weighted_sum: unknown dtype code for input " + std::to_string(k));
+        held.emplace_back(new ByteBuffer(inputs[k], false, "inputs[k]"));
+        size_t need = static_cast<size_t>(n) * es;
+        if (held.back()->nbytes() < need)
+            throw py::value_error("weighted_sum: input " + std::to_string(k) + " holds " +
+                                  std::to_string(held.back()->nbytes()) + " bytes, needs " +
+                                  std::to_string(need));
+        const char* p = static_cast<const char*>(held.back()->data());
+        if (n > 0 && p < hi && lo < p + need)
+            throw py::value_error("weighted_sum: input " + std::to_string(k) + " overlaps out");
+        ptrs.push_back(p);
+    }
+    py::gil_scoped_release release;
+    ws::weighted_sum(out_buf.data(), out_dtype, ptrs.data(), in_dtypes.data(), weights.data(),
+                     static_cast<int>(K), n, threads, acc64);
+}
+
+static uint64_t prefault_py(py::object buf, size_t page) {
+    ByteBuffer b(buf, false, "buf");
+    py::gil_scoped_release release;
+    return fastsoup::ws::prefault(b.data(), b.nbytes(), page);
+}
+
 PYBIND11_MODULE(_C, m) {
     m.doc() = "fastsoup CPU kernels";
     m.def("build_info", &build_info, "Compiler and SIMD level this extension was built with");
+    m.def("weighted_sum", &weighted_sum_py, py::arg("out"), py::arg("out_dtype"),
+          py::arg("inputs"), py::arg("in_dtypes"), py::arg("weights"), py::arg("n"),
+          py::arg("threads") = 0, py::arg("acc64") = false,
+          "out[i] = sum_k weights[k] * inputs[k][i] for i < n, fused, GIL released.\n"
+          "Buffers are contiguous; dtype codes: 0 fp32, 1 fp16, 2 bf16, 3 fp64. Accumulates\n"
+          "in fp32 (fp64 with acc64) and rounds once to out_dtype (nearest even).");
+    m.def("prefault", &prefault_py, py::arg("buf"), py::arg("page") = 4096,
+          "Touch one byte per page of a (memory-mapped) buffer, GIL released.");
+    m.def("weighted_sum_simd", &fastsoup::ws::simd_variant,
+          "Which inner-loop variant weighted_sum uses on this CPU");
 }

@@ -1,0 +1,428 @@
+"""``fastsoup.merge``: the Python API of the merge engine (the CLI is a thin layer over it).
+
+Flow: resolve every input from its headers (:mod:`.formats`) → plan and validate
+(:mod:`.plan`) → stop here for a dry run → check integer tensors → stream the sums into
+pre-sized files in a temporary sibling (:mod:`.engine`, :mod:`.writer`) while a thread
+hashes the inputs for the manifest (:mod:`.manifest`) → fsync → rename into place.
+On any error (Ctrl-C and a full disk included) the temporary is removed and an existing
+output is left as it was.
+
+Soup maintenance (:func:`soup_add`, :func:`soup_remove`) recomputes the soup from its
+constituents, listed with their sizes and sha256 in the soup's manifest; fastsoup keeps
+no fp32 master. The result is bit-identical to merging the new constituent list from
+scratch (the same kernel, the same order), which is stronger than "exact to fp32
+rounding". Constituents are verified against the manifest (size before, sha256 during
+the run) and the output is not committed if one changed.
+"""
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import sys
+from typing import Callable, Dict, List, Optional, Sequence, Union
+
+from .dtypes import user_dtype
+from .engine import InputMaps, check_equal_copies, execute
+from .errors import MergeError, PlanError
+from .formats import WEIGHT_SUFFIXES, Layout, _is_index, resolve
+from .manifest import Hasher, build, metadata_entry, read as read_manifest, sidecar_path
+from .plan import Plan, build_plan, parse_size
+from .report import FilePlan, MergeReport
+from .writer import (FILE_MODE, AtomicOutput, SafetensorsFileWriter, write_small_file)
+
+PathLike = Union[str, os.PathLike]
+DEFAULT_MEMORY = 512 * 2**20
+
+
+def _peak_rss() -> int:
+    ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return ru if sys.platform == "darwin" else ru * 1024
+
+
+def _identity(path: str):
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def _check_inputs_and_output(layouts: List[Layout], output: str) -> None:
+    problems = []
+    seen: Dict[tuple, int] = {}
+    for i, lay in enumerate(layouts):
+        ident = _identity(lay.path)
+        if ident in seen:
+            problems.append(f"input {i + 1} ({lay.path}) is the same as input {seen[ident] + 1} "
+                            "(duplicate inputs: use --weights to weight an input more)")
+        seen.setdefault(ident, i)
+    out = os.path.realpath(output)
+    for i, lay in enumerate(layouts):
+        paths = [lay.path] + [wf.path for wf in lay.files()]
+        for p in paths:
+            rp = os.path.realpath(p)
+            if rp == out or rp.startswith(out.rstrip(os.sep) + os.sep):
+                problems.append(f"the output {output} is (or contains) input {i + 1} ({p}); "
+                                "choose another output path")
+                break
+            if os.path.exists(out) and os.path.isfile(out) and os.path.exists(rp) \
+                    and _identity(rp) == _identity(out):
+                problems.append(f"the output {output} is the same file as input {i + 1} ({p})")
+                break
+    if problems:
+        raise PlanError("refusing to merge", problems)
+
+
+def _resolve_all(paths: Sequence[PathLike], variant, allow_pickle, what="input") -> List[Layout]:
+    layouts, problems = [], []
+    for i, p in enumerate(paths):
+        try:
+            layouts.append(resolve(os.fspath(p), variant=variant, allow_pickle=allow_pickle))
+        except MergeError as exc:
+            problems.append(f"{what} {i + 1}: {exc}")
+    if problems:
+        raise PlanError(f"cannot read the {what}s", problems)
+    return layouts
+
+
+def _copy_side_files(plan: Plan, out: AtomicOutput) -> List[str]:
+    """Copy non-weight files (configs, scheduler, tokenizer) from the first input's root."""
+    first = plan.inputs[0]
+    root = first.path if os.path.isdir(first.path) else os.path.dirname(first.path)
+    if plan.kind == "file" or first.kind == "file":
+        return []
+    copied = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        rel_dir = os.path.relpath(dirpath, root)
+        for name in sorted(filenames):
+            if name.endswith(WEIGHT_SUFFIXES) or _is_index(name) or name == "fastsoup.json" \
+                    or name.startswith("."):
+                continue
+            src = os.path.join(dirpath, name)
+            if not os.path.isfile(src) or os.path.islink(src):
+                continue
+            rel = os.path.normpath(os.path.join(rel_dir, name))
+            dst = out.path(*rel.split(os.sep))
+            if os.path.exists(dst):
+                continue
+            with open(src, "rb") as f:
+                write_small_file(dst, f.read())
+            copied.append(rel)
+    return copied
+
+
+def _write_indexes(plan: Plan, out: AtomicOutput) -> None:
+    import json
+
+    for comp in plan.components:
+        if not comp.index_name:
+            continue
+        meta = {k: v for k, v in comp.index_metadata.items() if k != "total_size"}
+        meta["total_size"] = sum(f.data_bytes for f in comp.files)
+        weight_map = {t.key: f.name for f in comp.files for t in f.tensors}
+        text = json.dumps({"metadata": meta, "weight_map": weight_map}, indent=2) + "\n"
+        parts = ([comp.name] if comp.name else []) + [comp.index_name]
+        write_small_file(out.path(*parts), text.encode())
+
+
+def _file_paths(plan: Plan, out: AtomicOutput) -> List[str]:
+    if plan.kind == "file":
+        return [out.path()]
+    paths = []
+    for comp in plan.components:
+        for f in comp.files:
+            paths.append(out.path(*(([comp.name] if comp.name else []) + [f.name])))
+    return paths
+
+
+def _make_report(plan: Plan, output: str, *, dry_run, accumulate, dtype, device, memory) -> MergeReport:
+    files = []
+    for comp in plan.components:
+        for f in comp.files:
+            name = os.path.basename(output) if plan.kind == "file" else \
+                "/".join(([comp.name] if comp.name else []) + [f.name])
+            files.append(FilePlan(name, len(f.tensors), f.data_bytes))
+    counts: Dict[str, int] = {}
+    summed = copied = 0
+    for t in plan.tensors():
+        counts[t.dtype] = counts.get(t.dtype, 0) + 1
+        summed += t.op == "sum"
+        copied += t.op == "copy"
+    parent = os.path.dirname(os.path.abspath(output))
+    try:
+        free = shutil.disk_usage(parent).free
+    except OSError:
+        free = None
+    n = len(plan.input_weights)
+    base_coef = 1.0 - sum(plan.coefficients) if plan.base_index is not None else None
+    return MergeReport(
+        output=os.path.abspath(output), kind=plan.kind, dry_run=dry_run,
+        inputs=[lay.path for lay in plan.inputs[:n]],
+        base=plan.inputs[plan.base_index].path if plan.base_index is not None else None,
+        weights=list(plan.input_weights), coefficients=list(plan.coefficients),
+        base_coefficient=base_coef, normalize=plan.normalize, key_policy=plan.key_policy,
+        accumulate=accumulate, dtype=dtype, device=device, tensors=summed + copied,
+        tensors_summed=summed, tensors_copied=copied, files=files,
+        bytes_to_read=plan.bytes_to_read, bytes_to_write=plan.bytes_to_write,
+        memory_budget=memory, disk_free=free, dropped_keys=list(plan.dropped_keys),
+        warnings=list(plan.warnings), output_dtypes=dict(sorted(counts.items())))
+
+
+def _tty_progress(total: int, quiet: Optional[bool]) -> Optional[Callable]:
+    if quiet or (quiet is None and not sys.stderr.isatty()):
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, dynamic_ncols=True,
+               desc="merging", file=sys.stderr, leave=False)
+    state = {"key": None}
+
+    def update(key: str, nbytes: int) -> None:
+        if key != state["key"]:
+            state["key"] = key
+            bar.set_postfix_str(key[-48:], refresh=False)
+        bar.update(nbytes)
+    update.close = bar.close  # type: ignore[attr-defined]
+    return update
+
+
+def merge(inputs: Sequence[PathLike], output: PathLike, weights: Optional[Sequence[float]] = None,
+          *, base: Optional[PathLike] = None, normalize: Optional[bool] = None,
+          keys: str = "strict", dtype: Optional[str] = None, accumulate: str = "fp32",
+          variant: Optional[str] = None, allow_pickle: bool = False,
+          max_shard_size: Union[None, int, str] = None, memory: Union[int, str] = DEFAULT_MEMORY,
+          threads: Optional[int] = None, device: str = "cpu", dry_run: bool = False,
+          overwrite: bool = False, quiet: Optional[bool] = None, hash: str = "sha256",
+          drop_cache: bool = False, _expect_hashes: Optional[Dict[str, str]] = None,
+          _manifest_extra: Optional[dict] = None) -> MergeReport:
+    """Average checkpoints, streaming: ``out = Σ_i c_i θ_i`` (or ``θ_0 + Σ_i c_i (θ_i − θ_0)``).
+
+    Args:
+        inputs: checkpoints θ_1..θ_n: ``.safetensors`` files, sharded directories (or their
+            ``*.index.json``), diffusers roots; mixed layouts must resolve to the same keys.
+        output: where to write; mirrors the first input's layout (a file, a sharded
+            directory with its index, or a diffusers tree with the non-weight files).
+        weights: raw weights (any reals; default uniform). ``normalize`` divides them by
+            their sum (default on, off with ``base``).
+        base: θ_0 for task arithmetic (coefficient ``1 − Σ c_i``).
+        keys: "strict" (default: every input has every key), "intersection", or "union"
+            (weights renormalised per key over the inputs holding it).
+        dtype: output dtype of floating tensors ("fp32", "fp16", "bf16", "fp64"); default
+            each tensor's input dtype. Integer/bool tensors must be equal and are copied.
+        accumulate: "fp32" (default) or "fp64".
+        variant: diffusers weight variant ("fp16" reads ``*.fp16.safetensors``).
+        allow_pickle: load ``.ckpt/.bin/.pt`` inputs with ``torch.load(weights_only=True)``.
+        max_shard_size: re-shard into files of at most this size ("5GB" = 5·10⁹ bytes,
+            "5GiB" = 5·2³⁰ bytes, or an int in bytes).
+        memory: streaming budget for mapped input windows and output buffers (bytes or
+            "512MiB"); the resident set stays near this plus the interpreter's own.
+        threads: CPU threads for the sum (default: all cores).
+        device: "cpu" (``fastsoup._C``) or "cuda"/"cuda:N" (:func:`fastsoup.weighted_sum_`
+            on the GPU). "torch:cpu" runs the device path's code on CPU tensors (tests).
+        dry_run: plan and validate only; nothing is read but headers, nothing written.
+        overwrite: replace an existing output (only once the new one is complete).
+        quiet: no progress bar (default: a bar only when stderr is a terminal).
+        hash: "sha256" (default; hashed in a background thread during the merge) or
+            "none": the constituents' content hashes in the manifest.
+        drop_cache: also drop consumed input ranges from the page cache.
+
+    Returns:
+        a :class:`MergeReport`. Raises :class:`MergeError` (or :class:`PlanError`, listing
+        every problem) for bad inputs or options, ``OSError`` for I/O failures; in both
+        cases nothing is left at ``output``.
+    """
+    output = os.fspath(output)
+    if accumulate not in ("fp32", "fp64"):
+        raise MergeError(f"accumulate must be 'fp32' or 'fp64', got {accumulate!r}")
+    out_dtype = user_dtype(dtype) if dtype is not None else None
+    memory_bytes = parse_size(memory)
+    shard_bytes = parse_size(max_shard_size) if max_shard_size is not None else None
+    if device not in ("cpu", "cuda", "torch:cpu") and not device.startswith("cuda:"):
+        raise MergeError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    if threads is None:
+        threads = os.cpu_count() or 1
+
+    paths = list(inputs) + ([base] if base is not None else [])
+    layouts = _resolve_all(paths, variant, allow_pickle)
+    _check_inputs_and_output(layouts, output)
+    constituents = layouts[: len(inputs)]
+    base_layout = layouts[len(inputs)] if base is not None else None
+    plan = build_plan(constituents, weights=weights, base=base_layout, normalize=normalize,
+                      keys=keys, dtype=out_dtype, max_shard_size=shard_bytes)
+    if plan.kind == "file" and not output.endswith(".safetensors"):
+        raise MergeError(f"{output}: the output is a single safetensors file; name it *.safetensors")
+    report = _make_report(plan, output, dry_run=dry_run, accumulate=accumulate,
+                          dtype=out_dtype, device=device, memory=memory_bytes)
+    if dry_run:
+        report.peak_rss = _peak_rss()
+        return report
+    needed = plan.bytes_to_write + (1 << 20)
+    if report.disk_free is not None and report.disk_free < needed:
+        raise MergeError(f"{output}: not enough disk space: the output needs about "
+                         f"{needed} bytes, {report.disk_free} are free")
+
+    import time
+
+    t0 = time.perf_counter()
+    out = AtomicOutput(output, is_dir=plan.kind != "file", overwrite=overwrite)
+    writers: List[SafetensorsFileWriter] = []
+    hasher = Hasher(layouts, hash)
+    maps = InputMaps(drop_cache=drop_cache)
+    progress = None
+    try:
+        check_equal_copies(plan, maps)
+        hasher.start()
+        hashes_pending = {} if hash == "sha256" else None
+        manifest = build(plan, accumulate=accumulate, dtype=out_dtype, hashes=hashes_pending)
+        if _manifest_extra:
+            manifest.update(_manifest_extra)
+        meta = metadata_entry(manifest)
+        for path, f in zip(_file_paths(plan, out), (f for c in plan.components for f in c.files)):
+            writers.append(SafetensorsFileWriter(path, f, meta))
+        progress = _tty_progress(plan.bytes_to_write, quiet)
+        stats = execute(plan, writers, memory=memory_bytes, threads=threads,
+                        acc64=accumulate == "fp64",
+                        device=device,
+                        progress=progress, drop_cache=drop_cache, maps=maps)
+        hashes = hasher.wait() if hash == "sha256" else None
+        if _expect_hashes:
+            bad = [p for p, h in _expect_hashes.items() if hashes and hashes.get(p) != h]
+            if bad:
+                raise MergeError("constituents changed since the soup was made (sha256 differs "
+                                 "from its manifest): " + ", ".join(bad))
+        manifest = build(plan, accumulate=accumulate, dtype=out_dtype, hashes=hashes,
+                         created=manifest["created"])
+        if _manifest_extra:
+            manifest.update(_manifest_extra)
+        meta = metadata_entry(manifest)
+        t_write = time.perf_counter()
+        for w in writers:
+            w.rewrite_header(meta)
+            w.finish()
+        _write_indexes(plan, out)
+        copied = _copy_side_files(plan, out)
+        import json
+
+        side_text = (json.dumps(manifest, indent=2) + "\n").encode()
+        if plan.kind != "file":
+            write_small_file(out.path("fastsoup.json"), side_text)
+        out.commit()
+        if plan.kind == "file":
+            from .writer import atomic_write_file
+
+            atomic_write_file(sidecar_path(out.final, False), side_text)
+        report.write_seconds = time.perf_counter() - t_write
+    except BaseException:
+        hasher.cancel()
+        for w in writers:
+            w.close()
+        out.abort()
+        raise
+    finally:
+        maps.close()
+        if progress is not None:
+            progress.close()
+    report.seconds = time.perf_counter() - t0
+    report.peak_rss = _peak_rss()
+    report.manifest = manifest
+    report.sidecar = sidecar_path(out.final, plan.kind != "file")
+    report.copied_files = copied
+    del stats
+    return report
+
+
+# ------------------------------------------------------------------------ soup upkeep
+_CARRIED = ("normalize", "key_policy", "accumulate", "dtype")
+
+
+def _soup_options(m: dict, options: dict) -> dict:
+    opts = dict(options)
+    opts.setdefault("normalize", m.get("normalize"))
+    opts.setdefault("keys", m.get("key_policy", "strict"))
+    opts.setdefault("accumulate", m.get("accumulate", "fp32"))
+    if m.get("dtype") and "dtype" not in opts:
+        opts["dtype"] = {"F32": "fp32", "F16": "fp16", "BF16": "bf16", "F64": "fp64"}[m["dtype"]]
+    return opts
+
+
+def _check_recorded(entry: dict, what: str) -> None:
+    path = entry["path"]
+    if not os.path.exists(path):
+        raise MergeError(f"{what} {path} (recorded in the soup's manifest) no longer exists; "
+                         "fastsoup recomputes soups from their constituents")
+    size = resolve(path).size if os.path.isdir(path) else os.path.getsize(path)
+    if size != entry["size_bytes"]:
+        raise MergeError(f"{what} {path} changed since the soup was made "
+                         f"({entry['size_bytes']} -> {size} bytes)")
+
+
+def _expected_hashes(entries: List[dict]) -> Dict[str, str]:
+    out = {}
+    for e in entries:
+        root = e["path"]
+        for f in e.get("files", []):
+            if "sha256" not in f:
+                continue
+            p = root if e.get("kind") == "file" else os.path.join(root, *f["name"].split("/"))
+            out[p] = f["sha256"]
+    return out
+
+
+def soup_add(soup: PathLike, new: PathLike, output: PathLike, weight: Optional[float] = None,
+             **options) -> MergeReport:
+    """Add constituent ``new`` to ``soup``: ``θ' = (Σ a_i θ_i + a θ_new) / (Σ a_i + a)``.
+
+    The soup is recomputed from the constituents in its manifest (verified by size and
+    sha256) plus ``new``; ``weight`` (``a``) defaults to the soup's common raw weight (the
+    mean raw weight when they differ). Other keyword arguments are those of :func:`merge`
+    (the soup's normalize, key policy, accumulation and dtype are kept by default).
+    """
+    m = read_manifest(os.fspath(soup))
+    entries = m["constituents"]
+    for e in entries:
+        _check_recorded(e, "constituent")
+    if m.get("base"):
+        _check_recorded(m["base"], "base")
+    raw = [float(e["weight"]) for e in entries]
+    if weight is None:
+        weight = raw[0] if len(set(raw)) == 1 else sum(raw) / len(raw)
+    opts = _soup_options(m, options)
+    return merge([e["path"] for e in entries] + [os.fspath(new)], output, raw + [float(weight)],
+                 base=m["base"]["path"] if m.get("base") else None,
+                 _expect_hashes=_expected_hashes(entries + ([m["base"]] if m.get("base") else [])),
+                 **opts)
+
+
+def soup_remove(soup: PathLike, old: PathLike, output: PathLike, **options) -> MergeReport:
+    """Remove constituent ``old`` from ``soup``: ``θ' = (Σ a_i θ_i − a_j θ_j) / (Σ a_i − a_j)``,
+    recomputed from the remaining constituents (see :func:`soup_add`). ``old`` is matched
+    by path, or else by content (sha256) against the manifest."""
+    m = read_manifest(os.fspath(soup))
+    entries = m["constituents"]
+    target = os.path.abspath(os.fspath(old))
+    idx = [i for i, e in enumerate(entries) if os.path.abspath(e["path"]) == target]
+    if not idx and os.path.exists(target):
+        from .manifest import describe, file_sha256
+
+        lay = resolve(target)
+        digest = describe(lay, {wf.path: file_sha256(wf.path) for wf in lay.files()})["sha256"]
+        idx = [i for i, e in enumerate(entries) if e.get("sha256") == digest]
+    if not idx:
+        raise MergeError(f"{old} is not a constituent of {soup} (constituents: "
+                         + ", ".join(e["path"] for e in entries) + ")")
+    keep = [e for i, e in enumerate(entries) if i != idx[0]]
+    if not keep:
+        raise MergeError(f"removing {old} would leave {soup} without constituents")
+    if len(keep) < 2 and not m.get("base"):
+        raise MergeError(f"removing {old} would leave one constituent; a soup of one model is "
+                         f"that model ({keep[0]['path']})")
+    for e in keep:
+        _check_recorded(e, "constituent")
+    if m.get("base"):
+        _check_recorded(m["base"], "base")
+    opts = _soup_options(m, options)
+    return merge([e["path"] for e in keep], output, [float(e["weight"]) for e in keep],
+                 base=m["base"]["path"] if m.get("base") else None,
+                 _expect_hashes=_expected_hashes(keep + ([m["base"]] if m.get("base") else [])),
+                 **opts)

@@ -1,0 +1,403 @@
+"""Streaming execution of a merge plan.
+
+Data path, per output file: tensors are split into work items (whole small tensors,
+chunks of large ones) and grouped into windows of about ``window_bytes`` of input.
+While window ``j`` is summed, a prefetch thread faults window ``j + 1`` of every input
+into memory (``MADV_WILLNEED`` + one read per page), and a writer thread ``pwrite``s the
+previous staging buffer. After window ``j``, its input pages are dropped from this
+process (``MADV_DONTNEED``), so the resident set stays near
+
+    2 × window_bytes (mapped inputs) + 2 × staging_bytes (output buffers)
+
+whatever the model size and the number of inputs. The sum itself is one call per item
+to ``fastsoup._C.weighted_sum`` (fused K-way, fp32 or fp64 accumulation, GIL released),
+which reads each input element once and writes each output element once; or, with a
+torch device, :func:`fastsoup.weighted_sum_` on that device.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+
+from .dtypes import DTYPES
+from .errors import MergeError, PlanError
+from .formats import WeightFile
+from .plan import OutTensor, Plan
+from .writer import SafetensorsFileWriter
+
+PAGE = mmap.PAGESIZE
+MIN_BUDGET = 4 << 10
+
+
+def _align_down(x: int) -> int:
+    return x - x % PAGE
+
+
+class InputMaps:
+    """Read-only memory maps of every safetensors input file, opened lazily."""
+
+    def __init__(self, drop_cache: bool = False):
+        self._maps: Dict[str, Tuple[int, mmap.mmap, memoryview]] = {}
+        self.drop_cache = drop_cache
+
+    def _get(self, wf: WeightFile):
+        entry = self._maps.get(wf.path)
+        if entry is None:
+            fd = os.open(wf.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            try:
+                size = os.fstat(fd).st_size
+                if size != wf.header.file_size:
+                    raise MergeError(f"{wf.path}: changed size since planning "
+                                     f"({wf.header.file_size} -> {size} bytes)")
+                mm = mmap.mmap(fd, size, access=mmap.ACCESS_READ)
+            except BaseException:
+                os.close(fd)
+                raise
+            entry = (fd, mm, memoryview(mm))
+            self._maps[wf.path] = entry
+        return entry
+
+    def view(self, wf: WeightFile, key: str, start: int, stop: int) -> memoryview:
+        """Bytes ``[start, stop)`` of tensor ``key``'s data (zero-copy)."""
+        if wf.header is None:  # pickle input: a loaded tensor
+            t = wf.tensors[key]
+            import torch
+
+            flat = t.reshape(-1).view(torch.uint8)
+            return memoryview(flat.numpy())[start:stop]
+        begin = wf.header.data_start + wf.header.tensors[key].begin
+        return self._get(wf)[2][begin + start: begin + stop]
+
+    def absolute_range(self, wf: WeightFile, key: str, start: int, stop: int):
+        begin = wf.header.data_start + wf.header.tensors[key].begin
+        return begin + start, begin + stop
+
+    def advise(self, wf: WeightFile, lo: int, hi: int, advice: int) -> None:
+        if wf.header is None or hi <= lo:
+            return
+        _, mm, _ = self._get(wf)
+        a = _align_down(lo)
+        b = min(len(mm), -(-hi // PAGE) * PAGE)
+        if b > a:
+            try:
+                mm.madvise(advice, a, b - a)
+            except (OSError, ValueError):
+                pass
+
+    def release(self, wf: WeightFile, lo: int, hi: int) -> None:
+        """Drop pages of ``[lo, hi)`` from this process (and, optionally, the page cache)."""
+        self.advise(wf, lo, hi, mmap.MADV_DONTNEED)
+        if self.drop_cache and wf.header is not None and hasattr(os, "posix_fadvise"):
+            fd = self._get(wf)[0]
+            try:
+                os.posix_fadvise(fd, lo, hi - lo, os.POSIX_FADV_DONTNEED)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        for fd, mm, mv in self._maps.values():
+            mv.release()
+            try:
+                mm.close()
+            except BufferError:  # a view still alive (should not happen); leave it to GC
+                pass
+            os.close(fd)
+        self._maps.clear()
+
+
+@dataclass
+class Item:
+    """A slice ``[lo, hi)`` (elements) of one output tensor."""
+
+    file_index: int
+    tensor: OutTensor
+    lo: int
+    hi: int
+
+    @property
+    def out_nbytes(self) -> int:
+        return (self.hi - self.lo) * DTYPES[self.tensor.dtype].itemsize
+
+    @property
+    def in_nbytes(self) -> int:
+        return sum((self.hi - self.lo) * DTYPES[s.dtype].itemsize for s in self.tensor.sources)
+
+
+def budget_split(memory: int) -> Tuple[int, int]:
+    """(window_bytes, staging_bytes) for a streaming budget of ``memory`` bytes:
+    2 windows + 2 staging buffers ≤ memory."""
+    memory = max(memory, MIN_BUDGET)
+    staging = max(memory // 8, 1024)
+    window = max((memory - 2 * staging) // 2, 1024)
+    return window, staging
+
+
+def make_items(files: List[Tuple[int, List[OutTensor]]], window: int, staging: int) -> List[Item]:
+    items = []
+    for fi, tensors in files:
+        for t in tensors:
+            n = t.numel
+            per_elem_in = sum(DTYPES[s.dtype].itemsize for s in t.sources)
+            per_elem_out = DTYPES[t.dtype].itemsize
+            chunk = max(1, min(window // max(per_elem_in, 1), staging // per_elem_out))
+            if n == 0:
+                items.append(Item(fi, t, 0, 0))
+            for lo in range(0, n, chunk):
+                items.append(Item(fi, t, lo, min(n, lo + chunk)))
+    return items
+
+
+def make_windows(items: List[Item], window: int) -> List[List[Item]]:
+    windows, cur, size = [], [], 0
+    for it in items:
+        if cur and size + it.in_nbytes > window:
+            windows.append(cur)
+            cur, size = [], 0
+        cur.append(it)
+        size += it.in_nbytes
+    if cur:
+        windows.append(cur)
+    return windows
+
+
+class Staging:
+    """Two output buffers: one is filled while the other is written by a writer thread."""
+
+    def __init__(self, nbytes: int, pool: ThreadPoolExecutor):
+        self.bufs = [np.empty(nbytes, dtype=np.uint8), np.empty(nbytes, dtype=np.uint8)]
+        self.pending = [None, None]
+        self.cur = 0
+        self.fill = 0
+        self.writer: Optional[SafetensorsFileWriter] = None
+        self.offset = 0
+        self.pool = pool
+
+    def reserve(self, writer: SafetensorsFileWriter, offset: int, nbytes: int) -> memoryview:
+        if (writer is not self.writer or offset != self.offset + self.fill
+                or self.fill + nbytes > len(self.bufs[0])):
+            self.flush()
+            self.writer, self.offset = writer, offset
+        start = self.fill
+        self.fill += nbytes
+        return memoryview(self.bufs[self.cur])[start:start + nbytes]
+
+    def flush(self) -> None:
+        if self.fill and self.writer is not None:
+            buf = self.bufs[self.cur][: self.fill]
+            self.pending[self.cur] = self.pool.submit(self.writer.pwrite, buf, self.offset, True)
+            self.cur ^= 1
+            fut = self.pending[self.cur]
+            if fut is not None:
+                self.pending[self.cur] = None
+                fut.result()
+        self.offset += self.fill
+        self.fill = 0
+
+    def drain(self) -> None:
+        self.flush()
+        for i, fut in enumerate(self.pending):
+            if fut is not None:
+                self.pending[i] = None
+                fut.result()
+
+
+class CpuSummer:
+    """Sums with ``fastsoup._C.weighted_sum`` (fp32/fp64 accumulation)."""
+
+    def __init__(self, threads: int, acc64: bool):
+        from .. import _ext
+
+        self.ext = _ext.cpu_ext(warn=True)
+        if self.ext is None:
+            raise MergeError("the compiled extension fastsoup._C is not available; rebuild with "
+                             "`pip install --no-build-isolation -e .`")
+        self.threads = threads
+        self.acc64 = acc64
+
+    def __call__(self, dst: memoryview, out_dtype: str, srcs, dtypes, weights, n: int) -> None:
+        self.ext.weighted_sum(dst, DTYPES[out_dtype].kernel_code, srcs,
+                              [DTYPES[d].kernel_code for d in dtypes], weights, n,
+                              self.threads, self.acc64)
+
+
+_TORCH = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+
+
+class TorchSummer:
+    """Sums on a torch device with :func:`fastsoup.weighted_sum_` (the ``--device cuda``
+    path): host bytes are staged in (pinned, when on CUDA) buffers, copied asynchronously,
+    summed, and copied back."""
+
+    def __init__(self, device: str, acc64: bool):
+        import torch
+
+        self.torch = torch
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise MergeError("--device cuda: no CUDA device is available")
+        self.acc64 = acc64
+        self.pin = self.device.type == "cuda"
+
+    def _host(self, mv, dtype: str):
+        t = self.torch.frombuffer(mv, dtype=self.torch.uint8) if len(mv) else \
+            self.torch.empty(0, dtype=self.torch.uint8)
+        t = t.view(getattr(self.torch, _TORCH[dtype]))
+        return t
+
+    def __call__(self, dst: memoryview, out_dtype: str, srcs, dtypes, weights, n: int) -> None:
+        import warnings
+
+        from ..ops.weighted_sum import weighted_sum_
+
+        torch = self.torch
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # frombuffer on read-only mmaps
+            ins = []
+            for mv, d in zip(srcs, dtypes):
+                h = self._host(mv, d)
+                if self.pin:
+                    h = h.pin_memory()
+                ins.append([h.to(self.device, non_blocking=True)])
+            acc_dtype = torch.float64 if self.acc64 else getattr(torch, _TORCH[out_dtype])
+            out = torch.empty(n, dtype=acc_dtype, device=self.device)
+            weighted_sum_([out], ins, list(weights))
+            res = out.to(getattr(torch, _TORCH[out_dtype])).cpu()
+            self._host(dst, out_dtype).copy_(res)
+
+
+def check_equal_copies(plan: Plan, maps: InputMaps) -> None:
+    """Integer/bool tensors must be bit-identical across inputs. Reads only those tensors
+    (before any output is written) and lists every difference."""
+    problems = []
+    for t in plan.tensors():
+        if t.op != "copy" or len(t.sources) < 2:
+            continue
+        nbytes = t.sources[0].info.nbytes
+        first = t.sources[0]
+        ref = np.frombuffer(maps.view(first.file, first.key, 0, nbytes), np.uint8)
+        for other in t.sources[1:]:
+            data = np.frombuffer(maps.view(other.file, other.key, 0, nbytes), np.uint8)
+            if not np.array_equal(ref, data):
+                problems.append(f"{t.qualified!r}: {t.dtype} values differ between input "
+                                f"{first.input_index + 1} and input {other.input_index + 1} "
+                                "(integer/bool tensors are copied, so they must be equal)")
+            del data
+        del ref
+    if problems:
+        raise PlanError("integer/bool tensors differ", problems)
+
+
+@dataclass
+class RunStats:
+    seconds: float
+    bytes_written: int
+    bytes_read: int
+    items: int
+    windows: int
+    window_bytes: int
+    staging_bytes: int
+
+
+def execute(plan: Plan, writers: List[SafetensorsFileWriter], *, memory: int, threads: int,
+            acc64: bool, device: str = "cpu", progress: Optional[Callable] = None,
+            drop_cache: bool = False, maps: Optional[InputMaps] = None) -> RunStats:
+    """Compute every tensor of ``plan`` into ``writers`` (one per output file, in the
+    order of ``plan.components[*].files``). Does not fsync or close the writers."""
+    t0 = time.perf_counter()
+    own_maps = maps is None
+    maps = maps or InputMaps(drop_cache=drop_cache)
+    summer = (CpuSummer(threads, acc64) if device == "cpu"
+              else TorchSummer(device[len("torch:"):] if device.startswith("torch:") else device, acc64))
+    window, staging_bytes = budget_split(memory)
+    files = []
+    fi = 0
+    for c in plan.components:
+        for f in c.files:
+            files.append((fi, f.tensors))
+            fi += 1
+    assert len(writers) == fi
+    items = make_items(files, window, staging_bytes)
+    windows = make_windows(items, window)
+    io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="fastsoup-io")
+    staging = Staging(staging_bytes, io)
+    written = read = 0
+    try:
+        prefetch = io.submit(_prefetch, maps, windows[0]) if windows else None
+        for j, win in enumerate(windows):
+            prefetch.result()
+            prefetch = io.submit(_prefetch, maps, windows[j + 1]) if j + 1 < len(windows) else None
+            for it in win:
+                t = it.tensor
+                w = writers[it.file_index]
+                out_es = DTYPES[t.dtype].itemsize
+                dst = staging.reserve(w, w.offsets[t.key] + it.lo * out_es, it.out_nbytes)
+                if it.hi > it.lo:
+                    if t.op == "copy":
+                        s = t.sources[0]
+                        es = DTYPES[s.dtype].itemsize
+                        dst[:] = maps.view(s.file, s.key, it.lo * es, it.hi * es)
+                    else:
+                        srcs, dtypes, weights = [], [], []
+                        for s in t.sources:
+                            es = DTYPES[s.dtype].itemsize
+                            srcs.append(maps.view(s.file, s.key, it.lo * es, it.hi * es))
+                            dtypes.append(s.dtype)
+                            weights.append(s.weight)
+                        summer(dst, t.dtype, srcs, dtypes, weights, it.hi - it.lo)
+                        del srcs
+                written += it.out_nbytes
+                read += it.in_nbytes
+                del dst
+                if progress is not None:
+                    progress(t.qualified, it.out_nbytes)
+            _release(maps, win)
+        staging.drain()
+    finally:
+        try:
+            io.shutdown(wait=True, cancel_futures=True)
+        finally:
+            if own_maps:
+                maps.close()
+    return RunStats(seconds=time.perf_counter() - t0, bytes_written=written, bytes_read=read,
+                    items=len(items), windows=len(windows), window_bytes=window,
+                    staging_bytes=staging_bytes)
+
+
+def _ranges(maps: InputMaps, win: List[Item]):
+    for it in win:
+        for s in it.tensor.sources:
+            if s.file.header is None:
+                continue
+            es = DTYPES[s.dtype].itemsize
+            lo, hi = maps.absolute_range(s.file, s.key, it.lo * es, it.hi * es)
+            yield s.file, lo, hi
+
+
+def _prefetch(maps: InputMaps, win: List[Item]) -> None:
+    """Fault the next window's input pages in (async read-ahead, then one read per page)."""
+    from .. import _ext
+
+    ext = _ext.cpu_ext(warn=False)
+    spans = list(_ranges(maps, win))
+    for wf, lo, hi in spans:
+        maps.advise(wf, lo, hi, mmap.MADV_WILLNEED)
+    if ext is None:
+        return
+    for wf, lo, hi in spans:
+        mv = maps._get(wf)[2][lo:hi]
+        try:
+            ext.prefault(mv, PAGE)
+        finally:
+            mv.release()
+
+
+def _release(maps: InputMaps, win: List[Item]) -> None:
+    for wf, lo, hi in _ranges(maps, win):
+        maps.release(wf, lo, hi)

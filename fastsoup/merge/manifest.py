@@ -1,0 +1,202 @@
+"""The provenance manifest of a soup: what it was made of, how, and by which fastsoup.
+
+Written twice: compact JSON in the ``__metadata__["fastsoup"]`` entry of every output
+weight file, and pretty JSON in a ``fastsoup.json`` sidecar (inside a directory output,
+or ``<name>.fastsoup.json`` beside a single-file output). Layout::
+
+    {"format": "fastsoup.merge/1", "fastsoup_version": "...", "created": "<UTC ISO>",
+     "operation": "mean" | "weighted" | "task_arithmetic",
+     "normalize": bool, "key_policy": "strict" | ..., "accumulate": "fp32" | "fp64",
+     "dtype": null | "BF16" ..., "output_dtypes": {"BF16": <tensor count>, ...},
+     "constituents": [{"path", "size_bytes", "sha256", "files": [{"name", "size_bytes",
+                       "sha256"}], "weight", "coefficient"}],
+     "base": null | {same fields as a constituent, without weights}}
+
+``sha256`` of a file is over its bytes; of a constituent, over the lines
+``"<component>/<file> <size> <file sha256>\\n"`` of its weight files in sorted order, so
+the same checkpoint copied elsewhere hashes the same. With ``hash="none"`` the digests
+are omitted (the sizes and header digests still identify the files).
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import threading
+from typing import Dict, List, Optional
+
+from .._version import __version__
+from .errors import MergeError
+from .formats import Layout
+
+FORMAT = "fastsoup.merge/1"
+METADATA_KEY = "fastsoup"
+PLACEHOLDER = "0" * 64
+HASH_MODES = ("sha256", "none")
+
+
+def file_sha256(path: str, bufsize: int = 8 << 20, stop: Optional[threading.Event] = None) -> str:
+    """sha256 of a file's bytes, read with ``readinto`` (page cache, no mapping, flat RSS)."""
+    h = hashlib.sha256()
+    buf = bytearray(bufsize)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while True:
+            if stop is not None and stop.is_set():
+                raise InterruptedError("hashing cancelled")
+            n = f.readinto(buf)
+            if not n:
+                break
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+def _file_entries(layout: Layout) -> List[tuple]:
+    out = []
+    for cname, comp in layout.components.items():
+        for wf in comp.files:
+            rel = f"{cname}/{wf.name}" if cname else wf.name
+            out.append((rel, wf.path))
+    return sorted(out)
+
+
+class Hasher:
+    """Hashes every input file in a background thread while the merge runs."""
+
+    def __init__(self, layouts: List[Layout], mode: str):
+        if mode not in HASH_MODES:
+            raise MergeError(f"unknown hash mode {mode!r} (choose {', '.join(HASH_MODES)})")
+        self.layouts = layouts
+        self.mode = mode
+        self.results: Dict[str, str] = {}
+        self.error: Optional[BaseException] = None
+        self._stop = threading.Event()
+        self._thread = None
+
+    def start(self) -> "Hasher":
+        if self.mode == "sha256":
+            self._thread = threading.Thread(target=self._run, name="fastsoup-hash", daemon=True)
+            self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        try:
+            for layout in self.layouts:
+                for _, path in _file_entries(layout):
+                    if path not in self.results:
+                        self.results[path] = file_sha256(path, stop=self._stop)
+        except BaseException as exc:  # reported by wait()
+            self.error = exc
+
+    def cancel(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def wait(self) -> Dict[str, str]:
+        if self._thread is not None:
+            self._thread.join()
+            if self.error is not None:
+                raise MergeError(f"hashing the inputs failed: {self.error}")
+        return self.results
+
+
+def describe(layout: Layout, hashes: Optional[Dict[str, str]]) -> dict:
+    """A manifest entry for one input (hash fields are placeholders when pending)."""
+    files = []
+    lines = []
+    for rel, path in _file_entries(layout):
+        size = os.path.getsize(path)
+        entry = {"name": rel, "size_bytes": size}
+        if hashes is not None:
+            digest = hashes.get(path, PLACEHOLDER)
+            entry["sha256"] = digest
+            lines.append(f"{rel} {size} {digest}\n")
+        files.append(entry)
+    out = {"path": layout.path, "kind": layout.kind,
+           "size_bytes": sum(f["size_bytes"] for f in files)}
+    if hashes is not None:
+        out["sha256"] = (hashlib.sha256("".join(lines).encode()).hexdigest()
+                         if all(PLACEHOLDER != f["sha256"] for f in files) else PLACEHOLDER)
+    if layout.variant:
+        out["variant"] = layout.variant
+    out["files"] = files
+    return out
+
+
+def build(plan, *, accumulate: str, dtype: Optional[str], hashes: Optional[Dict[str, str]],
+          created: Optional[str] = None) -> dict:
+    """The manifest of ``plan`` (a :class:`fastsoup.merge.plan.Plan`)."""
+    n = len(plan.input_weights)
+    if plan.base_index is not None:
+        operation = "task_arithmetic"
+    elif len(set(plan.input_weights)) == 1 and plan.normalize:
+        operation = "mean"
+    else:
+        operation = "weighted"
+    counts: Dict[str, int] = {}
+    for t in plan.tensors():
+        counts[t.dtype] = counts.get(t.dtype, 0) + 1
+    constituents = []
+    for k in range(n):
+        entry = describe(plan.inputs[k], hashes)
+        entry["weight"] = plan.input_weights[k]
+        entry["coefficient"] = plan.coefficients[k]
+        constituents.append(entry)
+    base = describe(plan.inputs[plan.base_index], hashes) if plan.base_index is not None else None
+    return {
+        "format": FORMAT,
+        "fastsoup_version": __version__,
+        "created": created or datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "operation": operation,
+        "normalize": plan.normalize,
+        "key_policy": plan.key_policy,
+        "accumulate": accumulate,
+        "dtype": dtype,
+        "output_dtypes": dict(sorted(counts.items())),
+        "constituents": constituents,
+        "base": base,
+    }
+
+
+def metadata_entry(manifest: dict) -> Dict[str, str]:
+    return {METADATA_KEY: json.dumps(manifest, separators=(",", ":"), sort_keys=False)}
+
+
+def sidecar_path(output: str, is_dir: bool) -> str:
+    """Where the ``fastsoup.json`` of an output lives."""
+    if is_dir:
+        return os.path.join(output, "fastsoup.json")
+    base = output[: -len(".safetensors")] if output.endswith(".safetensors") else output
+    return base + ".fastsoup.json"
+
+
+def read(soup: str) -> dict:
+    """The manifest of an existing soup: its ``fastsoup.json`` sidecar, else the
+    ``__metadata__`` of its first weight file. Raises MergeError if it has none."""
+    soup = os.path.abspath(soup)
+    side = sidecar_path(soup, os.path.isdir(soup))
+    obj = None
+    if os.path.isfile(side):
+        try:
+            with open(side, encoding="utf-8") as f:
+                obj = json.load(f)
+        except (OSError, ValueError) as exc:
+            raise MergeError(f"{side}: cannot read the soup manifest ({exc})") from None
+    else:
+        from .formats import resolve
+
+        layout = resolve(soup)
+        for wf in layout.files():
+            md = (wf.header.metadata or {}) if wf.header is not None else {}
+            if METADATA_KEY in md:
+                try:
+                    obj = json.loads(md[METADATA_KEY])
+                except ValueError as exc:
+                    raise MergeError(f"{wf.path}: corrupt fastsoup manifest ({exc})") from None
+                break
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        raise MergeError(f"{soup}: not a fastsoup soup (no {FORMAT} manifest in fastsoup.json "
+                         "or in the safetensors __metadata__)")
+    return obj

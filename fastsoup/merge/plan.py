@@ -1,0 +1,355 @@
+"""Planning a merge from headers alone: which tensors, from where, with which weights.
+
+:func:`build_plan` checks everything that can be checked without reading tensor data
+(keys under the key policy, shapes, dtype kinds, averaging support, weights) and raises
+one :class:`PlanError` listing every problem at once. The plan's output mirrors the
+first input's layout (file names, shard assignment, tensor order), unless
+``max_shard_size`` asks for re-sharding.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from .dtypes import DTYPES
+from .errors import MergeError, PlanError
+from .formats import Layout, WeightFile
+from .header import TensorInfo
+
+KEY_POLICIES = ("strict", "intersection", "union")
+
+
+@dataclass
+class Source:
+    """One input's contribution to an output tensor."""
+
+    input_index: int          # index into Plan.inputs (the base, if any, is last)
+    file: WeightFile
+    info: TensorInfo
+    weight: float             # effective coefficient
+    key: str                  # the tensor's key inside ``file``
+
+    @property
+    def dtype(self) -> str:
+        return self.info.dtype
+
+
+@dataclass
+class OutTensor:
+    key: str                  # key inside its component (what the output header says)
+    qualified: str            # key qualified by component ("unet/conv_in.weight")
+    dtype: str                # output dtype
+    shape: Tuple[int, ...]
+    op: str                   # "sum" (floating) or "copy" (integer/bool, must be equal)
+    sources: List[Source]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * DTYPES[self.dtype].itemsize
+
+
+@dataclass
+class OutFile:
+    name: str                 # file name inside its component folder
+    tensors: List[OutTensor] = field(default_factory=list)
+
+    @property
+    def data_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+
+@dataclass
+class OutComponent:
+    name: str                 # "" for flat layouts
+    files: List[OutFile]
+    index_name: Optional[str] = None
+    index_metadata: dict = field(default_factory=dict)
+
+
+@dataclass
+class Plan:
+    kind: str                          # output layout: "file", "dir" or "diffusers"
+    inputs: List[Layout]               # constituents, then the base (if any)
+    input_weights: List[float]         # raw weights of the constituents
+    coefficients: List[float]          # effective coefficients for keys present everywhere
+    base_index: Optional[int]
+    normalize: bool
+    key_policy: str
+    components: List[OutComponent]
+    dropped_keys: List[str] = field(default_factory=list)
+    warnings: List[str] = field(default_factory=list)
+
+    def tensors(self):
+        for c in self.components:
+            for f in c.files:
+                yield from f.tensors
+
+    @property
+    def bytes_to_write(self) -> int:
+        return sum(t.nbytes for t in self.tensors())
+
+    @property
+    def bytes_to_read(self) -> int:
+        total = 0
+        for t in self.tensors():
+            total += sum(s.info.nbytes for s in t.sources)  # copies compare every input
+        return total
+
+
+def parse_size(text) -> int:
+    """``"5GB"`` → 5·10⁹, ``"512MiB"`` → 512·2²⁰, ``"1e9"``/``1000`` → bytes. Decimal units
+    (kB, MB, GB, TB) are powers of 1000, binary units (KiB, MiB, GiB, TiB) of 1024."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        value = text
+    else:
+        s = str(text).strip().replace(" ", "")
+        units = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+                 "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+                 "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+        low = s.lower()
+        mult = 1
+        for u in sorted(units, key=len, reverse=True):
+            if low.endswith(u) and low[: -len(u)]:
+                mult, low = units[u], low[: -len(u)]
+                break
+        try:
+            value = int(float(low) * mult)
+        except ValueError:
+            raise MergeError(f"cannot parse size {text!r} (examples: 5GB, 512MiB, 1000000)") from None
+    if value <= 0:
+        raise MergeError(f"size must be positive, got {text!r}")
+    return value
+
+
+def _coefficients(weights: Sequence[float], present: Sequence[int], base: bool,
+                  normalize: bool, where: str) -> Dict[int, float]:
+    ws = {k: float(weights[k]) for k in present}
+    if normalize:
+        total = sum(ws.values())
+        if total == 0 or not math.isfinite(total):
+            raise MergeError(f"{where}: weights sum to {total}, cannot normalise "
+                             "(pass --no-normalize, or other weights)")
+        ws = {k: w / total for k, w in ws.items()}
+    return ws
+
+
+def build_plan(inputs: Sequence[Layout], *, weights: Optional[Sequence[float]] = None,
+               base: Optional[Layout] = None, normalize: Optional[bool] = None,
+               keys: str = "strict", dtype: Optional[str] = None,
+               max_shard_size: Optional[int] = None) -> Plan:
+    """Plan the merge of ``inputs`` (resolved layouts) into the first input's layout.
+
+    Args:
+        inputs: constituents θ_1..θ_n (n ≥ 1; n ≥ 2 unless ``base`` is given).
+        weights: raw weights w_i (any reals), default 1 (no base) or 1/n (with base).
+        base: θ_0 for task arithmetic: out = θ_0 + Σ c_i (θ_i − θ_0), c = weights.
+        normalize: divide the weights by their sum (per key, over the inputs holding the
+            key). Default True without a base, False with one.
+        keys: "strict" (every input must have every key), "intersection" or "union".
+        dtype: output dtype name for floating tensors ("F32", "F16", "BF16", "F64");
+            default: the first holding input's dtype, per tensor.
+        max_shard_size: re-shard each component into files of at most this many bytes.
+    """
+    n = len(inputs)
+    if n == 0:
+        raise MergeError("no inputs given")
+    if n < 2 and base is None:
+        raise MergeError("need at least two inputs to merge (or one input and --base)")
+    if keys not in KEY_POLICIES:
+        raise MergeError(f"unknown key policy {keys!r} (choose {', '.join(KEY_POLICIES)})")
+    if normalize is None:
+        normalize = base is None
+    if weights is None:
+        weights = [1.0] * n if base is None else [1.0 / n] * n
+    weights = [float(w) for w in weights]
+    if len(weights) != n:
+        raise MergeError(f"got {len(weights)} weights for {n} inputs")
+    if not all(math.isfinite(w) for w in weights):
+        raise MergeError(f"weights must be finite, got {weights}")
+    if dtype is not None and (dtype not in DTYPES or DTYPES[dtype].kernel_code is None):
+        raise MergeError(f"output dtype {dtype!r} is not a floating dtype fastsoup can write")
+
+    layouts = list(inputs) + ([base] if base is not None else [])
+    base_index = n if base is not None else None
+    key_maps = [lay.keys() for lay in layouts]
+    first_order: List[str] = []
+    seen = set()
+    for km in key_maps[:n]:
+        for q in km:
+            if q not in seen:
+                seen.add(q)
+                first_order.append(q)
+
+    problems: List[str] = []
+    warnings: List[str] = []
+    dropped: List[str] = []
+    selected: List[str] = []
+    for q in first_order:
+        missing = [k for k in range(n) if q not in key_maps[k]]
+        if missing:
+            if keys == "strict":
+                problems.append(f"{q!r}: missing from " + ", ".join(
+                    f"input {k + 1} ({layouts[k].path})" for k in missing))
+                continue
+            if keys == "intersection":
+                dropped.append(q)
+                continue
+        if base is not None and q not in key_maps[n]:
+            problems.append(f"{q!r}: missing from the base ({base.path})")
+            continue
+        selected.append(q)
+
+    out_tensors: Dict[str, OutTensor] = {}
+    for q in selected:
+        holders = [k for k in range(len(layouts)) if q in key_maps[k]]
+        infos = []
+        src_keys = {}
+        for k in holders:
+            cname, key = key_maps[k][q]
+            wf, info = layouts[k].components[cname].tensors[key]
+            infos.append((k, wf, info))
+            src_keys[k] = key
+        shapes = {info.shape for _, _, info in infos}
+        if len(shapes) > 1:
+            problems.append(f"{q!r}: shapes differ: " + ", ".join(
+                f"{list(info.shape)} in input {k + 1}" for k, _, info in infos))
+            continue
+        kinds = {DTYPES[info.dtype].kind for _, _, info in infos}
+        if len(kinds) > 1:
+            problems.append(f"{q!r}: floating in some inputs, integer/bool in others: " + ", ".join(
+                f"{info.dtype} in input {k + 1}" for k, _, info in infos))
+            continue
+        dtypes = [info.dtype for _, _, info in infos]
+        kind = kinds.pop()
+        cname, key = key_maps[holders[0]][q]
+        if kind != "float":
+            if len(set(dtypes)) > 1:
+                problems.append(f"{q!r}: integer/bool dtypes differ: " + ", ".join(
+                    f"{d} in input {k + 1}" for (k, _, _), d in zip(infos, dtypes)))
+                continue
+            out_tensors[q] = OutTensor(key, q, dtypes[0], infos[0][2].shape, "copy",
+                                       [Source(k, wf, info, 1.0, src_keys[k]) for k, wf, info in infos])
+            continue
+        unsupported = sorted({d for d in dtypes if DTYPES[d].kernel_code is None})
+        if unsupported:
+            problems.append(f"{q!r}: cannot average {', '.join(unsupported)} tensors "
+                            "(convert the inputs to fp16/bf16/fp32 first)")
+            continue
+        if len(set(dtypes)) > 1 and dtype is None:
+            warnings.append(f"{q!r}: input dtypes differ ({', '.join(dtypes)}); writing "
+                            f"{dtypes[0]} (the first input's; choose with --dtype)")
+        present = [k for k in holders if k < n]
+        try:
+            coef = _coefficients(weights, present, base is not None, normalize, q)
+        except MergeError as exc:
+            problems.append(str(exc))
+            continue
+        srcs = []
+        for k, wf, info in infos:
+            if k == base_index:
+                c = 1.0 - sum(coef.values())
+            else:
+                c = coef[k]
+            if c != 0.0:
+                srcs.append(Source(k, wf, info, c, src_keys[k]))
+        if not srcs:  # every coefficient is zero: the result is zero; read one input
+            k, wf, info = infos[0]
+            srcs.append(Source(k, wf, info, 0.0, src_keys[k]))
+        out_tensors[q] = OutTensor(key, q, dtype or dtypes[0], infos[0][2].shape, "sum", srcs)
+
+    if problems:
+        raise PlanError("the inputs cannot be merged", problems)
+    if not out_tensors:
+        raise MergeError("nothing to merge: no key is shared by the inputs"
+                         + (f" ({len(dropped)} dropped by --keys intersection)" if dropped else ""))
+
+    full_coef = _coefficients(weights, range(n), base is not None, normalize, "weights")
+    coefficients = [full_coef[k] for k in range(n)]
+    components = _mirror(layouts, key_maps, out_tensors, selected, max_shard_size)
+    kind = layouts[0].kind
+    if kind == "file" and any(len(c.files) > 1 for c in components):
+        kind = "dir"
+    return Plan(kind=kind, inputs=layouts, input_weights=weights, coefficients=coefficients,
+                base_index=base_index, normalize=normalize, key_policy=keys,
+                components=components, dropped_keys=dropped, warnings=warnings)
+
+
+def _mirror(layouts, key_maps, out_tensors, order, max_shard_size) -> List[OutComponent]:
+    """Group output tensors into files the way the first input holding them does."""
+    comps: Dict[str, OutComponent] = {}
+    comp_layout: Dict[str, Layout] = {}
+    by_file: Dict[Tuple[str, str], OutFile] = {}
+    # Order: each tensor at its position in the first holder's files (file order, offset).
+    def position(q):
+        for k, km in enumerate(key_maps):
+            if q in km:
+                cname, key = km[q]
+                comp = layouts[k].components[cname]
+                wf, info = comp.tensors[key]
+                return (k, list(layouts[k].components).index(cname),
+                        comp.files.index(wf), info.begin, q)
+        raise AssertionError(q)
+
+    ordered = sorted(out_tensors, key=position)
+    for q in ordered:
+        t = out_tensors[q]
+        for k, km in enumerate(key_maps):
+            if q in km:
+                break
+        cname, key = km[q]
+        comp = layouts[k].components[cname]
+        if cname not in comps:
+            comps[cname] = OutComponent(name=cname, files=[], index_name=comp.index_name,
+                                        index_metadata=dict(comp.index_metadata))
+            comp_layout[cname] = layouts[k]
+        wf = comp.tensors[key][0]
+        fk = (cname, wf.name)
+        if fk not in by_file:
+            by_file[fk] = OutFile(name=wf.name)
+            comps[cname].files.append(by_file[fk])
+        by_file[fk].tensors.append(t)
+
+    # Keep the first input's component order.
+    names = list(layouts[0].components) + [c for c in comps if c not in layouts[0].components]
+    out = [comps[c] for c in names if c in comps]
+    for oc in out:
+        src_comp = comp_layout[oc.name].components[oc.name]
+        if max_shard_size is not None:
+            _reshard(oc, src_comp, comp_layout[oc.name].variant, max_shard_size)
+        elif oc.files and src_comp.files and not src_comp.files[0].name.endswith(".safetensors"):
+            for f in oc.files:  # pickle inputs are written as safetensors
+                f.name = f.name.rsplit(".", 1)[0] + ".safetensors"
+        if max_shard_size is None and src_comp.index_name and ".bin.index" in src_comp.index_name:
+            oc.index_name = src_comp.index_name.replace(".bin.index", ".safetensors.index")
+    return out
+
+
+def _reshard(oc: OutComponent, src_comp, variant: Optional[str], max_bytes: int) -> None:
+    tensors = [t for f in oc.files for t in f.tensors]
+    shards: List[List[OutTensor]] = [[]]
+    size = 0
+    for t in tensors:
+        if shards[-1] and size + t.nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t.nbytes
+    stem = src_comp.weight_stem
+    vpart = f".{variant}" if variant else ""
+    if len(shards) == 1:
+        name = oc.files[0].name if not src_comp.index_name else f"{stem}{vpart}.safetensors"
+        if not name.endswith(".safetensors"):
+            name = name.rsplit(".", 1)[0] + ".safetensors"
+        oc.files = [OutFile(name=name, tensors=shards[0])]
+        oc.index_name = None
+        return
+    total = len(shards)
+    oc.files = [OutFile(name=f"{stem}{vpart}-{i + 1:05d}-of-{total:05d}.safetensors", tensors=s)
+                for i, s in enumerate(shards)]
+    oc.index_name = f"{stem}.safetensors.index{vpart}.json"
+    oc.index_metadata = {}

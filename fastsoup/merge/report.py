@@ -1,0 +1,116 @@
+"""The result of a merge (or a dry run): what was planned, checked, written and measured."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000.0
+    return f"{n:.2f} TB"
+
+
+@dataclass
+class FilePlan:
+    """One output file: its path relative to the output root, tensor count and bytes."""
+
+    name: str
+    tensors: int
+    bytes: int
+
+
+@dataclass
+class MergeReport:
+    """Returned by :func:`fastsoup.merge` (``--json`` prints :meth:`to_dict`).
+
+    Sizes are in bytes, times in seconds, RSS in bytes (the process's peak resident set,
+    from ``getrusage``, which includes everything this process did before the merge).
+    """
+
+    output: str
+    kind: str                               # "file", "dir" or "diffusers"
+    dry_run: bool
+    inputs: List[str]
+    base: Optional[str]
+    weights: List[float]                    # raw weights
+    coefficients: List[float]               # effective coefficients of the inputs
+    base_coefficient: Optional[float]
+    normalize: bool
+    key_policy: str
+    accumulate: str
+    dtype: Optional[str]
+    device: str
+    tensors: int
+    tensors_summed: int
+    tensors_copied: int
+    files: List[FilePlan]
+    bytes_to_read: int
+    bytes_to_write: int
+    memory_budget: int
+    disk_free: Optional[int]
+    dropped_keys: List[str] = field(default_factory=list)
+    warnings: List[str] = field(default_factory=list)
+    output_dtypes: Dict[str, int] = field(default_factory=dict)
+    seconds: Optional[float] = None
+    write_seconds: Optional[float] = None
+    peak_rss: Optional[int] = None
+    manifest: Optional[dict] = None
+    sidecar: Optional[str] = None
+    copied_files: List[str] = field(default_factory=list)
+
+    @property
+    def throughput(self) -> Optional[float]:
+        """Output bytes per second over the whole run (None for a dry run)."""
+        if not self.seconds:
+            return None
+        return self.bytes_to_write / self.seconds
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["ok"] = True
+        d["throughput_bytes_per_s"] = self.throughput
+        return d
+
+    def to_json(self, indent: Optional[int] = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    def summary(self) -> str:
+        """Human-readable text (what the CLI prints without ``--json``)."""
+        lines = []
+        head = "dry run: would write" if self.dry_run else "wrote"
+        lines.append(f"{head} {self.output} ({self.kind}, {len(self.files)} file"
+                     f"{'s' if len(self.files) != 1 else ''}, {self.tensors} tensors, "
+                     f"{human_bytes(self.bytes_to_write)})")
+        for i, (p, c) in enumerate(zip(self.inputs, self.coefficients)):
+            lines.append(f"  input {i + 1}: {p}  weight {self.weights[i]:g} -> coefficient {c:.6g}")
+        if self.base:
+            lines.append(f"  base: {self.base}  coefficient {self.base_coefficient:.6g}")
+        lines.append(f"  keys: {self.key_policy}; summed {self.tensors_summed}, copied "
+                     f"(integer/bool) {self.tensors_copied}, dropped {len(self.dropped_keys)}")
+        lines.append(f"  dtypes out: " + ", ".join(f"{k} x{v}" for k, v in self.output_dtypes.items())
+                     + f"; accumulate {self.accumulate}; device {self.device}")
+        if self.dry_run:
+            lines.append("  plan:")
+            for f in self.files[:50]:
+                lines.append(f"    {f.name}: {f.tensors} tensors, {human_bytes(f.bytes)}")
+            if len(self.files) > 50:
+                lines.append(f"    ... and {len(self.files) - 50} more files")
+            lines.append(f"  estimate: read {human_bytes(self.bytes_to_read)}, write "
+                         f"{human_bytes(self.bytes_to_write)} (disk free: "
+                         f"{human_bytes(self.disk_free) if self.disk_free is not None else '?'}), "
+                         f"streaming memory budget {human_bytes(self.memory_budget)}")
+            lines.append("  validation: OK (headers, keys, shapes, dtypes, integer tensors)")
+        else:
+            lines.append(f"  time {self.seconds:.2f} s ({human_bytes(self.throughput or 0)}/s of "
+                         f"output), peak RSS {human_bytes(self.peak_rss or 0)}")
+        for w in self.warnings:
+            lines.append(f"  warning: {w}")
+        if self.dropped_keys:
+            shown = ", ".join(self.dropped_keys[:10])
+            more = f" (+{len(self.dropped_keys) - 10} more)" if len(self.dropped_keys) > 10 else ""
+            lines.append(f"  dropped keys: {shown}{more}")
+        return "\n".join(lines)

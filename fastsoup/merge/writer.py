@@ -1,0 +1,251 @@
+"""Crash-safe output: a temporary sibling that is renamed into place only when complete,
+and pre-sized safetensors files written header first.
+
+Nothing is ever written at the final output path until every byte is on disk: files are
+fsynced, the temporary is renamed over the output (``os.replace``), and the parent
+directory is fsynced. :meth:`AtomicOutput.abort` removes the temporary; an existing output
+is left untouched by a failed run.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import json
+import os
+import secrets
+import shutil
+from typing import Dict, List, Optional
+
+from .dtypes import DTYPES
+from .errors import MergeError
+from .plan import OutFile
+
+TMP_MARK = ".fastsoup-tmp-"
+
+
+def _umask() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
+
+
+FILE_MODE = 0o666 & ~_umask()   # what a plain `open(..., "w")` would give, set explicitly
+DIR_MODE = 0o777 & ~_umask()
+
+
+def fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class AtomicOutput:
+    """The output being built: ``tmp`` is a sibling of ``final`` (same filesystem)."""
+
+    def __init__(self, final: str, is_dir: bool, overwrite: bool = False):
+        self.final = os.path.abspath(final)
+        self.is_dir = is_dir
+        parent = os.path.dirname(self.final)
+        if not os.path.isdir(parent):
+            raise MergeError(f"{final}: the parent directory {parent} does not exist")
+        if os.path.lexists(self.final) and not overwrite:
+            raise MergeError(f"{final}: already exists (pass --overwrite to replace it; it is "
+                             "only replaced once the new output is complete)")
+        if os.path.exists(self.final) and os.path.isdir(self.final) != is_dir:
+            raise MergeError(f"{final}: exists and is a {'directory' if not is_dir else 'file'}; "
+                             f"this merge writes a {'directory' if is_dir else 'file'}")
+        self.tmp = os.path.join(parent, f".{os.path.basename(self.final)}{TMP_MARK}"
+                                        f"{os.getpid()}-{secrets.token_hex(4)}")
+        self._extra: List[str] = []
+        if is_dir:
+            os.mkdir(self.tmp, DIR_MODE)
+            os.chmod(self.tmp, DIR_MODE)
+
+    def path(self, *parts: str) -> str:
+        """Where to write ``parts`` (relative to the output root) inside the temporary."""
+        if not self.is_dir:
+            assert not parts
+            return self.tmp
+        p = os.path.join(self.tmp, *parts)
+        d = os.path.dirname(p)
+        if not os.path.isdir(d):
+            os.makedirs(d, DIR_MODE, exist_ok=True)
+        return p
+
+    def commit(self) -> None:
+        """fsync the tree, then rename it into place (replacing an existing output)."""
+        if self.is_dir:
+            for root, dirs, files in os.walk(self.tmp, topdown=False):
+                fsync_dir(root)
+        parent = os.path.dirname(self.final)
+        if self.is_dir and os.path.isdir(self.final):
+            old = os.path.join(parent, f".{os.path.basename(self.final)}{TMP_MARK}old-"
+                                       f"{secrets.token_hex(4)}")
+            os.rename(self.final, old)
+            try:
+                os.rename(self.tmp, self.final)
+            except BaseException:
+                os.rename(old, self.final)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(self.tmp, self.final)
+        fsync_dir(parent)
+
+    def abort(self) -> None:
+        """Remove the temporary (never the final output)."""
+        try:
+            if self.is_dir:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+            elif os.path.lexists(self.tmp):
+                os.unlink(self.tmp)
+        except OSError:
+            pass
+
+
+def write_small_file(path: str, data: bytes) -> None:
+    """Write ``data`` to a new file with explicit mode, fsynced."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), FILE_MODE)
+    try:
+        os.fchmod(fd, FILE_MODE)
+        view = memoryview(data)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_file(final: str, data: bytes) -> None:
+    """Replace ``final`` with ``data`` through a temporary sibling (for sidecar files)."""
+    tmp = os.path.join(os.path.dirname(os.path.abspath(final)),
+                       f".{os.path.basename(final)}{TMP_MARK}{secrets.token_hex(4)}")
+    try:
+        write_small_file(tmp, data)
+        os.replace(tmp, final)
+    except BaseException:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+# --------------------------------------------------------------------- safetensors files
+def header_bytes(out_file: OutFile, metadata: Optional[Dict[str, str]],
+                 reserve: int = 0) -> (bytes, Dict[str, int]):
+    """Serialise the header of ``out_file``: returns (8-byte length + JSON, padded to a
+    multiple of 8 and to at least ``reserve`` bytes) and each tensor's data offset."""
+    obj: Dict[str, object] = {}
+    if metadata:
+        obj["__metadata__"] = dict(metadata)
+    offsets = {}
+    pos = 0
+    for t in out_file.tensors:
+        obj[t.key] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [pos, pos + t.nbytes]}
+        offsets[t.key] = pos
+        pos += t.nbytes
+    text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    n = max(len(text), reserve - 8)
+    n += (-(8 + n)) % 8
+    text += b" " * (n - len(text))
+    return len(text).to_bytes(8, "little") + text, offsets
+
+
+_libc = None
+
+
+def _sync_file_range(fd: int, offset: int, nbytes: int) -> None:
+    """Start write-back of a range now (Linux), so the final fsync has less to wait for."""
+    global _libc
+    if _libc is None:
+        try:
+            lib = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+            fn = lib.sync_file_range
+            fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+            _libc = fn
+        except (OSError, AttributeError):
+            _libc = False
+    if _libc:
+        _libc(fd, offset, nbytes, 2)  # SYNC_FILE_RANGE_WRITE
+
+
+class SafetensorsFileWriter:
+    """A pre-sized output file: header at offset 0, tensor data written with ``pwrite``.
+
+    The full size is allocated up front (``posix_fallocate``), so a full disk is reported
+    before any tensor is computed where the filesystem supports it.
+    """
+
+    def __init__(self, path: str, out_file: OutFile, metadata: Optional[Dict[str, str]]):
+        self.path = path
+        self.out_file = out_file
+        self.header, offsets = header_bytes(out_file, metadata, reserve=0)
+        self.data_start = len(self.header)
+        self.offsets = {k: self.data_start + v for k, v in offsets.items()}
+        self.size = self.data_start + out_file.data_bytes
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0),
+                          FILE_MODE)
+        try:
+            os.fchmod(self.fd, FILE_MODE)
+            self._preallocate()
+            self.pwrite(self.header, 0)
+        except BaseException:
+            os.close(self.fd)
+            self.fd = -1
+            raise
+
+    def _preallocate(self) -> None:
+        if self.size == 0:
+            return
+        try:
+            os.posix_fallocate(self.fd, 0, self.size)
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, getattr(errno, "ENOTSUP", -1)):
+                raise
+        os.ftruncate(self.fd, self.size)
+
+    def pwrite(self, data, offset: int, start_writeback: bool = False) -> None:
+        view = memoryview(data).cast("B")
+        total = len(view)
+        pos = offset
+        while view:
+            n = os.pwrite(self.fd, view, pos)
+            if n <= 0:
+                raise OSError(errno.EIO, f"short write to {self.path}")
+            view = view[n:]
+            pos += n
+        if start_writeback and total:
+            _sync_file_range(self.fd, offset, total)
+
+    def rewrite_header(self, metadata: Optional[Dict[str, str]]) -> None:
+        """Replace the header with one carrying ``metadata``; it must fit the space the
+        first header reserved (callers keep field lengths fixed, e.g. hex digests)."""
+        new, _ = header_bytes(self.out_file, metadata, reserve=len(self.header))
+        if len(new) != len(self.header):
+            raise MergeError(f"{self.path}: internal error: final header is {len(new)} bytes, "
+                             f"{len(self.header)} were reserved")
+        self.pwrite(new, 0)
+        self.header = new
+
+    def finish(self) -> None:
+        os.fsync(self.fd)
+        self.close()
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

@@ -33,22 +33,34 @@ def _acc_dtype(*tensors: Tensor) -> torch.dtype:
 
 
 def reference_forward(pred: Tensor, target: Tensor) -> Tensor:
-    """Unweighted per-sample MSE in fp32 (fp64 if an input is fp64). Shape ``[B]``."""
+    """Unweighted per-sample MSE in fp32 (fp64 if an input is fp64). Shape ``[B]``.
+
+    Plain PyTorch with one ``[B, D]`` temporary (the difference, squared in place): the
+    CPU path, the test oracle and the benchmark baseline of the fused kernels.
+    """
     acc = _acc_dtype(pred, target)
-    diff = pred.to(acc) - target.to(acc)
-    return diff.square().reshape(pred.shape[0], -1).mean(dim=1)
+    diff = torch.sub(pred.to(acc), target.to(acc))
+    return diff.square_().reshape(pred.shape[0], -1).mean(dim=1)
 
 
 def reference_backward(grad: Tensor, pred: Tensor, target: Tensor,
                        pred_grad: bool, target_grad: bool) -> Tuple[Tensor, Tensor]:
+    """``grad_pred = 2 g_i (pred − target) / D`` (exact zeros where ``g_i == 0``) and
+    ``grad_target = −grad_pred``, in the inputs' dtypes; an empty tensor for a gradient
+    that is not requested."""
     acc = _acc_dtype(pred, target)
     B = pred.shape[0]
     D = pred[0].numel() if B else 1
     coef = (grad.to(acc) * (2.0 / D)).view((B,) + (1,) * (pred.dim() - 1))
-    g = coef * (pred.to(acc) - target.to(acc))
-    g = torch.where(coef == 0, torch.zeros_like(g), g)  # excluded rows: exact zeros
+    g = torch.sub(pred.to(acc), target.to(acc)).mul_(coef)
+    zero_rows = coef == 0
+    if bool(zero_rows.any()):
+        g.masked_fill_(zero_rows, 0.0)  # excluded rows: exact zeros even for inf/NaN inputs
     gp = g.to(pred.dtype) if pred_grad else pred.new_empty(0)
-    gt = (-g).to(target.dtype) if target_grad else target.new_empty(0)
+    if target_grad:  # gp may alias g (same dtype): negate in place only when it does not
+        gt = (torch.neg(g) if pred_grad else g.neg_()).to(target.dtype)
+    else:
+        gt = target.new_empty(0)
     return gp, gt
 
 

@@ -1,0 +1,5 @@
+"""Benchmark set-up: make ``benchmarks/`` importable for the shared harness."""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

@@ -13,14 +13,16 @@ demo: install
 	$(PY) -m fastsoup info
 	$(PY) examples/tiny_train_step.py
 
+# The unit tests plus a smoke run of every benchmark (tiny sizes, timing disabled) so the
+# benchmarks never rot. One pytest session: one summary line.
 test: install
-	$(PY) -m pytest -q tests
+	FASTSOUP_BENCH_SIZE=smoke $(PY) -m pytest -q tests benchmarks --benchmark-disable
 
 test-cuda: install
 	$(PY) -m pytest -q -m cuda tests
 
 bench: install
-	$(PY) -m pytest benchmarks --benchmark-only
+	$(PY) -m pytest benchmarks --benchmark-only --benchmark-json=.benchmarks/latest.json
 
 clean:
 	rm -rf build *.egg-info fastsoup/*.so .pytest_cache

@@ -10,6 +10,16 @@
 
 #include "fastsoup_cuda.h"
 
+// Launcher of csrc/cuda/weighted_sum.cu (plain C, see the comment there).
+extern "C" {
+int64_t fastsoup_weighted_sum_block_elems(void);
+cudaError_t fastsoup_weighted_sum(const int64_t* ptrs, const int64_t* numel,
+                                  const int32_t* block_tensor, const int64_t* block_start,
+                                  const float* weights, int K, int64_t n_blocks,
+                                  int in_dtype, int out_dtype, cudaStream_t stream);
+}
+static constexpr int64_t kWeightedSumBlock = 2048;  // CUDA_BLOCK in ops/weighted_sum.py
+
 namespace {
 
 int dtype_code(const at::Tensor& t, const char* name) {
@@ -92,6 +102,38 @@ void per_sample_mse_backward(const at::Tensor& coef, const at::Tensor& pred,
         "per_sample_mse backward");
 }
 
+// Multi-tensor weighted sum (csrc/cuda/weighted_sum.cu). The tables are built in
+// fastsoup/ops/weighted_sum.py: ptrs int64 [P, K+1], numel int64 [P], block_tensor int32
+// [n_blocks], block_start int64 [n_blocks], weights fp32 [K], all on the outputs' device.
+void weighted_sum(const at::Tensor& ptrs, const at::Tensor& numel, const at::Tensor& block_tensor,
+                  const at::Tensor& block_start, const at::Tensor& weights, int64_t K,
+                  int64_t in_dtype, int64_t out_dtype) {
+    check_cuda(ptrs, "ptrs");
+    TORCH_CHECK(ptrs.scalar_type() == at::kLong && ptrs.is_contiguous() && ptrs.dim() == 2 &&
+                    ptrs.size(1) == K + 1, "ptrs must be contiguous int64 [P, K + 1]");
+    TORCH_CHECK(numel.scalar_type() == at::kLong && numel.is_contiguous() &&
+                    numel.numel() == ptrs.size(0), "numel must be contiguous int64 [P]");
+    TORCH_CHECK(block_tensor.scalar_type() == at::kInt && block_tensor.is_contiguous(),
+                "block_tensor must be contiguous int32");
+    TORCH_CHECK(block_start.scalar_type() == at::kLong && block_start.is_contiguous() &&
+                    block_start.numel() == block_tensor.numel(),
+                "block_start must be contiguous int64 with one entry per block");
+    TORCH_CHECK(weights.scalar_type() == at::kFloat && weights.is_contiguous() && weights.numel() == K,
+                "weights must be contiguous float32 [K]");
+    for (const at::Tensor* t : {&numel, &block_tensor, &block_start, &weights})
+        TORCH_CHECK(t->device() == ptrs.device(), "weighted_sum tables must share one device");
+    TORCH_CHECK(fastsoup_weighted_sum_block_elems() == kWeightedSumBlock,
+                "weighted_sum block size mismatch between the binding and the kernel");
+    const c10::cuda::CUDAGuard guard(ptrs.device());
+    check_launch(fastsoup_weighted_sum(ptrs.data_ptr<int64_t>(), numel.data_ptr<int64_t>(),
+                                       block_tensor.data_ptr<int32_t>(), block_start.data_ptr<int64_t>(),
+                                       weights.data_ptr<float>(), static_cast<int>(K),
+                                       block_tensor.numel(), static_cast<int>(in_dtype),
+                                       static_cast<int>(out_dtype),
+                                       c10::cuda::getCurrentCUDAStream().stream()),
+                 "weighted_sum");
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -100,4 +142,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           "Per-sample MSE partial sums [B, n_chunks] (fp32, scaled by 1/D)");
     m.def("per_sample_mse_backward", &per_sample_mse_backward,
           "Write grad_pred and/or grad_target of the per-sample MSE");
+    m.def("weighted_sum", &weighted_sum,
+          "Multi-tensor weighted sum outs[p] = sum_k w_k inputs[k][p] from device tables, one launch");
 }

@@ -1,0 +1,196 @@
+"""Multi-tensor weighted sum (SPEC §6): ``outs[p] = Σ_k w_k · inputs[k][p]``.
+
+Used by the merge engine's ``--device cuda`` path and to average model replicas on the
+GPU (iterative ensemble training). Over whole lists of tensors: the GPU backends run one
+launch for the list (not one per tensor per input), reading every input element once and
+writing every output element once, accumulating in fp32 and rounding once.
+
+Layers: the PyTorch reference below (also the CPU path), the Triton launcher in
+``fastsoup.triton.weighted_sum``, the CUDA kernel in ``csrc/cuda/weighted_sum.cu``
+(``fastsoup._cuda.weighted_sum``), behind the ``torch.library.custom_op``
+``fastsoup::weighted_sum_`` (mutates ``outs``; a fake implementation is registered).
+``outs[p]`` may be one of the ``inputs[k][p]`` (in-place averaging into a replica): every
+backend reads all K inputs of an element before writing it.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from .. import _backend
+
+OP = "weighted_sum"
+_backend.register_op(OP, ("reference", "triton", "cuda"), default_gpu="triton")
+
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_CUDA_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+# ----------------------------------------------------------------------------- reference
+def reference_weighted_sum_(outs: Sequence[Tensor], inputs: Sequence[Sequence[Tensor]],
+                            weights: Sequence[float]) -> None:
+    """PyTorch reference: accumulate in fp32 (fp64 if any tensor is fp64), in input order
+    ``k = 0..K-1``, then round once into ``outs[p]``."""
+    for p, out in enumerate(outs):
+        acc_dtype = torch.float64 if (out.dtype == torch.float64 or any(
+            inp[p].dtype == torch.float64 for inp in inputs)) else torch.float32
+        acc = inputs[0][p].to(acc_dtype) * weights[0]
+        for k in range(1, len(inputs)):
+            acc.add_(inputs[k][p].to(acc_dtype), alpha=weights[k])
+        out.copy_(acc)
+
+
+# ------------------------------------------------------------------------ fused backends
+def _groups(outs, inputs) -> Dict[Tuple, List[int]]:
+    groups: Dict[Tuple, List[int]] = {}
+    for p, o in enumerate(outs):
+        key = (o.dtype,) + tuple(inp[p].dtype for inp in inputs)
+        groups.setdefault(key, []).append(p)
+    return groups
+
+
+def _fused(backend: str, outs, inputs, weights) -> None:
+    """Run ``backend`` over the lists, one launch per dtype signature (normally one)."""
+    device = outs[0].device
+    w = torch.tensor([float(x) for x in weights], dtype=torch.float32, device=device)
+    for key, ps in _groups(outs, inputs).items():
+        out_dtype, in_dtypes = key[0], key[1:]
+        common = in_dtypes[0] if len(set(in_dtypes)) == 1 else torch.float32
+        g_outs, copy_back = [], []
+        for p in ps:
+            o = outs[p]
+            if o.is_contiguous():
+                g_outs.append(o)
+            else:
+                tmp = torch.empty(o.shape, dtype=o.dtype, device=device)
+                g_outs.append(tmp)
+                copy_back.append((o, tmp))
+        g_inputs = [[(inp[p] if inp[p].dtype == common else inp[p].to(common)).contiguous()
+                     for p in ps] for inp in inputs]
+        if backend == "triton":
+            from ..triton.weighted_sum import weighted_sum_multi
+
+            weighted_sum_multi(g_outs, g_inputs, w)
+        else:
+            _cuda_launch(g_outs, g_inputs, w)
+        for o, tmp in copy_back:
+            o.copy_(tmp)
+
+
+def _tables(outs, inputs, block: int):
+    device = outs[0].device
+    K = len(inputs)
+    numels = [o.numel() for o in outs]
+    table = torch.tensor([[outs[p].data_ptr()] + [inputs[k][p].data_ptr() for k in range(K)]
+                          for p in range(len(outs))], dtype=torch.int64, device=device)
+    ids, starts = [], []
+    for p, n in enumerate(numels):
+        nb = -(-n // block)
+        ids.extend([p] * nb)
+        starts.extend(range(0, nb * block, block))
+    return (table, torch.tensor(numels, dtype=torch.int64, device=device),
+            torch.tensor(ids, dtype=torch.int32, device=device),
+            torch.tensor(starts, dtype=torch.int64, device=device))
+
+
+CUDA_BLOCK = 2048  # elements per table block of the CUDA kernel (see weighted_sum.cu)
+
+
+def _cuda_launch(outs, inputs, w) -> None:
+    from .. import _ext
+
+    table, numel, bt, bs = _tables(outs, inputs, CUDA_BLOCK)
+    if bt.numel() == 0:
+        return
+    _ext.cuda_ext().weighted_sum(table, numel, bt, bs, w, len(inputs),
+                                 _CUDA_CODES[inputs[0][0].dtype], _CUDA_CODES[outs[0].dtype])
+
+
+def _backend_for(outs: Sequence[Tensor], inputs) -> str:
+    if any(o.dtype not in _KERNEL_DTYPES for o in outs) or any(
+            t.dtype not in _KERNEL_DTYPES for inp in inputs for t in inp):
+        return "reference"  # fp64: the checking dtype
+    return _backend.choose(OP, outs[0].device).backend
+
+
+# ------------------------------------------------------------------------ custom op
+@torch.library.custom_op("fastsoup::weighted_sum_", mutates_args=("outs",))
+def _weighted_sum_op(outs: List[Tensor], inputs: List[Tensor], weights: List[float]) -> None:
+    K, P = len(weights), len(outs)
+    nested = [inputs[k * P:(k + 1) * P] for k in range(K)]
+    backend = _backend_for(outs, nested)
+    if backend == "reference":
+        reference_weighted_sum_(outs, nested, weights)
+    else:
+        _fused(backend, outs, nested, weights)
+
+
+@_weighted_sum_op.register_fake
+def _(outs, inputs, weights):
+    return None
+
+
+# ------------------------------------------------------------------------ public API
+def _check(outs, inputs, weights) -> List[float]:
+    if isinstance(outs, Tensor) or not isinstance(outs, (list, tuple)):
+        raise TypeError("outs must be a list of tensors")
+    if isinstance(inputs, Tensor) or not isinstance(inputs, (list, tuple)):
+        raise TypeError("inputs must be a list (one entry per input k) of lists of tensors")
+    if isinstance(weights, Tensor):
+        if weights.dim() != 1:
+            raise ValueError(f"weights must be 1-d [K], got shape {tuple(weights.shape)}")
+        weights = weights.detach().cpu().tolist()
+    weights = [float(w) for w in weights]
+    K = len(inputs)
+    if K == 0:
+        raise ValueError("inputs is empty (need at least one input list)")
+    if len(weights) != K:
+        raise ValueError(f"got {len(weights)} weights for {K} input lists")
+    P = len(outs)
+    for k, inp in enumerate(inputs):
+        if isinstance(inp, Tensor) or not isinstance(inp, (list, tuple)):
+            raise TypeError(f"inputs[{k}] must be a list of tensors (one per output)")
+        if len(inp) != P:
+            raise ValueError(f"inputs[{k}] has {len(inp)} tensors, outs has {P}")
+    for p, o in enumerate(outs):
+        if not isinstance(o, Tensor) or not o.dtype.is_floating_point:
+            raise TypeError(f"outs[{p}] must be a floating tensor, got "
+                            f"{getattr(o, 'dtype', type(o).__name__)}")
+        for k in range(K):
+            t = inputs[k][p]
+            if not isinstance(t, Tensor) or not t.dtype.is_floating_point:
+                raise TypeError(f"inputs[{k}][{p}] must be a floating tensor, got "
+                                f"{getattr(t, 'dtype', type(t).__name__)}")
+            if t.shape != o.shape:
+                raise ValueError(f"inputs[{k}][{p}] has shape {tuple(t.shape)}, outs[{p}] has "
+                                 f"{tuple(o.shape)} (no broadcasting)")
+            if t.device != o.device:
+                raise ValueError(f"inputs[{k}][{p}] is on {t.device}, outs[{p}] on {o.device}")
+    devices = {o.device for o in outs}
+    if len(devices) > 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
+    return weights
+
+
+def weighted_sum_(outs: Sequence[Tensor], inputs: Sequence[Sequence[Tensor]],
+                  weights: Union[Sequence[float], Tensor]) -> Sequence[Tensor]:
+    """``outs[p] = Σ_k weights[k] · inputs[k][p]`` for every ``p``, in place, fused.
+
+    Args:
+        outs: P float tensors (fp32/fp16/bf16/fp64, any shapes), overwritten.
+        inputs: K lists of P tensors; ``inputs[k][p]`` has the shape of ``outs[p]``
+            (any float dtype, may differ from the output's; may be ``outs[p]`` itself).
+        weights: K real weights (a sequence or a 1-d tensor; not normalised).
+
+    Returns:
+        ``outs``. Accumulation is fp32 (fp64 when a tensor is fp64), rounded once to each
+        output dtype. Not differentiable (an in-place update, like an optimizer step).
+    """
+    weights = _check(outs, inputs, weights)
+    if len(outs) == 0:
+        return outs
+    flat = [t for inp in inputs for t in inp]
+    _weighted_sum_op(list(outs), flat, weights)
+    return outs

@@ -22,6 +22,9 @@ from .ops import (
     vp_reverse_step_coefficients,
     vp_reverse_step_from_eps,
 )
+from .ops.weighted_sum import weighted_sum_
+from . import merge  # callable: fs.merge(inputs, output, weights=None, **options)
+from .merge import HeaderError, MergeError, MergeReport, PlanError
 
 __all__ = [
     "__version__",
@@ -41,4 +44,10 @@ __all__ = [
     "vp_reverse_step",
     "vp_reverse_step_coefficients",
     "vp_reverse_step_from_eps",
+    "weighted_sum_",
+    "merge",
+    "MergeReport",
+    "MergeError",
+    "PlanError",
+    "HeaderError",
 ]

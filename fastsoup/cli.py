@@ -57,10 +57,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="versions, devices and which backend each op uses, and why")
     p.add_argument("--json", action="store_true", help="print as JSON")
     p.set_defaults(func=_info)
+    sub.add_parser("merge", add_help=False,
+                   help="average checkpoints (same as fastsoup-merge; `fastsoup merge -h`)")
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "merge":  # `fastsoup merge ...` == `fastsoup-merge ...`
+        from .merge.cli import main as merge_main
+
+        return merge_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):

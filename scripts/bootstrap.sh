@@ -3,8 +3,8 @@
 #
 #   VENV=.venv  PYTHON=python3  bash scripts/bootstrap.sh
 #
-# PyTorch: an already-installed torch is kept (so a GPU machine keeps the user's CUDA
-# build). Otherwise, without an NVIDIA GPU, the CPU build torch==2.13.0 is installed
+# PyTorch: an already-installed torch (in the venv, or in $PYTHON's site-packages) is kept,
+# so a GPU machine keeps the user's CUDA build. Otherwise, without an NVIDIA GPU, the CPU build torch==2.13.0 is installed
 # (FASTSOUP_TORCH_SPEC overrides the requirement); with a GPU, pip's default torch.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,8 +13,14 @@ VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 
 if [ ! -x "$VENV/bin/python" ]; then
-    echo "fastsoup: creating virtual environment $VENV"
-    "$PYTHON" -m venv "$VENV"
+    if "$PYTHON" -c "import torch" 2>/dev/null; then
+        # Keep the user's PyTorch (and Triton): a CUDA build is never replaced.
+        echo "fastsoup: creating $VENV on top of $PYTHON's site-packages (torch found there)"
+        "$PYTHON" -m venv --system-site-packages "$VENV"
+    else
+        echo "fastsoup: creating virtual environment $VENV"
+        "$PYTHON" -m venv "$VENV"
+    fi
 fi
 PY="$VENV/bin/python"
 PIP=("$PY" -m pip --disable-pip-version-check -q)

@@ -1,0 +1,163 @@
+"""The safetensors header parser treats every header as hostile."""
+import json
+import struct
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fastsoup.merge.dtypes import DTYPES
+from fastsoup.merge.errors import HeaderError
+from fastsoup.merge.header import parse_header, read_header
+from test_merge_support import raw_safetensors
+
+
+def parse(blob: bytes, **kw):
+    return parse_header(blob, len(blob), path="f.safetensors", **kw)
+
+
+def good_header():
+    return {"a": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]},
+            "b": {"dtype": "BF16", "shape": [3], "data_offsets": [16, 22]},
+            "__metadata__": {"k": "v"}}
+
+
+def test_valid_header_parses():
+    blob = raw_safetensors(good_header(), b"\0" * 22)
+    h = parse(blob)
+    assert list(h.tensors) == ["a", "b"] and h.metadata == {"k": "v"}
+    assert h.data_start == 8 + len(json.dumps(good_header()))
+    assert h.tensors["b"].shape == (3,) and h.tensors["b"].nbytes == 6
+
+
+@pytest.mark.parametrize("blob, message", [
+    (b"", "truncated file"),
+    (b"\x01\x02\x03", "truncated file"),
+    (struct.pack("<Q", 1000) + b"{}", "runs past the end of the file"),
+    (struct.pack("<Q", 2**63) + b"{}", "exceeds the limit"),
+    (raw_safetensors(None, raw_header=b"{not json"), "not valid JSON"),
+    (raw_safetensors(None, raw_header=b"[1, 2]"), "not a JSON object"),
+    (raw_safetensors(None, raw_header=b"\xff\xfe{}"), "not a JSON object"),
+    (raw_safetensors(None, raw_header=b'{"a": 1, "a": 2}'), "duplicate key"),
+    (raw_safetensors(None, raw_header=b'{"\xff": 1}'), "not valid UTF-8"),
+    (raw_safetensors({"a": {"dtype": "F33", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4),
+     "unknown dtype 'F33'"),
+    (raw_safetensors({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}, b"\0" * 4),
+     "needs 8 bytes but data_offsets"),
+    (raw_safetensors({"a": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, b"\0" * 4),
+     "non-negative integers"),
+    (raw_safetensors({"a": {"dtype": "F32", "shape": [1.5], "data_offsets": [0, 4]}}, b"\0" * 4),
+     "non-negative integers"),
+    (raw_safetensors({"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 0]}}, b"\0" * 4),
+     "begin 4 > end 0"),
+    (raw_safetensors({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0]}}, b"\0" * 4),
+     "data_offsets must be"),
+    (raw_safetensors({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 8),
+     "run past the end of the data section"),
+    (raw_safetensors({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                      "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, b"\0" * 12),
+     "overlap"),
+    (raw_safetensors({"a": "nope"}), "entry is not an object"),
+    (raw_safetensors({"__metadata__": {"k": 1}}), "__metadata__ must map strings"),
+    (raw_safetensors({"a": {"dtype": "F32", "shape": [True], "data_offsets": [0, 4]}}, b"\0" * 4),
+     "non-negative integers"),
+])
+def test_hostile_headers_are_rejected(blob, message):
+    with pytest.raises(HeaderError, match=message) as info:
+        parse(blob)
+    assert "f.safetensors" in str(info.value)
+
+
+def test_header_size_limit():
+    blob = raw_safetensors(good_header(), b"\0" * 22)
+    with pytest.raises(HeaderError, match="exceeds the limit of 10 bytes"):
+        parse(blob, max_header=10)
+
+
+def test_read_header_from_disk(tmp_path):
+    p = tmp_path / "x.safetensors"
+    p.write_bytes(raw_safetensors(good_header(), b"\0" * 22))
+    assert set(read_header(str(p)).tensors) == {"a", "b"}
+    p.write_bytes(raw_safetensors(good_header(), b"\0" * 10))  # truncated data
+    with pytest.raises(HeaderError, match="truncated"):
+        read_header(str(p))
+    with pytest.raises(HeaderError, match="is a directory"):
+        read_header(str(tmp_path))
+
+
+# --------------------------------------------------------------------- property tests
+_dtype = st.sampled_from(sorted(DTYPES))
+_shape = st.lists(st.integers(0, 5), max_size=3)
+
+
+@st.composite
+def valid_files(draw):
+    n = draw(st.integers(0, 5))
+    header, pos = {}, 0
+    for i in range(n):
+        dt, shape = draw(_dtype), draw(_shape)
+        numel = 1
+        for s in shape:
+            numel *= s
+        nbytes = numel * DTYPES[dt].itemsize
+        gap = draw(st.integers(0, 3))
+        pos += gap
+        header[f"t{i}"] = {"dtype": dt, "shape": shape, "data_offsets": [pos, pos + nbytes]}
+        pos += nbytes
+    if draw(st.booleans()):
+        header["__metadata__"] = draw(st.dictionaries(st.text(max_size=5), st.text(max_size=5), max_size=3))
+    trailing = draw(st.integers(0, 4))
+    return header, raw_safetensors(header, b"\0" * (pos + trailing))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(valid_files())
+def test_property_valid_files_round_trip(case):
+    header, blob = case
+    h = parse(blob)
+    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+    assert set(h.tensors) == set(tensors)
+    for k, v in tensors.items():
+        t = h.tensors[k]
+        assert (t.dtype, list(t.shape), [t.begin, t.end]) == (v["dtype"], v["shape"], v["data_offsets"])
+        assert h.data_start + t.end <= len(blob)
+
+
+@settings(max_examples=300, deadline=None)
+@given(valid_files(), st.data())
+def test_property_mutations_never_crash(case, data):
+    """Random byte flips and truncations: either a valid header whose ranges lie inside
+    the file and do not overlap, or a HeaderError. Never another exception."""
+    _, blob = case
+    blob = bytearray(blob)
+    for _ in range(data.draw(st.integers(1, 4))):
+        op = data.draw(st.sampled_from(["flip", "truncate", "length"]))
+        if op == "flip" and blob:
+            i = data.draw(st.integers(0, len(blob) - 1))
+            blob[i] = data.draw(st.integers(0, 255))
+        elif op == "truncate":
+            blob = blob[: data.draw(st.integers(0, len(blob)))]
+        else:
+            blob[:8] = struct.pack("<Q", data.draw(st.integers(0, 2**64 - 1)))
+    try:
+        h = parse(bytes(blob))
+    except HeaderError:
+        return
+    spans = sorted((t.begin, t.end) for t in h.tensors.values() if t.end > t.begin)
+    for (b0, e0), (b1, _) in zip(spans, spans[1:]):
+        assert e0 <= b1
+    for t in h.tensors.values():
+        assert h.data_start + t.end <= len(blob)
+        numel = 1
+        for s in t.shape:
+            numel *= s
+        assert numel * DTYPES[t.dtype].itemsize == t.end - t.begin
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=64))
+def test_property_random_bytes(blob):
+    try:
+        parse(blob)
+    except HeaderError:
+        pass

@@ -1,0 +1,99 @@
+"""fastsoup-merge through main(argv), and once through a real subprocess."""
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+from fastsoup import cli as fastsoup_cli
+from fastsoup.merge import cli
+from test_merge_support import check_merged, load_any, make_state, save_file_layout
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def inputs(tmp_path, n=3):
+    states = [make_state(200 + i) for i in range(n)]
+    return [save_file_layout(str(tmp_path / f"m{i}.safetensors"), s) for i, s in enumerate(states)], states
+
+
+def test_main_weighted_json(tmp_path, capsys):
+    paths, states = inputs(tmp_path)
+    out = tmp_path / "o.safetensors"
+    code = cli.main([*paths, "-o", str(out), "--weights", "0.5,0.3,0.2", "--json"])
+    assert code == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["ok"] and rep["coefficients"] == [0.5, 0.3, 0.2] and rep["kind"] == "file"
+    assert rep["manifest"]["operation"] == "weighted" and rep["peak_rss"] > 0
+    check_merged(load_any(str(out)), states, [0.5, 0.3, 0.2])
+
+
+def test_main_base_no_normalize_and_dtype(tmp_path, capsys):
+    paths, states = inputs(tmp_path)
+    out = tmp_path / "o.safetensors"
+    code = cli.main([paths[1], paths[2], "--base", paths[0], "--weights", "0.5,0.25",
+                     "-o", str(out), "--dtype", "fp32", "-q"])
+    assert code == 0 and capsys.readouterr().out == ""
+    merged = load_any(str(out))
+    assert merged["down.0.weight"].dtype == torch.float32
+    check_merged(merged, [states[1], states[2], states[0]], [0.5, 0.25, 0.25])
+
+
+def test_dry_run_prints_plan_and_estimates(tmp_path, capsys):
+    paths, _ = inputs(tmp_path)
+    code = cli.main([*paths, "-o", str(tmp_path / "o.safetensors"), "--dry-run"])
+    text = capsys.readouterr().out
+    assert code == 0 and "dry run" in text and "estimate" in text and "validation: OK" in text
+    assert not os.path.exists(tmp_path / "o.safetensors")
+    code = cli.main([*paths, "-o", str(tmp_path / "o.safetensors"), "--dry-run", "--json"])
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["dry_run"] and rep["files"][0]["tensors"] == 7
+
+
+def test_error_json(tmp_path, capsys):
+    paths, _ = inputs(tmp_path, 2)
+    s = make_state(5)
+    del s["flags"]
+    bad = save_file_layout(str(tmp_path / "bad.safetensors"), s)
+    code = cli.main([paths[0], bad, "-o", str(tmp_path / "o.safetensors"), "--json"])
+    captured = capsys.readouterr()
+    assert code == 1
+    rep = json.loads(captured.out)
+    assert not rep["ok"] and len(rep["problems"]) == 1 and "'flags'" in rep["problems"][0]
+
+
+def test_add_and_remove_subcommands(tmp_path, capsys):
+    paths, states = inputs(tmp_path, 3)
+    soup = tmp_path / "soup.safetensors"
+    assert cli.main([paths[0], paths[1], "-o", str(soup), "-q"]) == 0
+    assert cli.main(["add", str(soup), paths[2], "-o", str(tmp_path / "soup3.safetensors"), "-q"]) == 0
+    check_merged(load_any(str(tmp_path / "soup3.safetensors")), states, [1 / 3] * 3)
+    assert cli.main(["remove", str(tmp_path / "soup3.safetensors"), paths[0],
+                     "-o", str(tmp_path / "soup12.safetensors"), "-q"]) == 0
+    check_merged(load_any(str(tmp_path / "soup12.safetensors")), states[1:], [0.5, 0.5])
+    code = cli.main(["remove", str(soup), paths[2], "-o", str(tmp_path / "x.safetensors"), "-q"])
+    assert code == 1 and "is not a constituent" in capsys.readouterr().err
+    code = cli.main(["add", paths[0], paths[2], "-o", str(tmp_path / "y.safetensors"), "-q"])
+    assert code == 1 and "not a fastsoup soup" in capsys.readouterr().err
+
+
+def test_fastsoup_merge_subcommand_forwards(tmp_path, capsys):
+    paths, states = inputs(tmp_path, 2)
+    out = tmp_path / "o.safetensors"
+    assert fastsoup_cli.main(["merge", *paths, "-o", str(out), "-q"]) == 0
+    check_merged(load_any(str(out)), states, [0.5, 0.5])
+
+
+def test_subprocess_run(tmp_path):
+    paths, states = inputs(tmp_path, 2)
+    out = tmp_path / "o.safetensors"
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    res = subprocess.run([sys.executable, "-m", "fastsoup", "merge", *paths, "-o", str(out)],
+                         capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "wrote" in res.stdout and "\r" not in res.stderr  # no progress bar when not a tty
+    check_merged(load_any(str(out)), states, [0.5, 0.5])
+    res = subprocess.run([sys.executable, "-m", "fastsoup.merge.cli", *paths, "-o", str(out)],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 1 and "already exists" in res.stderr

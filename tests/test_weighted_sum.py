@@ -1,0 +1,227 @@
+"""fs.weighted_sum_ (reference and Triton under the interpreter), the fused CPU kernel
+fastsoup._C.weighted_sum, and the CUDA source (compiled with nvcc where present)."""
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+import fastsoup as fs
+from fastsoup import _C
+from fastsoup.ops import weighted_sum as ws_mod
+from test_merge_support import bf16_from_f64, bf16_round
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+SHAPES = [(3, 5), (1000,), (2, 3, 7), (0,), (4097,), (1,)]
+
+
+def _fp32_oracle(xs, w, out_dtype):
+    acc = np.float32(w[0]) * xs[0].float().numpy()
+    for x, c in zip(xs[1:], w[1:]):
+        acc = acc + np.float32(c) * x.float().numpy()
+    acc = acc.astype(np.float32)
+    if out_dtype == torch.bfloat16:
+        return torch.from_numpy(bf16_round(acc)).to(torch.bfloat16)
+    return torch.from_numpy(acc).to(out_dtype)
+
+
+def _np(t):
+    return t.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
+
+
+# ------------------------------------------------------------------------- _C kernel
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("in_dtypes", [(torch.bfloat16,) * 3, (torch.float16,) * 2,
+                                       (torch.float32, torch.bfloat16, torch.float16, torch.float64)])
+@pytest.mark.parametrize("n", [1, 2047, 2049, 300_001])
+def test_cpu_kernel_bit_exact(out_dtype, in_dtypes, n):
+    g = torch.Generator().manual_seed(n)
+    xs = [(torch.randn(n, generator=g) * 3).to(d) for d in in_dtypes]
+    w = [0.7, -0.2, 1.3, 0.05][: len(xs)]
+    out = torch.empty(n, dtype=out_dtype)
+    _C.weighted_sum(_np(out), CODES[out_dtype], [_np(x) for x in xs], [CODES[d] for d in in_dtypes],
+                    w, n, 2, False)
+    exp = _fp32_oracle(xs, w, out_dtype)
+    assert torch.equal(out.view(torch.uint8), exp.view(torch.uint8))
+
+
+def test_cpu_kernel_fp64_accumulation_rounds_once():
+    n = 50_000
+    xs = [torch.randn(n).bfloat16() for _ in range(3)]
+    out = torch.empty(n, dtype=torch.bfloat16)
+    _C.weighted_sum(_np(out), 2, [_np(x) for x in xs], [2] * 3, [1 / 3] * 3, n, 2, True)
+    e = sum((1 / 3) * x.double().numpy() for x in xs)
+    assert torch.equal(out, bf16_from_f64(e))
+
+
+def test_cpu_kernel_special_values():
+    x = torch.tensor([float("nan"), float("inf"), -float("inf"), 3.4e38, 1e-40, -0.0])
+    out = torch.empty(6, dtype=torch.bfloat16)
+    _C.weighted_sum(_np(out), 2, [x.numpy(), x.numpy()], [0, 0], [1.0, 1.0], 6, 1, False)
+    got = out.float()
+    assert torch.isnan(got[0]) and got[1] == float("inf") and got[2] == -float("inf")
+    assert got[3] == float("inf")  # 6.8e38 overflows
+    out16 = torch.empty(6, dtype=torch.float16)
+    _C.weighted_sum(_np(out16), 1, [x.numpy()], [0], [1.0], 6, 1, False)
+    assert torch.isnan(out16[0]) and out16[3] == float("inf") and out16[4] == 0
+
+
+def test_cpu_kernel_checks_buffers():
+    a = np.zeros(10, np.float32)
+    with pytest.raises(ValueError, match="needs 40"):
+        _C.weighted_sum(np.zeros(5, np.float32), 0, [a], [0], [1.0], 10)
+    with pytest.raises(ValueError, match="input 0 holds 20 bytes"):
+        _C.weighted_sum(a, 0, [np.zeros(5, np.float32)], [0], [1.0], 10)
+    with pytest.raises(ValueError, match="unknown dtype code"):
+        _C.weighted_sum(a, 0, [a.copy()], [9], [1.0], 10)
+    with pytest.raises(ValueError, match="overlaps out"):
+        _C.weighted_sum(a, 0, [a], [0], [1.0], 10)
+    with pytest.raises(TypeError, match="writable"):
+        _C.weighted_sum(bytes(40), 0, [a], [0], [1.0], 10)
+    with pytest.raises(ValueError, match="differ in length"):
+        _C.weighted_sum(a, 0, [a.copy()], [0, 0], [1.0], 10)
+    assert _C.weighted_sum_simd() in ("avx2+f16c", "generic")
+
+
+# ------------------------------------------------------------------------ public op
+def _lists(in_dtype, out_dtype, K=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ins = [[torch.randn(s, generator=g).to(in_dtype) for s in SHAPES] for _ in range(K)]
+    outs = [torch.empty(s, dtype=out_dtype) for s in SHAPES]
+    return outs, ins
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_reference(out_dtype):
+    outs, ins = _lists(torch.float16, out_dtype)
+    w = [0.5, -0.25, 1.5]
+    assert fs.weighted_sum_(outs, ins, w) is outs
+    for p in range(len(SHAPES)):
+        exp = sum(w[k] * ins[k][p].double() for k in range(3))
+        tol = {torch.float32: 1e-6, torch.bfloat16: 2**-7, torch.float64: 1e-12}[out_dtype]
+        assert torch.allclose(outs[p].double(), exp, rtol=tol, atol=tol)
+
+
+def test_in_place_into_a_replica_and_tensor_weights():
+    outs, ins = _lists(torch.float32, torch.float32)
+    ins[0] = [t.clone() for t in ins[0]]
+    expected = [sum(ins[k][p] * (1 / 3) for k in range(3)) for p in range(len(SHAPES))]
+    fs.weighted_sum_(ins[0], ins, torch.full((3,), 1 / 3))
+    for p in range(len(SHAPES)):
+        assert torch.allclose(ins[0][p], expected[p], atol=1e-6)
+
+
+def test_argument_errors():
+    outs, ins = _lists(torch.float32, torch.float32)
+    with pytest.raises(ValueError, match="got 2 weights for 3 input lists"):
+        fs.weighted_sum_(outs, ins, [1.0, 2.0])
+    with pytest.raises(ValueError, match=r"inputs\[1\] has 5 tensors"):
+        fs.weighted_sum_(outs, [ins[0], ins[1][:5], ins[2]], [1, 1, 1])
+    bad = [list(x) for x in ins]
+    bad[2][1] = torch.zeros(999)
+    with pytest.raises(ValueError, match=r"inputs\[2\]\[1\] has shape \(999,\)"):
+        fs.weighted_sum_(outs, bad, [1, 1, 1])
+    bad[2][1] = torch.zeros(1000, dtype=torch.int32)
+    with pytest.raises(TypeError, match="floating"):
+        fs.weighted_sum_(outs, bad, [1, 1, 1])
+    with pytest.raises(TypeError, match="list"):
+        fs.weighted_sum_(outs[0], ins, [1, 1, 1])
+
+
+def test_custom_op_registration():
+    outs, ins = _lists(torch.float32, torch.float32, K=2)
+    flat = [t for inp in ins for t in inp]
+    torch.library.opcheck(ws_mod._weighted_sum_op, (outs, flat, [0.5, 0.5]),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+# ------------------------------------------------------------- Triton (interpreter)
+@pytest.mark.parametrize("in_dtype, out_dtype", [(torch.float32, torch.float32),
+                                                 (torch.float16, torch.float16),
+                                                 (torch.float16, torch.float32),
+                                                 (torch.float32, torch.float16)])
+def test_triton_matches_reference(triton_device, in_dtype, out_dtype, monkeypatch):
+    from fastsoup.triton import weighted_sum as tws
+
+    launches = []
+    orig = tws.weighted_sum_multi
+    monkeypatch.setattr(tws, "weighted_sum_multi",
+                        lambda *a: (launches.append(len(a[0])), orig(*a))[1])
+    outs, ins = _lists(in_dtype, out_dtype, K=3, seed=3)
+    outs = [o.to(triton_device) for o in outs]
+    ins = [[t.to(triton_device) for t in inp] for inp in ins]
+    w = [0.5, -0.25, 1.5]
+    with fs.use_backend("triton"):
+        fs.weighted_sum_(outs, ins, w)
+    assert launches == [len(SHAPES)]  # one launch for the whole list
+    for p in range(len(SHAPES)):
+        exp = sum(w[k] * ins[k][p].double() for k in range(3))
+        tol = 1e-6 if out_dtype == torch.float32 else 2**-10
+        assert torch.allclose(outs[p].double().cpu(), exp.cpu(), rtol=tol, atol=tol), p
+
+
+def test_triton_mixed_dtypes_and_non_contiguous(triton_device):
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(6, 8, generator=g)
+    outs = [torch.empty(8, 6).t(), torch.empty(33)]  # a non-contiguous output
+    ins = [[base.to(triton_device), torch.randn(33, generator=g)],
+           [base.half().to(triton_device), torch.randn(33, generator=g).half()]]
+    outs = [o.to(triton_device) for o in outs]
+    with fs.use_backend("triton"):
+        fs.weighted_sum_(outs, ins, [0.25, 0.75])
+    for p in range(2):
+        exp = 0.25 * ins[0][p].double() + 0.75 * ins[1][p].double()
+        assert torch.allclose(outs[p].double(), exp, atol=1e-3)
+
+
+def test_triton_block_tables():
+    from fastsoup.triton.weighted_sum import block_tables
+
+    bt, bs = block_tables([0, 5, 2048, 1], 1024, "cpu")
+    assert bt.tolist() == [1, 2, 2, 3] and bs.tolist() == [0, 0, 1024, 0]
+
+
+# ------------------------------------------------------------------------ CUDA source
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found")
+def test_cuda_weighted_sum_compiles(tmp_path):
+    src = os.path.join(ROOT, "csrc", "cuda", "weighted_sum.cu")
+    out = tmp_path / "weighted_sum.o"
+    res = subprocess.run(["nvcc", "-c", "-std=c++17", "-O2", "-arch=sm_90", "-Werror=all-warnings",
+                          src, "-o", str(out)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    sym = subprocess.run(["nm", str(out)], capture_output=True, text=True).stdout
+    assert "fastsoup_weighted_sum" in sym
+
+
+def test_cuda_glue_tables(monkeypatch):
+    """ops/weighted_sum.py's CUDA path, with a stand-in for fastsoup._cuda that follows the
+    kernel's contract on CPU (reads the pointer table through the tensors' addresses)."""
+    from fastsoup import _ext
+
+    outs, ins = _lists(torch.float16, torch.float32, K=2, seed=9)
+    by_ptr = {t.data_ptr(): t for t in outs + [x for inp in ins for x in inp] if t.numel()}
+
+    def fake(table, numel, bt, bs, w, K, in_code, out_code):
+        assert table.shape == (len(outs), K + 1) and bt.numel() == bs.numel()
+        for b in range(bt.numel()):
+            p, start = int(bt[b]), int(bs[b])
+            n = int(numel[p])
+            if n == 0:
+                continue
+            end = min(n, start + ws_mod.CUDA_BLOCK)
+            o = by_ptr[int(table[p, 0])].view(-1)
+            acc = sum(float(w[k]) * by_ptr[int(table[p, 1 + k])].view(-1)[start:end].float()
+                      for k in range(K))
+            o[start:end] = acc.to(o.dtype)
+
+    class Fake:
+        weighted_sum = staticmethod(fake)
+
+    monkeypatch.setattr(_ext, "cuda_ext", lambda warn=False: Fake())
+    ws_mod._fused("cuda", outs, ins, [0.3, 0.7])
+    for p in range(len(SHAPES)):
+        exp = 0.3 * ins[0][p].float() + 0.7 * ins[1][p].float()
+        assert torch.allclose(outs[p], exp, atol=1e-6)

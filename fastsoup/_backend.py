@@ -75,7 +75,11 @@ def cuda_status() -> tuple:
 
 
 def _parse_env() -> Dict[str, str]:
-    raw = os.environ.get("FASTSOUP_BACKEND", "").strip()
+    return _parse_backend_spec(os.environ.get("FASTSOUP_BACKEND", "").strip())
+
+
+@functools.lru_cache(maxsize=16)
+def _parse_backend_spec(raw: str) -> Dict[str, str]:
     if not raw:
         return {}
     out: Dict[str, str] = {}
@@ -150,7 +154,7 @@ def choose(op: str, device: torch.device | str) -> Choice:
     """The backend that runs ``op`` on tensors of ``device``, with the reason."""
     if op not in OPS:
         raise KeyError(f"unknown fastsoup op {op!r}")
-    device_type = torch.device(device).type
+    device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
     requested, source = _requested(op)
     if requested is not None:
         if requested not in OPS[op]:

@@ -11,6 +11,7 @@ exotic (rare) returns ``None`` and the caller makes the inputs contiguous.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
@@ -32,14 +33,20 @@ class RowLayout:
 
 
 def row_layout(tensors: Sequence[torch.Tensor]) -> Optional[RowLayout]:
-    """Describe ``tensors`` (same shape ``[B, ...]``) as rows of ``D`` elements."""
-    first = tensors[0]
-    shape = tuple(first.shape)
+    """Describe ``tensors`` (same shape ``[B, ...]``) as rows of ``D`` elements.
+
+    Cached on (shape, strides): training loops call it with the same layouts every step.
+    """
+    return _row_layout(tuple(tensors[0].shape), tuple(tuple(t.stride()) for t in tensors))
+
+
+@functools.lru_cache(maxsize=256)
+def _row_layout(shape: Tuple[int, ...], all_strides: Tuple[Tuple[int, ...], ...]) -> Optional[RowLayout]:
+    tensors = all_strides  # one entry per tensor
     batch = shape[0]
     row_numel = 1
     for s in shape[1:]:
         row_numel *= s
-    all_strides = [tuple(t.stride()) for t in tensors]
     # Inner dims of size > 1, ordered by the first tensor's stride (largest first).
     dims = [d for d in range(1, len(shape)) if shape[d] != 1]
     dims.sort(key=lambda d: -abs(all_strides[0][d]))
@@ -69,6 +76,7 @@ def row_layout(tensors: Sequence[torch.Tensor]) -> Optional[RowLayout]:
     return RowLayout(batch, row_numel, sizes, per_tensor, dense)
 
 
+@functools.lru_cache(maxsize=256)
 def plan_chunks(batch: int, row_numel: int, block: int, target_programs: int) -> Tuple[int, int]:
     """Split each row into chunks so that about ``target_programs`` programs run.
 

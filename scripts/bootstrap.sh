@@ -46,5 +46,10 @@ fi
 if ! "$PY" -c "import triton" 2>/dev/null; then
     "${PIP[@]}" install "triton>=3.0" || echo "fastsoup: triton could not be installed; Triton tests will be skipped" >&2
 fi
+# diffusers: an extra that fastsoup's core never imports; the examples, the demo and the
+# training-step benchmark use it.
+if ! "$PY" -c "import diffusers" 2>/dev/null; then
+    "${PIP[@]}" install "diffusers>=0.27" || echo "fastsoup: diffusers could not be installed; its tests will be skipped" >&2
+fi
 "${PIP[@]}" install --no-build-isolation --no-deps -e .
 "$PY" -c "import fastsoup, sys; sys.stdout.write('fastsoup %s installed\n' % fastsoup.__version__)"

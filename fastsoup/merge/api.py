@@ -32,10 +32,19 @@ from .report import FilePlan, MergeReport
 from .writer import (FILE_MODE, AtomicOutput, SafetensorsFileWriter, write_small_file)
 
 PathLike = Union[str, os.PathLike]
-DEFAULT_MEMORY = 512 * 2**20
+DEFAULT_MEMORY = 256 * 2**20
 
 
 def _peak_rss() -> int:
+    """This process's peak resident set in bytes: ``VmHWM`` on Linux (per address space,
+    so not inherited across exec, unlike ``ru_maxrss``), else ``getrusage``."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return ru if sys.platform == "darwin" else ru * 1024
 
@@ -216,7 +225,8 @@ def merge(inputs: Sequence[PathLike], output: PathLike, weights: Optional[Sequen
         max_shard_size: re-shard into files of at most this size ("5GB" = 5·10⁹ bytes,
             "5GiB" = 5·2³⁰ bytes, or an int in bytes).
         memory: streaming budget for mapped input windows and output buffers (bytes or
-            "512MiB"); the resident set stays near this plus the interpreter's own.
+            "256MiB", the default); the resident set stays near this plus the
+            interpreter's own.
         threads: CPU threads for the sum (default: all cores).
         device: "cpu" (``fastsoup._C``) or "cuda"/"cuda:N" (:func:`fastsoup.weighted_sum_`
             on the GPU). "torch:cpu" runs the device path's code on CPU tensors (tests).

@@ -41,8 +41,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-pickle", action="store_true",
                    help="load .ckpt/.bin/.pt inputs with torch.load(weights_only=True)")
     p.add_argument("--max-shard-size", help="re-shard outputs: 5GB = 5e9 bytes, 5GiB = 5*2^30")
-    p.add_argument("--memory", default="512MiB",
-                   help="streaming buffer budget (default 512MiB; units as --max-shard-size)")
+    p.add_argument("--memory", default="256MiB",
+                   help="streaming buffer budget (default 256MiB; units as --max-shard-size)")
     p.add_argument("--threads", type=int, help="CPU threads for the sum (default: all cores)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--hash", choices=["sha256", "none"], default="sha256",

@@ -1,4 +1,4 @@
-"""Command line: ``fastsoup info`` (and the subcommands later modules add)."""
+"""Command line: ``fastsoup info``, ``fastsoup demo``, ``fastsoup merge`` (= ``fastsoup-merge``)."""
 from __future__ import annotations
 
 import argparse
@@ -51,12 +51,25 @@ def _info(args) -> int:
     return 0
 
 
+def _demo(args) -> int:
+    from .demo import main_from_args
+
+    return main_from_args(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastsoup", description=__doc__)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     p = sub.add_parser("info", help="versions, devices and which backend each op uses, and why")
     p.add_argument("--json", action="store_true", help="print as JSON")
     p.set_defaults(func=_info)
+    p = sub.add_parser("demo", help="train shard models with AGC + IET, soup them, sample; writes a report",
+                       description=__import__("fastsoup.demo", fromlist=["_"]).__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    from .demo import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(func=_demo)
     sub.add_parser("merge", add_help=False,
                    help="average checkpoints (same as fastsoup-merge; `fastsoup merge -h`)")
     return parser

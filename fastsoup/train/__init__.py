@@ -1,0 +1,17 @@
+"""fastsoup.train: the diffusers-facing training layer (SPEC §§1–4).
+
+* :mod:`~fastsoup.train.losses`: the loss from a diffusers scheduler's outputs
+  (prediction type, min-SNR-γ, AGC / top-k exclusion);
+* :mod:`~fastsoup.train.difftuning`: Diff-Tuning samplers, knowledge bank, batch mixing;
+* :mod:`~fastsoup.train.ambient`: ambient-diffusion batches and the early-stopped sampler.
+
+The core package never imports diffusers; these helpers duck-type the scheduler.
+"""
+from .losses import (
+    PREDICTION_TYPES,
+    compute_snr,
+    diffusion_loss,
+    diffusion_target,
+    min_snr_loss_weights,
+    prediction_type_of,
+)

@@ -151,13 +151,34 @@ def test_long_rows_split_across_programs(triton_device):
 
     torch.manual_seed(7)
     xs = [torch.randn(1, 3 * 4096 + 17, device=triton_device) for _ in range(3)]
-    coef = torch.randn(1, 2, 3, device=triton_device)
+    coef = torch.randn(1, amb.COEF_COLS, device=triton_device)
     layout = row_layout(xs)
-    padded = amb._pad_bilinear(coef, False)
-    out = tamb.bilinear_forward(xs, padded, False, layout, chunk=tamb.BLOCK)
+    out = tamb.bilinear_forward(xs, coef, False, layout, chunk=tamb.BLOCK)
     torch.testing.assert_close(out, amb.reference_bilinear(xs, coef, False), rtol=1e-5, atol=1e-5)
     _compare(lambda a, b, c: fs.consistency_loss(a, b, c, stop_anchor_grad=False, reduction="none"),
              xs, 1e-5)
+
+
+@pytest.mark.parametrize("kind", ["vp_x0", "vp_eps", "ve", "consistency_eps", "step", "step_eps"])
+def test_coefficient_kernel_matches_reference(triton_device, kind):
+    from fastsoup.triton import ambient as tamb
+
+    B = 300  # more than one block of the coefficient kernel
+    g = torch.Generator().manual_seed(10)
+    abar_t = torch.rand(B, generator=g) * 0.9 + 0.05
+    abar_n = torch.rand(B, generator=g) * 0.9 + 0.05
+    abar_t[:5] = abar_n[:5]                      # b = 0 rows (t = t_n)
+    at, st = abar_t.sqrt(), (1 - abar_t).sqrt()
+    an, sn = abar_n.sqrt(), (1 - abar_n).sqrt()
+    scalars = {"vp_x0": [at, st, an, sn], "vp_eps": [at, st, an, sn.double()],
+               "ve": [st * 3, sn * 3], "consistency_eps": [at, st, an, sn],
+               "step": [at, st, an], "step_eps": [at, st, an, sn, st * 0.5]}[kind]
+    scalars = [x.to(triton_device) for x in scalars]
+    for n_out in ((1, 2) if kind.startswith("step") else (1,)):
+        got = tamb.coefficients(amb.KINDS.index(kind), scalars, B, 0.7, n_out)
+        want = amb.reference_coefficients(kind, scalars, 0.7, n_out, torch.float32)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+        assert torch.isfinite(got).all()
 
 
 def test_masked_rows_with_nan_give_exact_zero_gradients(triton_device):
@@ -181,7 +202,7 @@ def test_triton_kernels_actually_run(triton_device, monkeypatch):
     from fastsoup.triton import ambient as tamb
 
     calls = []
-    for name in ("bilinear_forward", "bilinear_backward", "linear_forward"):
+    for name in ("bilinear_forward", "bilinear_backward", "linear_forward", "coefficients"):
         real = getattr(tamb, name)
         monkeypatch.setattr(tamb, name, lambda *a, _r=real, _n=name, **k: (calls.append(_n), _r(*a, **k))[1])
     x = torch.randn(2, 8, device=triton_device, requires_grad=True)
@@ -190,6 +211,7 @@ def test_triton_kernels_actually_run(triton_device, monkeypatch):
         fs.vp_reverse_step(x, x, x, 0.5, 0.5, 0.5).sum().backward()
     assert calls.count("bilinear_forward") == 1 and calls.count("bilinear_backward") == 1
     assert calls.count("linear_forward") == 2  # forward and backward
+    assert calls.count("coefficients") == 1    # the step's table (consistency's is constant)
 
 
 # ----------------------------------------------------------------------------- GPU only

@@ -15,11 +15,14 @@ Public ops:
   ``c_f`` from a diffusers-style scheduler's ``alphas_cumprod`` and integer timesteps.
 
 Every loss is a row-wise bilinear form ``ℓ_i = c_i · mean_j (Σ_k A_ik x_k)(Σ_k B_ik x_k)``
-with ``[B]``-sized coefficients computed here (in float64, then cast), and the sampler a
-row-wise linear map ``y_m = Σ_k C_imk x_k``. Both are ``torch.library.custom_op`` pairs
-(forward, backward) with a PyTorch reference (the CPU path, the float64 path and the test
-oracle) and Triton kernels (:mod:`fastsoup.triton.ambient`) that read each input once per
-pass, accumulate in fp32 and never allocate a ``[B, D]`` temporary besides the outputs.
+and the sampler a row-wise linear map ``y_m = Σ_k C_imk x_k``. The per-sample coefficients
+form one ``[B, 16]`` table computed from the schedule scalars in float64 by one op
+(``fastsoup::ambient_coefficients``: the formulas below as PyTorch, or a single Triton
+launch). The forms are ``torch.library.custom_op`` pairs (forward, backward) with a
+PyTorch reference (the CPU path, the float64 path and the test oracle) and Triton kernels
+(:mod:`fastsoup.triton.ambient`) that read each input once per pass, accumulate in fp32 and
+never allocate a ``[B, D]`` temporary besides the outputs. A fused loss costs about five
+launches forward (table, reduction kernel, a few ``[B]`` reductions) and one backward.
 
 Per-sample noise-schedule scalars (``alpha_t``, ``sigma_t``, ...) are constants of the
 schedule: they may be Python numbers, 0-d tensors or ``[B]`` float tensors, but not tensors
@@ -53,6 +56,14 @@ Scalar = Union[float, Tensor]
 
 
 # ----------------------------------------------------------------------------- helpers
+COEF_COLS = 16
+# The per-sample coefficient table ([B, 16]): bilinear A at 0..5, B at 6..11, the row scale
+# c_i at 12 (ℓ_i = c_i · mean(u v), exactly 0 where c_i = 0), the validity flag at 13
+# (the samples counted by the mean); row-linear C_mk at 4m + k.
+COL_SCALE, COL_VALID = 12, 13
+KINDS = ("vp_x0", "vp_eps", "ve", "consistency_eps", "step", "step_eps")
+
+
 def _acc_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
@@ -61,58 +72,183 @@ def _bcast(c: Tensor, ndim: int) -> Tensor:
     return c.view((c.shape[0],) + (1,) * (ndim - 1))
 
 
-def _backend_for(op: str, xs: Sequence[Tensor]) -> str:
-    if any(x.dtype == torch.float64 for x in xs) or xs[0].shape[0] == 0:
+def _backend_for(op: str, xs: Sequence[Tensor], acc: Optional[torch.dtype] = None) -> str:
+    if acc == torch.float64 or any(x.dtype == torch.float64 for x in xs) or xs[0].shape[0] == 0:
         return "reference"  # float64 is the checking dtype: the reference handles it
     return _backend.choose(op, xs[0].device).backend
 
 
-# ---------------------------------------------------------------- bilinear: reference
-def reference_bilinear(xs: Sequence[Tensor], coef: Tensor, square: bool) -> Tensor:
-    """``ℓ_i = mean_j u_ij v_ij``, ``u = Σ_k A_ik x_k``, ``v = Σ_k B_ik x_k`` (``[B]``).
+# ------------------------------------------------------------ coefficient table: reference
+def vp_loss_coefficients(alpha_t: Tensor, sigma_t: Tensor, alpha_n: Tensor, sigma_n: Tensor,
+                         mode: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Per-sample ``(a, b, k, c, valid, live)`` of the VP ambient loss (``[B]``).
 
-    ``coef`` is ``[B, 2, K]`` (``A = coef[:, 0]``, ``B = coef[:, 1]``; with ``square``
-    only ``A`` is used and ``v = u``). Computed in ``coef.dtype`` (fp32 or fp64).
+    ``a = α_t/α_n``, ``b = sqrt(max(σ_t² − a²σ_n², 0))``, ``valid = σ_t ≥ σ_n`` (counted
+    by the mean), ``live = valid ∧ b > 0``; ``k = b/σ_t`` and ``c = (b/a)²`` (x0-mode) or
+    ``1`` (ε-mode) where live, 0 elsewhere (so no 0/0 is ever formed).
     """
-    acc = coef.dtype
+    valid = sigma_t >= sigma_n
+    a = alpha_t / alpha_n
+    b = torch.sqrt(torch.clamp(sigma_t * sigma_t - a * a * sigma_n * sigma_n, min=0.0))
+    live = valid & (b > 0)
+    zero = torch.zeros_like(b)
+    k = torch.where(live, b / torch.where(live, sigma_t, torch.ones_like(sigma_t)), zero)
+    c = torch.where(live, (b / a) ** 2 if mode == "x0" else torch.ones_like(b), zero)
+    return a, b, k, c, valid, live
+
+
+def ve_loss_coefficients(sigma_t: Tensor, sigma_n: Tensor, sigma_data: float
+                         ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-sample ``(p, q, λ, valid)`` of the VE ambient loss (``[B]``).
+
+    Pseudo-target ``y = p x_n + q x_t`` with ``p = σ_t²/(σ_t² − σ_n²)``,
+    ``q = −σ_n²/(σ_t² − σ_n²)``; ``λ = (σ_t² + σ_d²)/(σ_t σ_d)²``; ``valid = σ_t > σ_n``
+    (``p``, ``q``, ``λ`` are 0 where invalid, so nothing divides by zero).
+    """
+    valid = sigma_t > sigma_n
+    one = torch.ones_like(sigma_t)
+    zero = torch.zeros_like(sigma_t)
+    st2, sn2 = sigma_t * sigma_t, sigma_n * sigma_n
+    den = torch.where(valid, st2 - sn2, one)
+    p = torch.where(valid, st2 / den, zero)
+    q = torch.where(valid, -sn2 / den, zero)
+    sd2 = float(sigma_data) ** 2
+    lam = torch.where(valid, (st2 + sd2) / (torch.where(valid, st2, one) * sd2), zero)
+    return p, q, lam, valid
+
+
+def reference_coefficients(kind: str, scalars: Sequence[Tensor], param: float, n_out: int,
+                           dtype: torch.dtype) -> Tensor:
+    """The ``[B, 16]`` coefficient table of ``kind`` (float64 arithmetic, then ``dtype``)."""
+    p = [x.to(torch.float64) for x in scalars]
+    B = p[0].shape[0]
+    T = torch.zeros((B, COEF_COLS), dtype=torch.float64, device=p[0].device)
+    if kind in ("vp_x0", "vp_eps"):
+        _, _, k, c, valid, live = vp_loss_coefficients(*p, mode=kind[3:])
+        for col, v in ((0, -k), (1, live), (6, -k), (7, live), (COL_SCALE, c), (COL_VALID, valid)):
+            T[:, col] = v
+    elif kind == "ve":
+        pp, q, lam, valid = ve_loss_coefficients(p[0], p[1], param)
+        for col, v in ((0, valid), (1, -pp), (2, -q), (6, valid), (7, -pp), (8, -q),
+                       (COL_SCALE, lam), (COL_VALID, valid)):
+            T[:, col] = v
+    elif kind == "consistency_eps":  # u = h_1 − h_t, v = h_2 − h_t, h = (x − σ ε̂)/α
+        at, st, as_, ss = p
+        for col, v in ((0, -1 / at), (1, st / at), (2, 1 / as_), (3, -ss / as_),
+                       (6, -1 / at), (7, st / at), (10, 1 / as_), (11, -ss / as_),
+                       (COL_SCALE, 1.0), (COL_VALID, 1.0)):
+            T[:, col] = v
+    elif kind in ("step", "step_eps"):
+        if kind == "step":  # inputs (ĥ, ε̂, ξ_1[, ξ_2])
+            cx, ce, cf = p
+        else:               # inputs (x_t, ε̂, ξ_1[, ξ_2]), ĥ = (x_t − σ_t ε̂)/α_t
+            at, st, as_, co, cf = p
+            cx, ce = as_ / at, co - as_ * st / at
+        for m in range(n_out):
+            T[:, 4 * m], T[:, 4 * m + 1], T[:, 4 * m + 2 + m] = cx, ce, cf
+    else:
+        raise ValueError(f"unknown coefficient kind {kind!r}")
+    return T.to(dtype)
+
+
+@torch.library.custom_op("fastsoup::ambient_coefficients", mutates_args=())
+def _coefficients_op(op: str, kind: str, scalars: List[Tensor], param: float, n_out: int,
+                     dtype: torch.dtype) -> Tensor:
+    # float64 scalars are fine for the kernel (it computes in float64); the table's dtype
+    # (float64 only for float64 data) decides whether the reference runs.
+    if dtype == torch.float64 or scalars[0].shape[0] == 0 or \
+            _backend.choose(op, scalars[0].device).backend == "reference":
+        return reference_coefficients(kind, scalars, param, n_out, dtype)
+    from ..triton import ambient as tamb
+
+    return tamb.coefficients(KINDS.index(kind), [x.contiguous() for x in scalars],
+                             scalars[0].shape[0], param, n_out)
+
+
+@_coefficients_op.register_fake
+def _(op, kind, scalars, param, n_out, dtype):
+    return scalars[0].new_empty((scalars[0].shape[0], COEF_COLS), dtype=dtype)
+
+
+def coefficient_table(op: str, kind: str, scalars: Sequence[Tensor], dtype: torch.dtype,
+                      param: float = 0.0, n_out: int = 1) -> Tensor:
+    """``[B, 16]`` table of ``kind`` from ``[B]`` schedule scalars (one launch when fused)."""
+    assert kind in KINDS and not any(x.requires_grad for x in scalars)
+    return _coefficients_op(op, kind, list(scalars), float(param), n_out, dtype)
+
+
+_CONSTANT_TABLES: dict = {}
+
+
+def consistency_table(batch: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """The constant table of the h-form consistency loss (``u = h_1 − h_t``,
+    ``v = h_2 − h_t`` over inputs ``(h_t, h_1, h_2)``), expanded to ``[B, 16]``."""
+    key = (device, dtype)
+    row = _CONSTANT_TABLES.get(key)
+    if row is None:
+        row = torch.zeros(COEF_COLS, dtype=dtype)
+        row[[0, 1, 6, 8]] = torch.tensor([-1.0, 1.0, -1.0, 1.0], dtype=dtype)
+        row[[COL_SCALE, COL_VALID]] = 1.0
+        row = _CONSTANT_TABLES[key] = row.to(device)
+    return row.expand(batch, COEF_COLS)
+
+
+# ---------------------------------------------------------------- bilinear: reference
+def _row_combination(xs: Sequence[Tensor], coef: Tensor) -> Tensor:
+    """``Σ_k coef[:, k] x_k`` in ``coef.dtype`` (one new tensor, accumulated in place)."""
     nd = xs[0].dim()
-    u = sum(_bcast(coef[:, 0, k], nd) * x.to(acc) for k, x in enumerate(xs))
-    v = u if square else sum(_bcast(coef[:, 1, k], nd) * x.to(acc) for k, x in enumerate(xs))
-    return (u * v).reshape(xs[0].shape[0], -1).mean(dim=1)
+    out = xs[0].to(coef.dtype) * _bcast(coef[:, 0], nd)
+    for k in range(1, len(xs)):
+        out.addcmul_(xs[k].to(coef.dtype), _bcast(coef[:, k], nd))
+    return out
+
+
+def reference_bilinear(xs: Sequence[Tensor], coef: Tensor, square: bool) -> Tensor:
+    """``ℓ_i = c_i · mean_j u_ij v_ij`` (exactly 0 where ``c_i = 0``), ``[B]``.
+
+    ``u = Σ_k A_ik x_k``, ``v = Σ_k B_ik x_k`` with ``A``, ``B``, ``c`` read from the
+    ``[B, 16]`` table ``coef`` (``square``: ``v = u``). Computed in ``coef.dtype``.
+    """
+    n = len(xs)
+    u = _row_combination(xs, coef[:, 0:n])
+    if square:
+        u.square_()
+    else:
+        u.mul_(_row_combination(xs, coef[:, 6:6 + n]))
+    raw = u.reshape(xs[0].shape[0], -1).mean(dim=1)
+    scale = coef[:, COL_SCALE]
+    return torch.where(scale == 0, torch.zeros_like(raw), scale * raw)
 
 
 def reference_bilinear_backward(grad: Tensor, xs: Sequence[Tensor], coef: Tensor,
                                 square: bool, needs: Sequence[bool]) -> List[Tensor]:
+    """``∂ℓ_i/∂x_k = s_i (A_ik v + B_ik u)`` with ``s_i = g_i c_i / D``.
+
+    Rows with ``s_i = 0`` get exact zeros, even where the inputs hold inf or NaN.
+    """
+    n = len(xs)
     acc = coef.dtype
     nd = xs[0].dim()
     B = xs[0].shape[0]
     D = xs[0][0].numel() if B else 1
-    s = _bcast(grad.to(acc) / D, nd)
-    A = coef[:, 0]
-    Bc = A if square else coef[:, 1]
-    u = sum(_bcast(A[:, k], nd) * x.to(acc) for k, x in enumerate(xs))
-    v = u if square else sum(_bcast(Bc[:, k], nd) * x.to(acc) for k, x in enumerate(xs))
+    s = grad.to(acc) * coef[:, COL_SCALE] / D
+    dead = _bcast(s == 0, nd)
+    u = _row_combination(xs, coef[:, 0:n]).masked_fill_(dead, 0.0)
+    v = None if square else _row_combination(xs, coef[:, 6:6 + n]).masked_fill_(dead, 0.0)
     out = []
     for k, (x, need) in enumerate(zip(xs, needs)):
         if not need:
             out.append(x.new_empty(0))
-            continue
-        g = s * (_bcast(A[:, k], nd) * v + _bcast(Bc[:, k], nd) * u)
-        g = torch.where(s == 0, torch.zeros_like(g), g)  # masked rows: exact zeros
-        out.append(g.to(x.dtype))
+        elif square:
+            out.append((u * _bcast(2 * s * coef[:, k], nd)).to(x.dtype))
+        else:
+            g = v * _bcast(s * coef[:, k], nd)
+            g.addcmul_(u, _bcast(s * coef[:, 6 + k], nd))
+            out.append(g.to(x.dtype))
     return out
 
 
 # ---------------------------------------------------------------- bilinear: fused
-def _pad_bilinear(coef: Tensor, square: bool) -> Tensor:
-    B, _, K = coef.shape
-    padded = coef.new_zeros((B, 2, MAX_BILINEAR_INPUTS), dtype=torch.float32)
-    padded[:, :, :K] = coef.to(torch.float32)
-    if square:
-        padded[:, 1] = padded[:, 0]
-    return padded
-
-
 def _fused_bilinear(xs: List[Tensor], coef: Tensor, square: bool) -> Tensor:
     from ..triton import ambient as tamb
 
@@ -120,24 +256,23 @@ def _fused_bilinear(xs: List[Tensor], coef: Tensor, square: bool) -> Tensor:
     if layout is None:  # rare: more than three inner dims that cannot merge
         xs = [x.contiguous() for x in xs]
         layout = row_layout(xs)
-    return tamb.bilinear_forward(xs, _pad_bilinear(coef, square), square, layout)
+    return tamb.bilinear_forward(xs, coef, square, layout)
 
 
 def _fused_bilinear_backward(grad: Tensor, xs: List[Tensor], coef: Tensor, square: bool,
                              needs: Sequence[bool]) -> List[Tensor]:
     from ..triton import ambient as tamb
 
-    D = xs[0][0].numel()
-    scale = (grad.to(torch.float32) / D).contiguous()
+    grad = grad.to(torch.float32).contiguous()
     grads = [torch.empty_like(x) if n else None for x, n in zip(xs, needs)]
     layout = row_layout(xs + [g if g is not None else x for g, x in zip(grads, xs)])
     if layout is not None:
-        tamb.bilinear_backward(xs, _pad_bilinear(coef, square), scale, grads, square, layout)
+        tamb.bilinear_backward(xs, coef, grad, grads, square, layout)
     else:  # rare: inner dims that cannot merge; compute on contiguous copies
         cxs = [x.contiguous() for x in xs]
         cgrads = [torch.empty_like(x) if n else None for x, n in zip(cxs, needs)]
         layout = row_layout(cxs + [g if g is not None else x for g, x in zip(cgrads, cxs)])
-        tamb.bilinear_backward(cxs, _pad_bilinear(coef, square), scale, cgrads, square, layout)
+        tamb.bilinear_backward(cxs, coef, grad, cgrads, square, layout)
         for g, cg in zip(grads, cgrads):
             if g is not None:
                 g.copy_(cg)
@@ -147,7 +282,7 @@ def _fused_bilinear_backward(grad: Tensor, xs: List[Tensor], coef: Tensor, squar
 # ---------------------------------------------------------------- bilinear: custom ops
 @torch.library.custom_op("fastsoup::ambient_row_bilinear", mutates_args=())
 def _bilinear_op(op: str, xs: List[Tensor], coef: Tensor, square: bool) -> Tensor:
-    if _backend_for(op, xs) == "reference":
+    if _backend_for(op, xs, coef.dtype) == "reference":
         return reference_bilinear(xs, coef, square)
     return _fused_bilinear(list(xs), coef, square)
 
@@ -160,7 +295,7 @@ def _(op, xs, coef, square):
 @torch.library.custom_op("fastsoup::ambient_row_bilinear_backward", mutates_args=())
 def _bilinear_backward_op(op: str, grad: Tensor, xs: List[Tensor], coef: Tensor,
                           square: bool, needs: List[bool]) -> List[Tensor]:
-    if _backend_for(op, xs) == "reference":
+    if _backend_for(op, xs, coef.dtype) == "reference":
         return reference_bilinear_backward(grad, xs, coef, square, needs)
     return _fused_bilinear_backward(grad, list(xs), coef, square, needs)
 
@@ -172,7 +307,7 @@ def _(op, grad, xs, coef, square, needs):
 
 def _bilinear_setup(ctx, inputs, output):
     op, xs, coef, square = inputs
-    ctx.op, ctx.square, ctx.n = op, square, len(xs)
+    ctx.op, ctx.square = op, square
     ctx.save_for_backward(coef, *xs)
 
 
@@ -191,24 +326,24 @@ _bilinear_op.register_autograd(_bilinear_autograd, setup_context=_bilinear_setup
 def row_bilinear(op: str, xs: Sequence[Tensor], coef: Tensor, square: bool) -> Tensor:
     """Differentiable ``[B]`` row bilinear form (see :func:`reference_bilinear`).
 
-    ``op`` names the public op for backend selection (``FASTSOUP_BACKEND=op=name``).
-    ``coef`` must not require grad. Inputs are validated by the public wrappers.
+    ``op`` names the public op for backend selection (``FASTSOUP_BACKEND=op=name``);
+    ``coef`` is a ``[B, 16]`` table that does not require grad. Inputs are validated by
+    the public wrappers.
     """
     assert op in _OPS and 1 <= len(xs) <= MAX_BILINEAR_INPUTS
-    assert coef.shape == (xs[0].shape[0], 2, len(xs)) and not coef.requires_grad
-    return _bilinear_op(op, list(xs), coef.contiguous(), square)
+    assert coef.shape == (xs[0].shape[0], COEF_COLS) and not coef.requires_grad
+    return _bilinear_op(op, list(xs), coef, square)
 
 
 # ---------------------------------------------------------------- row-linear map
 def reference_linear(xs: Sequence[Tensor], coef: Tensor, n_out: int,
                      dtype: torch.dtype) -> List[Tensor]:
-    """``y_m = Σ_k C_imk x_k`` with ``coef`` ``[B, M, K]``, computed in ``coef.dtype``."""
-    nd = xs[0].dim()
+    """``y_m = Σ_k C_imk x_k`` (``C_mk`` at column ``4m + k``), computed in ``coef.dtype``."""
+    n = len(xs)
     outs = []
     for m in range(n_out):
-        y = sum(_bcast(coef[:, m, k], nd) * x.to(coef.dtype) for k, x in enumerate(xs))
-        out = torch.empty_like(xs[0], dtype=dtype)
-        out.copy_(y)
+        out = torch.empty_like(xs[0], dtype=dtype)  # laid out like xs[0], as the kernels do
+        out.copy_(_row_combination(xs, coef[:, 4 * m:4 * m + n]))
         outs.append(out)
     return outs
 
@@ -216,17 +351,14 @@ def reference_linear(xs: Sequence[Tensor], coef: Tensor, n_out: int,
 def _fused_linear(xs: List[Tensor], coef: Tensor, n_out: int, dtype: torch.dtype) -> List[Tensor]:
     from ..triton import ambient as tamb
 
-    B, M, K = coef.shape
-    padded = coef.new_zeros((B, MAX_LINEAR_OUTPUTS, MAX_LINEAR_INPUTS), dtype=torch.float32)
-    padded[:, :M, :K] = coef.to(torch.float32)
     outs = [torch.empty_like(xs[0], dtype=dtype) for _ in range(n_out)]
     layout = row_layout(xs + outs)
     if layout is not None:
-        tamb.linear_forward(xs, padded, outs, layout)
+        tamb.linear_forward(xs, coef, outs, layout)
         return outs
     cxs = [x.contiguous() for x in xs]
     couts = [torch.empty_like(cxs[0], dtype=dtype) for _ in range(n_out)]
-    tamb.linear_forward(cxs, padded, couts, row_layout(cxs + couts))
+    tamb.linear_forward(cxs, coef, couts, row_layout(cxs + couts))
     for o, c in zip(outs, couts):
         o.copy_(c)
     return outs
@@ -235,7 +367,7 @@ def _fused_linear(xs: List[Tensor], coef: Tensor, n_out: int, dtype: torch.dtype
 @torch.library.custom_op("fastsoup::ambient_row_linear", mutates_args=())
 def _linear_op(op: str, xs: List[Tensor], coef: Tensor, n_out: int,
                dtype: torch.dtype) -> List[Tensor]:
-    if _backend_for(op, xs) == "reference":
+    if _backend_for(op, xs, coef.dtype) == "reference":
         return reference_linear(xs, coef, n_out, dtype)
     return _fused_linear(list(xs), coef, n_out, dtype)
 
@@ -261,30 +393,28 @@ def _linear_autograd(ctx, grads):
         return None, result, None, None, None
     # ∂/∂x_k = Σ_m C_imk g_m: the same op on the output gradients with C transposed,
     # once per distinct input dtype (usually one).
+    B = coef.shape[0]
+    C = coef.view(B, 4, 4)[:, live, :]                   # [B, M_live, 4 (k)]
     gs = [grads[m] for m in live]
-    ct = coef[:, live, :].transpose(1, 2)  # [B, K, M_live]
     for dtype in dict.fromkeys(d for d, n in zip(ctx.dtypes, needs) if n):
         ks = [k for k, (d, n) in enumerate(zip(ctx.dtypes, needs)) if n and d == dtype]
-        for start in range(0, len(ks), MAX_LINEAR_OUTPUTS):
-            part = ks[start:start + MAX_LINEAR_OUTPUTS]
-            for k0 in range(0, len(gs), MAX_LINEAR_INPUTS):
-                sub_g = gs[k0:k0 + MAX_LINEAR_INPUTS]
-                sub_c = ct[:, part, k0:k0 + MAX_LINEAR_INPUTS].contiguous()
-                outs = _linear_op(ctx.op, sub_g, sub_c, len(part), dtype)
-                for k, o in zip(part, outs):
-                    result[k] = o if result[k] is None else result[k] + o
+        T = coef.new_zeros((B, 4, 4))
+        T[:, :len(ks), :len(live)] = C[:, :, ks].transpose(1, 2)
+        outs = _linear_op(ctx.op, gs, T.view(B, COEF_COLS), len(ks), dtype)
+        for k, o in zip(ks, outs):
+            result[k] = o
     return None, result, None, None, None
 
 
 _linear_op.register_autograd(_linear_autograd, setup_context=_linear_setup)
 
 
-def row_linear(op: str, xs: Sequence[Tensor], coef: Tensor, dtype: torch.dtype) -> List[Tensor]:
-    """Differentiable row-linear map ``y_m = Σ_k C_imk x_k`` (``coef`` ``[B, M, K]``)."""
-    assert op in _OPS and 1 <= len(xs) <= MAX_LINEAR_INPUTS
-    assert coef.dim() == 3 and coef.shape[2] == len(xs) and 1 <= coef.shape[1] <= MAX_LINEAR_OUTPUTS
-    assert not coef.requires_grad
-    return _linear_op(op, list(xs), coef.contiguous(), coef.shape[1], dtype)
+def row_linear(op: str, xs: Sequence[Tensor], coef: Tensor, n_out: int,
+               dtype: torch.dtype) -> List[Tensor]:
+    """Differentiable row-linear map ``y_m = Σ_k C_imk x_k`` (``coef``: ``[B, 16]`` table)."""
+    assert op in _OPS and 1 <= len(xs) <= MAX_LINEAR_INPUTS and 1 <= n_out <= MAX_LINEAR_OUTPUTS
+    assert coef.shape == (xs[0].shape[0], COEF_COLS) and not coef.requires_grad
+    return _linear_op(op, list(xs), coef, n_out, dtype)
 
 
 # ----------------------------------------------------------------------- validation
@@ -300,10 +430,11 @@ def check_data(names: Sequence[str], tensors: Sequence[Tensor]) -> None:
 
 
 def per_sample_scalar(name: str, value: Scalar, batch: int, device: torch.device) -> Tensor:
-    """A schedule scalar as a float64 ``[B]`` tensor on ``device``.
+    """A schedule scalar as a contiguous float ``[B]`` tensor on ``device``.
 
-    Accepts a Python number, a 0-d float tensor or a ``[B]`` float tensor. Integer and bool
-    tensors, tensors that require grad and wrong shapes or devices are refused.
+    Accepts a Python number (made float64), a 0-d float tensor or a ``[B]`` float tensor
+    (kept in its dtype; the coefficient tables are computed in float64 from it). Integer
+    and bool tensors, tensors that require grad and wrong shapes or devices are refused.
     """
     if isinstance(value, bool):
         raise TypeError(f"{name} must be a number or a float tensor, got bool")
@@ -318,13 +449,13 @@ def per_sample_scalar(name: str, value: Scalar, batch: int, device: torch.device
     if value.requires_grad:
         raise ValueError(f"{name} requires grad, but noise-schedule scalars are constants "
                          f"here (no gradient flows to them): pass {name}.detach()")
-    if value.dim() == 0:
-        value = value.expand(batch)
-    if value.dim() != 1 or value.shape[0] != batch:
-        raise ValueError(f"{name} must have shape [B] = [{batch}], got {tuple(value.shape)}")
     if value.device != device:
         raise ValueError(f"{name} is on {value.device} but the batch is on {device}")
-    return value.to(torch.float64)
+    if value.dim() == 0:
+        return value.expand(batch).contiguous()
+    if value.dim() != 1 or value.shape[0] != batch:
+        raise ValueError(f"{name} must have shape [B] = [{batch}], got {tuple(value.shape)}")
+    return value.contiguous()
 
 
 _REDUCTIONS = ("mean", "sum", "none")
@@ -335,47 +466,21 @@ def _check_reduction(reduction: str) -> None:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
 
 
-def _finish(raw: Tensor, scale: Tensor, live: Tensor, valid: Tensor, weight,
-            reduction: str) -> Tensor:
-    """``ℓ_i = w_i · c_i · raw_i`` (exactly 0 where not ``live``), then the reduction.
-
-    The mean divides by the number of ``valid`` samples (0 when there is none).
-    """
-    per_sample = torch.where(live, raw * scale.to(raw.dtype), torch.zeros_like(raw))
-    w = as_weight(weight, raw.shape[0], raw.device)
+def _reduce(per_sample: Tensor, valid: Tensor, weight, reduction: str) -> Tensor:
+    """Weight the ``[B]`` losses, then reduce; the mean divides by the ``valid`` count
+    (``valid``: the 0/1 validity column of the table; the result is 0 when none is valid)."""
+    w = as_weight(weight, per_sample.shape[0], per_sample.device)
     if w is not None:
-        per_sample = per_sample * w
+        per_sample = per_sample * w.to(per_sample.dtype)  # fp32 results (fp64 for fp64 data)
     if reduction == "none":
         return per_sample
     total = per_sample.sum()
     if reduction == "sum":
         return total
-    count = valid.sum().clamp_min(1).to(total.dtype)
-    return total / count
+    return total / valid.sum().clamp_min(1)
 
 
 # ----------------------------------------------------------------------- VP loss
-def vp_loss_coefficients(alpha_t: Tensor, sigma_t: Tensor, alpha_n: Tensor, sigma_n: Tensor,
-                         mode: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Per-sample ``(a, b, k = b/σ_t, c, valid)`` of the VP ambient loss (float64 ``[B]``).
-
-    ``a = α_t/α_n``, ``b = sqrt(max(σ_t² − a²σ_n², 0))``, ``valid = σ_t ≥ σ_n``;
-    ``c = (b/a)²`` (x0-mode) or ``1[b > 0]`` (ε-mode), 0 where invalid; ``k = 0`` where
-    ``b = 0`` (so no 0/0 is ever formed).
-    """
-    valid = sigma_t >= sigma_n
-    a = alpha_t / alpha_n
-    b = torch.sqrt(torch.clamp(sigma_t * sigma_t - a * a * sigma_n * sigma_n, min=0.0))
-    positive = valid & (b > 0)
-    k = torch.where(positive, b / torch.where(positive, sigma_t, torch.ones_like(sigma_t)),
-                    torch.zeros_like(b))
-    if mode == "x0":
-        c = torch.where(positive, (b / a) ** 2, torch.zeros_like(b))
-    else:
-        c = positive.to(b.dtype)
-    return a, b, k, c, valid
-
-
 def ambient_loss_vp(eps_pred: Tensor, extra_noise: Tensor, alpha_t: Scalar, sigma_t: Scalar,
                     alpha_n: Scalar, sigma_n: Scalar, mode: str = "x0",
                     weight: Optional[Scalar] = None, reduction: str = "mean") -> Tensor:
@@ -417,39 +522,15 @@ def ambient_loss_vp(eps_pred: Tensor, extra_noise: Tensor, alpha_t: Scalar, sigm
     _check_reduction(reduction)
     check_data(("eps_pred", "extra_noise"), (eps_pred, extra_noise))
     B, dev = eps_pred.shape[0], eps_pred.device
-    s = {n: per_sample_scalar(n, v, B, dev) for n, v in
-         (("alpha_t", alpha_t), ("sigma_t", sigma_t), ("alpha_n", alpha_n), ("sigma_n", sigma_n))}
-    _, _, k, c, valid = vp_loss_coefficients(s["alpha_t"], s["sigma_t"], s["alpha_n"],
-                                             s["sigma_n"], mode)
-    acc = _acc_dtype((eps_pred, extra_noise))
-    live = c != 0
-    coef = torch.stack([torch.where(live, -k, torch.zeros_like(k)), live.to(k.dtype)], dim=1)
-    coef = torch.stack([coef, coef], dim=1).to(acc)  # [B, 2, 2], A == B (square)
-    raw = row_bilinear(OP_VP, [eps_pred, extra_noise], coef, square=True)
-    return _finish(raw, c, live, valid, weight, reduction)
+    scalars = [per_sample_scalar(n, v, B, dev) for n, v in (
+        ("alpha_t", alpha_t), ("sigma_t", sigma_t), ("alpha_n", alpha_n), ("sigma_n", sigma_n))]
+    # table: A = B = (−k, 1) over (ε̂, z) so u = r; scale c; see vp_loss_coefficients
+    coef = coefficient_table(OP_VP, "vp_" + mode, scalars, _acc_dtype((eps_pred, extra_noise)))
+    per_sample = row_bilinear(OP_VP, [eps_pred, extra_noise], coef, square=True)
+    return _reduce(per_sample, coef[:, COL_VALID], weight, reduction)
 
 
 # ----------------------------------------------------------------------- VE loss
-def ve_loss_coefficients(sigma_t: Tensor, sigma_n: Tensor, sigma_data: float
-                         ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Per-sample ``(p, q, λ, valid)`` of the VE ambient loss (float64 ``[B]``).
-
-    Pseudo-target ``y = p x_n + q x_t`` with ``p = σ_t²/(σ_t² − σ_n²)``,
-    ``q = −σ_n²/(σ_t² − σ_n²)``; ``λ = (σ_t² + σ_d²)/(σ_t σ_d)²``; ``valid = σ_t > σ_n``
-    (``p``, ``q``, ``λ`` are 0 where invalid, so nothing divides by zero).
-    """
-    valid = sigma_t > sigma_n
-    one = torch.ones_like(sigma_t)
-    st2, sn2 = sigma_t * sigma_t, sigma_n * sigma_n
-    den = torch.where(valid, st2 - sn2, one)
-    p = torch.where(valid, st2 / den, torch.zeros_like(den))
-    q = torch.where(valid, -sn2 / den, torch.zeros_like(den))
-    sd2 = float(sigma_data) ** 2
-    lam = torch.where(valid, (st2 + sd2) / (torch.where(valid, st2, one) * sd2),
-                      torch.zeros_like(den))
-    return p, q, lam, valid
-
-
 def ambient_loss_ve(x0_pred: Tensor, x_t: Tensor, x_n: Tensor, sigma_t: Scalar,
                     sigma_n: Scalar, sigma_data: float = 0.5, weight: Optional[Scalar] = None,
                     reduction: str = "mean") -> Tensor:
@@ -486,15 +567,13 @@ def ambient_loss_ve(x0_pred: Tensor, x_t: Tensor, x_n: Tensor, sigma_t: Scalar,
             and math.isfinite(sigma_data) and sigma_data > 0):
         raise ValueError(f"sigma_data must be a positive number, got {sigma_data!r}")
     B, dev = x0_pred.shape[0], x0_pred.device
-    st = per_sample_scalar("sigma_t", sigma_t, B, dev)
-    sn = per_sample_scalar("sigma_n", sigma_n, B, dev)
-    p, q, lam, valid = ve_loss_coefficients(st, sn, sigma_data)
-    acc = _acc_dtype((x0_pred, x_t, x_n))
-    ones = valid.to(p.dtype)
-    coef = torch.stack([ones, -p, -q], dim=1)           # x0_pred − p x_n − q x_t
-    coef = torch.stack([coef, coef], dim=1).to(acc)       # [B, 2, 3], square
-    raw = row_bilinear(OP_VE, [x0_pred, x_n, x_t], coef, square=True)
-    return _finish(raw, lam, valid, valid, weight, reduction)
+    scalars = [per_sample_scalar("sigma_t", sigma_t, B, dev),
+               per_sample_scalar("sigma_n", sigma_n, B, dev)]
+    # table: A = B = (1, −p, −q) over (D_θ, x_n, x_t) so u = D_θ − y; scale λ
+    coef = coefficient_table(OP_VE, "ve", scalars, _acc_dtype((x0_pred, x_t, x_n)),
+                             param=sigma_data)
+    per_sample = row_bilinear(OP_VE, [x0_pred, x_n, x_t], coef, square=True)
+    return _reduce(per_sample, coef[:, COL_VALID], weight, reduction)
 
 
 # ----------------------------------------------------------------------- reverse sampler
@@ -596,7 +675,7 @@ def _noise_list(noise) -> Tuple[List[Tensor], bool]:
     raise TypeError("noise must be a tensor or a list/tuple of 1-2 tensors")
 
 
-def _reverse_step(names, base: List[Tensor], noise, c_base: List[Tensor], c_f: Tensor):
+def _reverse_step(names, base: List[Tensor], noise, kind: str, scalars: List[Tensor]):
     noises, single = _noise_list(noise)
     noise_names = ["noise"] if single else [f"noise[{i}]" for i in range(len(noises))]
     check_data(list(names) + noise_names, base + noises)
@@ -604,16 +683,8 @@ def _reverse_step(names, base: List[Tensor], noise, c_base: List[Tensor], c_f: T
     out_dtype = xs[0].dtype
     for x in xs[1:]:
         out_dtype = torch.promote_types(out_dtype, x.dtype)
-    acc = _acc_dtype(xs)
-    B = base[0].shape[0]
-    rows = []
-    for m in range(len(noises)):
-        cf = [torch.zeros_like(c_f)] * len(noises)
-        cf[m] = c_f
-        rows.append(torch.stack(c_base + cf, dim=1))
-    coef = torch.stack(rows, dim=1).to(acc)  # [B, M, 2 + M]
-    assert coef.shape == (B, len(noises), len(xs))
-    outs = row_linear(OP_STEP, xs, coef, out_dtype)
+    coef = coefficient_table(OP_STEP, kind, scalars, _acc_dtype(xs), n_out=len(noises))
+    outs = row_linear(OP_STEP, xs, coef, len(noises), out_dtype)
     return outs[0] if single else tuple(outs)
 
 
@@ -634,7 +705,7 @@ def vp_reverse_step(x0_pred: Tensor, eps_pred: Tensor, noise, alpha_s: Scalar, c
     """
     B, dev = _batch_device(x0_pred, "x0_pred")
     c = [per_sample_scalar(n, v, B, dev) for n, v in (("alpha_s", alpha_s), ("c_o", c_o), ("c_f", c_f))]
-    return _reverse_step(("x0_pred", "eps_pred"), [x0_pred, eps_pred], noise, c[:2], c[2])
+    return _reverse_step(("x0_pred", "eps_pred"), [x0_pred, eps_pred], noise, "step", c)
 
 
 def vp_reverse_step_from_eps(x_t: Tensor, eps_pred: Tensor, noise, alpha_t: Scalar,
@@ -645,10 +716,9 @@ def vp_reverse_step_from_eps(x_t: Tensor, eps_pred: Tensor, noise, alpha_t: Scal
     materialised. Arguments as in :func:`vp_reverse_step` plus ``α_t``, ``σ_t`` (``[B]``).
     """
     B, dev = _batch_device(x_t, "x_t")
-    a_t, s_t, a_s, co, cf = (per_sample_scalar(n, v, B, dev) for n, v in (
-        ("alpha_t", alpha_t), ("sigma_t", sigma_t), ("alpha_s", alpha_s), ("c_o", c_o), ("c_f", c_f)))
-    return _reverse_step(("x_t", "eps_pred"), [x_t, eps_pred], noise,
-                         [a_s / a_t, co - a_s * s_t / a_t], cf)
+    c = [per_sample_scalar(n, v, B, dev) for n, v in (
+        ("alpha_t", alpha_t), ("sigma_t", sigma_t), ("alpha_s", alpha_s), ("c_o", c_o), ("c_f", c_f))]
+    return _reverse_step(("x_t", "eps_pred"), [x_t, eps_pred], noise, "step_eps", c)
 
 
 def _batch_device(t, name: str):

@@ -15,11 +15,9 @@ from typing import Optional
 from torch import Tensor
 
 from .ambient import (
-    OP_CONSISTENCY, Scalar, _acc_dtype, _check_reduction, check_data, per_sample_scalar,
-    row_bilinear,
+    OP_CONSISTENCY, Scalar, _acc_dtype, _check_reduction, check_data, coefficient_table,
+    consistency_table, per_sample_scalar, row_bilinear,
 )
-
-import torch
 
 
 def _reduce(per_sample: Tensor, reduction: str) -> Tensor:
@@ -53,11 +51,7 @@ def consistency_loss(h_anchor: Tensor, h1: Tensor, h2: Tensor, stop_anchor_grad:
         raise TypeError(f"stop_anchor_grad must be a bool, got {type(stop_anchor_grad).__name__}")
     if stop_anchor_grad:
         h_anchor = h_anchor.detach()
-    B = h_anchor.shape[0]
-    acc = _acc_dtype((h_anchor, h1, h2))
-    # u = h1 − h_t, v = h2 − h_t over the inputs (h_t, h1, h2)
-    row = torch.tensor([[-1.0, 1.0, 0.0], [-1.0, 0.0, 1.0]], dtype=acc, device=h1.device)
-    coef = row.expand(B, 2, 3)
+    coef = consistency_table(h1.shape[0], h1.device, _acc_dtype((h_anchor, h1, h2)))
     per_sample = row_bilinear(OP_CONSISTENCY, [h_anchor, h1, h2], coef, square=False)
     return _reduce(per_sample, reduction)
 
@@ -95,13 +89,9 @@ def consistency_loss_eps(x_t: Tensor, eps_t: Tensor, alpha_t: Scalar, sigma_t: S
     if stop_anchor_grad:
         xs[0], xs[1] = xs[0].detach(), xs[1].detach()
     B, dev = x_t.shape[0], x_t.device
-    a_t, s_t, a_s, s_s = (per_sample_scalar(n, v, B, dev) for n, v in (
-        ("alpha_t", alpha_t), ("sigma_t", sigma_t), ("alpha_s", alpha_s), ("sigma_s", sigma_s)))
-    z = torch.zeros_like(a_t)
-    anchor = [-1 / a_t, s_t / a_t]            # −h_t
-    sample = [1 / a_s, -s_s / a_s]            # +h_s
-    u = torch.stack(anchor + sample + [z, z], dim=1)
-    v = torch.stack(anchor + [z, z] + sample, dim=1)
-    coef = torch.stack([u, v], dim=1).to(_acc_dtype(xs))   # [B, 2, 6]
+    scalars = [per_sample_scalar(n, v, B, dev) for n, v in (
+        ("alpha_t", alpha_t), ("sigma_t", sigma_t), ("alpha_s", alpha_s), ("sigma_s", sigma_s))]
+    # u = h_1 − h_t, v = h_2 − h_t with h = (x − σ ε̂)/α per input pair
+    coef = coefficient_table(OP_CONSISTENCY, "consistency_eps", scalars, _acc_dtype(xs))
     per_sample = row_bilinear(OP_CONSISTENCY, xs, coef, square=False)
     return _reduce(per_sample, reduction)

@@ -11,6 +11,13 @@ Every ambient op reduces to one of two shapes of computation over ``K`` same-sha
 * **row-linear map** (the reverse sampler and its backward): ``y_m = Σ_k C_imk x_k`` for
   ``K ≤ 4`` inputs and ``M ≤ 4`` outputs, e.g. two reverse samples sharing ``ĥ`` and ``ε̂``.
 
+Per-sample coefficients live in one ``[B, 16]`` table (any row stride, 0 for a table
+shared by every sample): bilinear ``A`` at 0–5, ``B`` at 6–11, the row scale ``c_i`` at 12
+(``ℓ_i = c_i · mean_j u v``; ``c_i = 0`` gives an exact 0 and zero gradients), the validity
+flag at 13; row-linear ``C_mk`` at ``4m + k``. :func:`coefficients` fills the table from
+the raw schedule scalars in one launch (float64 arithmetic), so an op costs a handful of
+launches in total, not one per ``[B]``-sized formula.
+
 Kernels walk a :class:`fastsoup.ops._rows.RowLayout` (program ``(row, chunk)`` handles
 ``CHUNK`` consecutive elements of one sample), offsets are int64, arithmetic is fp32
 whatever the storage dtypes, and no ``[B, D]`` temporary is allocated: inputs are read
@@ -49,15 +56,16 @@ def _ld(ptr, row, sb, s1, s2, s3, j, mask, S2, S3, DENSE: tl.constexpr):
 
 @triton.jit
 def _bilinear_uv(
-    row, j, mask, coef_ptr,
+    row, j, mask, cb,
     x0, x1, x2, x3, x4, x5,
     sb0, s10, s20, s30, sb1, s11, s21, s31, sb2, s12, s22, s32,
     sb3, s13, s23, s33, sb4, s14, s24, s34, sb5, s15, s25, s35,
     S2, S3,
     N_IN: tl.constexpr, SQUARE: tl.constexpr, DENSE: tl.constexpr,
 ):
-    """u = Σ_k A_k x_k and v = Σ_k B_k x_k (v = u when SQUARE) for one block, in fp32."""
-    cb = coef_ptr + row * 12  # coefficients: [B, 2, 6] fp32, A then B
+    """u = Σ_k A_k x_k and v = Σ_k B_k x_k (v = u when SQUARE) for one block, in fp32.
+
+    ``cb`` points at this row of the coefficient table (A at 0..5, B at 6..11)."""
     v0 = _ld(x0, row, sb0, s10, s20, s30, j, mask, S2, S3, DENSE)
     u = tl.load(cb + 0) * v0
     v = tl.load(cb + 6) * v0
@@ -91,24 +99,28 @@ def _bilinear_partial_kernel(
     x0, x1, x2, x3, x4, x5, coef_ptr, partial_ptr,
     sb0, s10, s20, s30, sb1, s11, s21, s31, sb2, s12, s22, s32,
     sb3, s13, s23, s33, sb4, s14, s24, s34, sb5, s15, s25, s35,
-    D, S2, S3, CHUNK, n_chunks, inv_D,
+    c_sb, D, S2, S3, CHUNK, n_chunks, inv_D,
     N_IN: tl.constexpr, SQUARE: tl.constexpr, BLOCK: tl.constexpr, DENSE: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1).to(tl.int64)
     start = chunk * CHUNK
+    cb = coef_ptr + row * c_sb
+    scale = tl.load(cb + 12)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for off in range(0, CHUNK, BLOCK):
         j = start + off + tl.arange(0, BLOCK).to(tl.int64)
         mask = j < D
         u, v = _bilinear_uv(
-            row, j, mask, coef_ptr, x0, x1, x2, x3, x4, x5,
+            row, j, mask, cb, x0, x1, x2, x3, x4, x5,
             sb0, s10, s20, s30, sb1, s11, s21, s31, sb2, s12, s22, s32,
             sb3, s13, s23, s33, sb4, s14, s24, s34, sb5, s15, s25, s35,
             S2, S3, N_IN, SQUARE, DENSE,
         )
         acc += u * v
-    tl.store(partial_ptr + row * n_chunks + chunk, tl.sum(acc, axis=0) * inv_D)
+    total = tl.sum(acc, axis=0) * inv_D
+    # scale == 0 (a masked sample) stores an exact 0 even if the row holds inf/NaN
+    tl.store(partial_ptr + row * n_chunks + chunk, tl.where(scale == 0.0, 0.0, scale * total))
 
 
 @triton.jit
@@ -122,13 +134,13 @@ def _store_grad(gptr, row, gsb, gs1, gs2, gs3, j, mask, S2, S3, s, a, b, u, v,
 
 @triton.jit
 def _bilinear_grad_kernel(
-    x0, x1, x2, x3, x4, x5, coef_ptr, scale_ptr,
+    x0, x1, x2, x3, x4, x5, coef_ptr, grad_ptr,
     g0, g1, g2, g3, g4, g5,
     sb0, s10, s20, s30, sb1, s11, s21, s31, sb2, s12, s22, s32,
     sb3, s13, s23, s33, sb4, s14, s24, s34, sb5, s15, s25, s35,
     gsb0, gs10, gs20, gs30, gsb1, gs11, gs21, gs31, gsb2, gs12, gs22, gs32,
     gsb3, gs13, gs23, gs33, gsb4, gs14, gs24, gs34, gsb5, gs15, gs25, gs35,
-    D, S2, S3, CHUNK,
+    c_sb, D, S2, S3, CHUNK, inv_D,
     N_IN: tl.constexpr, SQUARE: tl.constexpr, BLOCK: tl.constexpr, DENSE: tl.constexpr,
     W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr,
     W3: tl.constexpr, W4: tl.constexpr, W5: tl.constexpr,
@@ -136,13 +148,13 @@ def _bilinear_grad_kernel(
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1).to(tl.int64)
     start = chunk * CHUNK
-    s = tl.load(scale_ptr + row)
-    cb = coef_ptr + row * 12
+    cb = coef_ptr + row * c_sb
+    s = tl.load(grad_ptr + row).to(tl.float32) * tl.load(cb + 12) * inv_D  # g_i c_i / D
     for off in range(0, CHUNK, BLOCK):
         j = start + off + tl.arange(0, BLOCK).to(tl.int64)
         mask = j < D
         u, v = _bilinear_uv(
-            row, j, mask, coef_ptr, x0, x1, x2, x3, x4, x5,
+            row, j, mask, cb, x0, x1, x2, x3, x4, x5,
             sb0, s10, s20, s30, sb1, s11, s21, s31, sb2, s12, s22, s32,
             sb3, s13, s23, s33, sb4, s14, s24, s34, sb5, s15, s25, s35,
             S2, S3, N_IN, SQUARE, DENSE,
@@ -184,13 +196,13 @@ def _linear_kernel(
     x0, x1, x2, x3, y0, y1, y2, y3, coef_ptr,
     sb0, s10, s20, s30, sb1, s11, s21, s31, sb2, s12, s22, s32, sb3, s13, s23, s33,
     tb0, t10, t20, t30, tb1, t11, t21, t31, tb2, t12, t22, t32, tb3, t13, t23, t33,
-    D, S2, S3, CHUNK,
+    c_sb, D, S2, S3, CHUNK,
     N_IN: tl.constexpr, N_OUT: tl.constexpr, BLOCK: tl.constexpr, DENSE: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1).to(tl.int64)
     start = chunk * CHUNK
-    cb = coef_ptr + row * 16  # coefficients: [B, 4 (out), 4 (in)] fp32
+    cb = coef_ptr + row * c_sb  # C_mk at 4m + k
     for off in range(0, CHUNK, BLOCK):
         j = start + off + tl.arange(0, BLOCK).to(tl.int64)
         mask = j < D
@@ -221,6 +233,126 @@ def _linear_kernel(
                      y.to(y3.dtype.element_ty), mask=mask)
 
 
+# ---------------------------------------------------------------------- coefficient table
+KIND_VP_X0, KIND_VP_EPS, KIND_VE, KIND_CONSISTENCY_EPS, KIND_STEP, KIND_STEP_EPS = range(6)
+COEF_COLS = 16
+
+
+@triton.jit
+def _ld64(ptr, offs, mask):
+    return tl.load(ptr + offs, mask=mask, other=1.0).to(tl.float64)
+
+
+@triton.jit
+def _st(ptr, col, val, mask):
+    tl.store(ptr + col, val.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _coefficient_kernel(
+    out_ptr, p0, p1, p2, p3, p4, B, param,
+    KIND: tl.constexpr, N_OUT: tl.constexpr, BLOCK_B: tl.constexpr,
+):
+    """Fill the zeroed [B, 16] coefficient table of one op from its schedule scalars.
+
+    Arithmetic in float64 (``b = sqrt(σ_t² − a²σ_n²)`` cancels near ``t_n``), stored fp32.
+    Formulas: see the reference in :mod:`fastsoup.ops.ambient`.
+    """
+    pid = tl.program_id(0)
+    offs = pid * BLOCK_B + tl.arange(0, BLOCK_B)
+    mask = offs < B
+    row = out_ptr + offs.to(tl.int64) * 16
+    zero = tl.zeros([BLOCK_B], dtype=tl.float64)
+    one = zero + 1.0  # columns not written below stay 0 (the table is zero-initialised)
+    if KIND <= 1:  # VP: p = (α_t, σ_t, α_n, σ_n)
+        at = _ld64(p0, offs, mask)
+        st = _ld64(p1, offs, mask)
+        an = _ld64(p2, offs, mask)
+        sn = _ld64(p3, offs, mask)
+        valid = st >= sn
+        a = at / an
+        b = tl.sqrt(tl.maximum(st * st - a * a * sn * sn, 0.0))
+        live = valid & (b > 0.0)
+        k = tl.where(live, b / tl.where(live, st, one), zero)
+        if KIND == 0:
+            c = tl.where(live, (b / a) * (b / a), zero)
+        else:
+            c = tl.where(live, one, zero)
+        lv = tl.where(live, one, zero)
+        _st(row, 0, -k, mask)
+        _st(row, 1, lv, mask)
+        _st(row, 6, -k, mask)
+        _st(row, 7, lv, mask)
+        _st(row, 12, c, mask)
+        _st(row, 13, tl.where(valid, one, zero), mask)
+    if KIND == 2:  # VE: p = (σ_t, σ_n), param = σ_data² (a float32 kernel argument)
+        st = _ld64(p0, offs, mask)
+        sn = _ld64(p1, offs, mask)
+        valid = st > sn
+        st2 = st * st
+        sn2 = sn * sn
+        den = tl.where(valid, st2 - sn2, one)
+        sd2 = zero + param
+        lv = tl.where(valid, one, zero)
+        p = tl.where(valid, st2 / den, zero)
+        q = tl.where(valid, -sn2 / den, zero)
+        lam = tl.where(valid, (st2 + sd2) / (tl.where(valid, st2, one) * sd2), zero)
+        _st(row, 0, lv, mask)
+        _st(row, 1, -p, mask)
+        _st(row, 2, -q, mask)
+        _st(row, 6, lv, mask)
+        _st(row, 7, -p, mask)
+        _st(row, 8, -q, mask)
+        _st(row, 12, lam, mask)
+        _st(row, 13, lv, mask)
+    if KIND == 3:  # consistency, ε form: p = (α_t, σ_t, α_s, σ_s)
+        at = _ld64(p0, offs, mask)
+        st = _ld64(p1, offs, mask)
+        as_ = _ld64(p2, offs, mask)
+        ss = _ld64(p3, offs, mask)
+        _st(row, 0, -1.0 / at, mask)
+        _st(row, 1, st / at, mask)
+        _st(row, 2, 1.0 / as_, mask)
+        _st(row, 3, -ss / as_, mask)
+        _st(row, 6, -1.0 / at, mask)
+        _st(row, 7, st / at, mask)
+        _st(row, 10, 1.0 / as_, mask)
+        _st(row, 11, -ss / as_, mask)
+        _st(row, 12, one, mask)
+        _st(row, 13, one, mask)
+    if KIND >= 4:  # reverse step
+        if KIND == 4:  # p = (α_s, c_o, c_f): inputs (ĥ, ε̂, ξ...)
+            cx = _ld64(p0, offs, mask)
+            ce = _ld64(p1, offs, mask)
+            cf = _ld64(p2, offs, mask)
+        else:  # p = (α_t, σ_t, α_s, c_o, c_f): inputs (x_t, ε̂, ξ...)
+            at = _ld64(p0, offs, mask)
+            st = _ld64(p1, offs, mask)
+            as_ = _ld64(p2, offs, mask)
+            cx = as_ / at
+            ce = _ld64(p3, offs, mask) - as_ * st / at
+            cf = _ld64(p4, offs, mask)
+        _st(row, 0, cx, mask)
+        _st(row, 1, ce, mask)
+        _st(row, 2, cf, mask)
+        if N_OUT > 1:
+            _st(row, 4, cx, mask)
+            _st(row, 5, ce, mask)
+            _st(row, 7, cf, mask)
+
+
+def coefficients(kind: int, scalars: Sequence[torch.Tensor], batch: int, param: float = 0.0,
+                 n_out: int = 1) -> torch.Tensor:
+    """fp32 ``[B, 16]`` coefficient table of ``kind`` from ``[B]`` float scalars (any dtype)."""
+    out = torch.zeros((batch, COEF_COLS), dtype=torch.float32, device=scalars[0].device)
+    ptrs = _pad(scalars, 5, scalars[0])
+    BLOCK_B = 128
+    _coefficient_kernel[(triton.cdiv(batch, BLOCK_B),)](
+        out, *ptrs, batch, float(param) ** 2 if kind == KIND_VE else float(param), KIND=kind, N_OUT=n_out, BLOCK_B=BLOCK_B, num_warps=4,
+    )
+    return out
+
+
 # ------------------------------------------------------------------------------ launchers
 def _pad(items: Sequence, n: int, fill):
     items = list(items)
@@ -240,50 +372,57 @@ def _chunks(layout: RowLayout, device: torch.device, chunk: Optional[int]):
     return chunk, -(-D // chunk)
 
 
+def _check_coef(coef: torch.Tensor, batch: int) -> None:
+    assert coef.dtype == torch.float32 and coef.dim() == 2 and coef.shape == (batch, COEF_COLS)
+    assert coef.stride(1) == 1
+
+
 def bilinear_forward(xs: Sequence[torch.Tensor], coef: torch.Tensor, square: bool,
                      layout: RowLayout, chunk: Optional[int] = None) -> torch.Tensor:
-    """fp32 ``[B]``: ``ℓ_i = mean_j (Σ_k A_ik x_k)(Σ_k B_ik x_k)``.
+    """fp32 ``[B]``: ``ℓ_i = c_i · mean_j (Σ_k A_ik x_k)(Σ_k B_ik x_k)`` (0 where ``c_i = 0``).
 
-    ``coef`` is contiguous fp32 ``[B, 2, 6]`` (``A`` then ``B``, zero-padded); ``layout``
-    describes ``xs``. ``chunk`` (a multiple of ``BLOCK``) overrides the row split.
+    ``coef`` is the fp32 ``[B, 16]`` table (unit column stride); ``layout`` describes
+    ``xs``. ``chunk`` (a multiple of ``BLOCK``) overrides the row split.
     """
     n = len(xs)
-    assert 1 <= n <= MAX_BILINEAR_INPUTS and coef.shape[1:] == (2, MAX_BILINEAR_INPUTS)
+    assert 1 <= n <= MAX_BILINEAR_INPUTS
     B, D = layout.batch, layout.row_numel
+    _check_coef(coef, B)
     chunk, n_chunks = _chunks(layout, xs[0].device, chunk)
     partial = torch.empty((B, n_chunks), dtype=torch.float32, device=xs[0].device)
     _, S2, S3 = layout.sizes
     _bilinear_partial_kernel[(B, n_chunks)](
         *_pad(xs, MAX_BILINEAR_INPUTS, xs[0]), coef, partial,
         *_flat_strides(layout, 0, n, MAX_BILINEAR_INPUTS),
-        D, S2, S3, chunk, n_chunks, 1.0 / D,
+        coef.stride(0), D, S2, S3, chunk, n_chunks, 1.0 / D,
         N_IN=n, SQUARE=square, BLOCK=BLOCK, DENSE=layout.dense, num_warps=NUM_WARPS,
     )
     return partial.view(B) if n_chunks == 1 else partial.sum(dim=1)
 
 
-def bilinear_backward(xs: Sequence[torch.Tensor], coef: torch.Tensor, scale: torch.Tensor,
+def bilinear_backward(xs: Sequence[torch.Tensor], coef: torch.Tensor, grad: torch.Tensor,
                       grads: Sequence[Optional[torch.Tensor]], square: bool,
                       layout: RowLayout, chunk: Optional[int] = None) -> None:
-    """Write ``grads[k] = s_i (A_ik v + B_ik u)`` for every ``grads[k]`` that is not None.
+    """Write ``grads[k] = s_i (A_ik v + B_ik u)``, ``s_i = g_i c_i / D``, where not None.
 
-    ``scale`` is contiguous fp32 ``[B]`` (``s_i = g_i / D``); ``layout`` must describe
-    ``xs`` followed by ``grads[k] or xs[k]`` for every ``k``.
+    ``grad`` is the ``[B]`` upstream gradient ``g`` (contiguous); rows with ``s_i = 0`` get
+    exact zeros. ``layout`` must describe ``xs`` followed by ``grads[k] or xs[k]``.
     """
     n = len(xs)
-    assert len(grads) == n
+    assert len(grads) == n and grad.is_contiguous()
     B = layout.batch
+    _check_coef(coef, B)
     chunk, n_chunks = _chunks(layout, xs[0].device, chunk)
     _, S2, S3 = layout.sizes
     write = [g is not None for g in grads]
     outs = [g if g is not None else x for g, x in zip(grads, xs)]
     flags = _pad(write, MAX_BILINEAR_INPUTS, False)
     _bilinear_grad_kernel[(B, n_chunks)](
-        *_pad(xs, MAX_BILINEAR_INPUTS, xs[0]), coef, scale,
+        *_pad(xs, MAX_BILINEAR_INPUTS, xs[0]), coef, grad,
         *_pad(outs, MAX_BILINEAR_INPUTS, outs[0]),
         *_flat_strides(layout, 0, n, MAX_BILINEAR_INPUTS),
         *_flat_strides(layout, n, n, MAX_BILINEAR_INPUTS),
-        layout.row_numel, S2, S3, chunk,
+        coef.stride(0), layout.row_numel, S2, S3, chunk, 1.0 / layout.row_numel,
         N_IN=n, SQUARE=square, BLOCK=BLOCK, DENSE=layout.dense,
         W0=flags[0], W1=flags[1], W2=flags[2], W3=flags[3], W4=flags[4], W5=flags[5],
         num_warps=NUM_WARPS,
@@ -295,18 +434,19 @@ def linear_forward(xs: Sequence[torch.Tensor], coef: torch.Tensor,
                    chunk: Optional[int] = None) -> None:
     """Write ``outs[m] = Σ_k C_imk xs[k]`` (fp32 arithmetic, stored in ``outs[m].dtype``).
 
-    ``coef`` is contiguous fp32 ``[B, 4, 4]`` (zero-padded); ``layout`` describes ``xs``
-    followed by ``outs``.
+    ``coef`` is the fp32 ``[B, 16]`` table (``C_mk`` at ``4m + k``); ``layout`` describes
+    ``xs`` followed by ``outs``.
     """
     n_in, n_out = len(xs), len(outs)
     assert 1 <= n_in <= MAX_LINEAR_INPUTS and 1 <= n_out <= MAX_LINEAR_OUTPUTS
     B = layout.batch
+    _check_coef(coef, B)
     chunk, n_chunks = _chunks(layout, xs[0].device, chunk)
     _, S2, S3 = layout.sizes
     _linear_kernel[(B, n_chunks)](
         *_pad(xs, MAX_LINEAR_INPUTS, xs[0]), *_pad(outs, MAX_LINEAR_OUTPUTS, outs[0]), coef,
         *_flat_strides(layout, 0, n_in, MAX_LINEAR_INPUTS),
         *_flat_strides(layout, n_in, n_out, MAX_LINEAR_OUTPUTS),
-        layout.row_numel, S2, S3, chunk,
+        coef.stride(0), layout.row_numel, S2, S3, chunk,
         N_IN=n_in, N_OUT=n_out, BLOCK=BLOCK, DENSE=layout.dense, num_warps=NUM_WARPS,
     )

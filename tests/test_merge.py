@@ -10,6 +10,7 @@ from safetensors import safe_open
 
 import fastsoup as fs
 from fastsoup.merge import MergeError, PlanError
+from test_merge_support import isolated_hash_cache  # noqa: F401  (autouse fixture)
 from test_merge_support import (SPEC, bf16_from_f64, check_merged, load_any, make_state, save_diffusers,
                                 save_file_layout, save_sharded)
 
@@ -322,3 +323,26 @@ def test_dry_run_reads_nothing_and_writes_nothing(tmp_path):
     assert rep.bytes_to_write == sum(t.numel() * t.element_size() for t in states[0].values())
     assert rep.disk_free is not None and rep.memory_budget > 0
     assert "dry run" in rep.summary() and "validation: OK" in rep.summary()
+
+
+def test_hash_cache_reuses_digests_and_notices_changes(tmp_path, monkeypatch):
+    from fastsoup.merge import manifest
+
+    paths, states = files(tmp_path, 2)
+    calls = []
+    orig = manifest.file_sha256
+    monkeypatch.setattr(manifest, "file_sha256", lambda p, **k: (calls.append(p), orig(p, **k))[1])
+    fs.merge(paths, tmp_path / "a.safetensors", quiet=True)
+    assert sorted(calls) == sorted(os.path.abspath(p) for p in paths)
+    calls.clear()
+    rep = fs.merge(paths, tmp_path / "b.safetensors", [1, 2], quiet=True)
+    assert calls == []  # both digests came from the cache
+    first = rep.manifest["constituents"][0]["files"][0]["sha256"]
+    save_file_layout(paths[0], make_state(77))  # rewritten: new mtime/inode
+    rep = fs.merge(paths, tmp_path / "c.safetensors", quiet=True)
+    assert calls == [os.path.abspath(paths[0])]
+    assert rep.manifest["constituents"][0]["files"][0]["sha256"] != first
+    monkeypatch.setenv("FASTSOUP_HASH_CACHE", "0")
+    calls.clear()
+    fs.merge(paths, tmp_path / "d.safetensors", quiet=True)
+    assert len(calls) == 2

@@ -173,3 +173,13 @@ def bf16_from_f64(e: np.ndarray) -> torch.Tensor:
     bits = f.view(np.uint32) | inexact.astype(np.uint32)  # round to odd: keeps the sticky bit
     r = bf16_round(bits.view(np.float32))
     return torch.from_numpy(r.astype(np.float32)).to(torch.bfloat16)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def isolated_hash_cache(tmp_path, monkeypatch):
+    """Every merge test gets its own sha256 cache (never the user's ~/.cache)."""
+    monkeypatch.setenv("FASTSOUP_CACHE_DIR", str(tmp_path / ".fastsoup-cache"))
+    yield

@@ -15,7 +15,9 @@ or ``<name>.fastsoup.json`` beside a single-file output). Layout::
 ``sha256`` of a file is over its bytes; of a constituent, over the lines
 ``"<component>/<file> <size> <file sha256>\\n"`` of its weight files in sorted order, so
 the same checkpoint copied elsewhere hashes the same. With ``hash="none"`` the digests
-are omitted (the sizes and header digests still identify the files).
+are omitted (the sizes still identify the files). Digests are cached per file (keyed by
+path, device, inode, size and mtime; see :func:`cache_path`), so a constituent is
+hashed once, not at every merge it takes part in.
 """
 from __future__ import annotations
 
@@ -61,14 +63,84 @@ def _file_entries(layout: Layout) -> List[tuple]:
     return sorted(out)
 
 
-class Hasher:
-    """Hashes every input file in a background thread while the merge runs."""
+def cache_path() -> Optional[str]:
+    """The sha256 cache file, or None when caching is off (``FASTSOUP_HASH_CACHE=0``).
+    Location: ``$FASTSOUP_CACHE_DIR``, else ``$XDG_CACHE_HOME/fastsoup``, else
+    ``~/.cache/fastsoup``; file ``sha256.json``."""
+    if os.environ.get("FASTSOUP_HASH_CACHE", "1").strip().lower() in ("0", "false", "no", "off"):
+        return None
+    root = os.environ.get("FASTSOUP_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+        "fastsoup")
+    return os.path.join(root, "sha256.json")
 
-    def __init__(self, layouts: List[Layout], mode: str):
+
+def _stat_key(path: str) -> str:
+    """A file's identity and version: device, inode, size and mtime in ns. A rewrite of the
+    file changes the mtime (and usually the inode), so the cached digest is not reused."""
+    st = os.stat(path)
+    return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+
+
+class HashCache:
+    """sha256 digests of files keyed by (realpath, stat identity), so that merging the same
+    constituents again (other weights, add/remove) does not hash them again. A cache
+    that cannot be read or written is ignored (hashing just happens)."""
+
+    MAX_ENTRIES = 10000
+
+    def __init__(self, path: Optional[str]):
+        self.path = path
+        self.entries: Dict[str, dict] = {}
+        self.dirty = False
+        if path and os.path.isfile(path):
+            try:
+                with open(path, encoding="utf-8") as f:
+                    obj = json.load(f)
+                if isinstance(obj, dict):
+                    self.entries = {k: v for k, v in obj.items()
+                                    if isinstance(v, dict) and isinstance(v.get("sha256"), str)}
+            except (OSError, ValueError):
+                self.entries = {}
+
+    def get(self, path: str) -> Optional[str]:
+        e = self.entries.get(os.path.realpath(path))
+        try:
+            return e["sha256"] if e and e.get("stat") == _stat_key(path) else None
+        except OSError:
+            return None
+
+    def put(self, path: str, stat_key: str, digest: str) -> None:
+        self.entries[os.path.realpath(path)] = {"stat": stat_key, "sha256": digest}
+        self.dirty = True
+
+    def save(self) -> None:
+        if not (self.path and self.dirty):
+            return
+        try:
+            from .writer import atomic_write_file
+
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            current = HashCache(self.path).entries  # keep what other runs added meanwhile
+            current.update(self.entries)
+            if len(current) > self.MAX_ENTRIES:
+                current = dict(list(current.items())[-self.MAX_ENTRIES:])
+            atomic_write_file(self.path, json.dumps(current).encode())
+            self.dirty = False
+        except OSError:
+            pass
+
+
+class Hasher:
+    """Hashes every input file in a background thread while the merge runs, reusing
+    digests from the :class:`HashCache` for files that did not change."""
+
+    def __init__(self, layouts: List[Layout], mode: str, cache: Optional[HashCache] = None):
         if mode not in HASH_MODES:
             raise MergeError(f"unknown hash mode {mode!r} (choose {', '.join(HASH_MODES)})")
         self.layouts = layouts
         self.mode = mode
+        self.cache = cache if cache is not None else HashCache(cache_path() if mode != "none" else None)
         self.results: Dict[str, str] = {}
         self.error: Optional[BaseException] = None
         self._stop = threading.Event()
@@ -84,8 +156,17 @@ class Hasher:
         try:
             for layout in self.layouts:
                 for _, path in _file_entries(layout):
-                    if path not in self.results:
-                        self.results[path] = file_sha256(path, stop=self._stop)
+                    if path in self.results:
+                        continue
+                    cached = self.cache.get(path)
+                    if cached is not None:
+                        self.results[path] = cached
+                        continue
+                    before = _stat_key(path)
+                    digest = file_sha256(path, stop=self._stop)
+                    if _stat_key(path) == before:  # not modified while being hashed
+                        self.cache.put(path, before, digest)
+                    self.results[path] = digest
         except BaseException as exc:  # reported by wait()
             self.error = exc
 
@@ -99,6 +180,7 @@ class Hasher:
             self._thread.join()
             if self.error is not None:
                 raise MergeError(f"hashing the inputs failed: {self.error}")
+            self.cache.save()
         return self.results
 
 

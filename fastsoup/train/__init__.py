@@ -15,3 +15,12 @@ from .losses import (
     min_snr_loss_weights,
     prediction_type_of,
 )
+from .difftuning import (
+    KNOWLEDGE_BANK_FORMAT,
+    DiffTuning,
+    DiffTuningBatch,
+    KnowledgeBank,
+    PowerLawTimestepSampler,
+    power_law_timestep_probs,
+    split_batch,
+)

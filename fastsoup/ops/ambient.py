@@ -432,8 +432,8 @@ def check_data(names: Sequence[str], tensors: Sequence[Tensor]) -> None:
 def per_sample_scalar(name: str, value: Scalar, batch: int, device: torch.device) -> Tensor:
     """A schedule scalar as a contiguous float ``[B]`` tensor on ``device``.
 
-    Accepts a Python number (made float64), a 0-d float tensor or a ``[B]`` float tensor
-    (kept in its dtype; the coefficient tables are computed in float64 from it). Integer
+    Accepts a Python number (made float64), a 0-d float tensor (any device) or a ``[B]``
+    float tensor on ``device`` (kept in its dtype; the coefficient tables are computed in float64 from it). Integer
     and bool tensors, tensors that require grad and wrong shapes or devices are refused.
     """
     if isinstance(value, bool):
@@ -449,10 +449,10 @@ def per_sample_scalar(name: str, value: Scalar, batch: int, device: torch.device
     if value.requires_grad:
         raise ValueError(f"{name} requires grad, but noise-schedule scalars are constants "
                          f"here (no gradient flows to them): pass {name}.detach()")
+    if value.dim() == 0:  # a 0-d tensor is a number: any device
+        return value.to(device).expand(batch).contiguous()
     if value.device != device:
         raise ValueError(f"{name} is on {value.device} but the batch is on {device}")
-    if value.dim() == 0:
-        return value.expand(batch).contiguous()
     if value.dim() != 1 or value.shape[0] != batch:
         raise ValueError(f"{name} must have shape [B] = [{batch}], got {tuple(value.shape)}")
     return value.contiguous()

@@ -7,7 +7,8 @@ Every ambient op reduces to one of two shapes of computation over ``K`` same-sha
   ``u = Σ_k A_ik x_k`` and ``v = Σ_k B_ik x_k`` (``K ≤ 6``). ``SQUARE`` (``v = u``) gives
   the squared residuals of the double-Tweedie losses; the consistency loss is the general
   case. The backward kernel writes ``∂ℓ_i/∂x_k = s_i (A_ik v + B_ik u)`` with
-  ``s_i = g_i / D`` directly into the gradients; a row with ``s_i = 0`` gets exact zeros.
+  ``s_i = g_i c_i / D`` directly into the gradients; a row with ``s_i = 0`` gets exact
+  zeros.
 * **row-linear map** (the reverse sampler and its backward): ``y_m = Σ_k C_imk x_k`` for
   ``K ≤ 4`` inputs and ``M ≤ 4`` outputs, e.g. two reverse samples sharing ``ĥ`` and ``ε̂``.
 
@@ -56,39 +57,38 @@ def _ld(ptr, row, sb, s1, s2, s3, j, mask, S2, S3, DENSE: tl.constexpr):
 
 @triton.jit
 def _bilinear_uv(
-    row, j, mask, cb,
+    row, j, mask,
     x0, x1, x2, x3, x4, x5,
+    a0, a1, a2, a3, a4, a5, b0, b1, b2, b3, b4, b5,
     sb0, s10, s20, s30, sb1, s11, s21, s31, sb2, s12, s22, s32,
     sb3, s13, s23, s33, sb4, s14, s24, s34, sb5, s15, s25, s35,
     S2, S3,
     N_IN: tl.constexpr, SQUARE: tl.constexpr, DENSE: tl.constexpr,
 ):
-    """u = Σ_k A_k x_k and v = Σ_k B_k x_k (v = u when SQUARE) for one block, in fp32.
-
-    ``cb`` points at this row of the coefficient table (A at 0..5, B at 6..11)."""
-    v0 = _ld(x0, row, sb0, s10, s20, s30, j, mask, S2, S3, DENSE)
-    u = tl.load(cb + 0) * v0
-    v = tl.load(cb + 6) * v0
+    """u = Σ_k a_k x_k and v = Σ_k b_k x_k (v = u when SQUARE) for one block, in fp32."""
+    x = _ld(x0, row, sb0, s10, s20, s30, j, mask, S2, S3, DENSE)
+    u = a0 * x
+    v = b0 * x
     if N_IN > 1:
-        v1 = _ld(x1, row, sb1, s11, s21, s31, j, mask, S2, S3, DENSE)
-        u += tl.load(cb + 1) * v1
-        v += tl.load(cb + 7) * v1
+        x = _ld(x1, row, sb1, s11, s21, s31, j, mask, S2, S3, DENSE)
+        u += a1 * x
+        v += b1 * x
     if N_IN > 2:
-        v2 = _ld(x2, row, sb2, s12, s22, s32, j, mask, S2, S3, DENSE)
-        u += tl.load(cb + 2) * v2
-        v += tl.load(cb + 8) * v2
+        x = _ld(x2, row, sb2, s12, s22, s32, j, mask, S2, S3, DENSE)
+        u += a2 * x
+        v += b2 * x
     if N_IN > 3:
-        v3 = _ld(x3, row, sb3, s13, s23, s33, j, mask, S2, S3, DENSE)
-        u += tl.load(cb + 3) * v3
-        v += tl.load(cb + 9) * v3
+        x = _ld(x3, row, sb3, s13, s23, s33, j, mask, S2, S3, DENSE)
+        u += a3 * x
+        v += b3 * x
     if N_IN > 4:
-        v4 = _ld(x4, row, sb4, s14, s24, s34, j, mask, S2, S3, DENSE)
-        u += tl.load(cb + 4) * v4
-        v += tl.load(cb + 10) * v4
+        x = _ld(x4, row, sb4, s14, s24, s34, j, mask, S2, S3, DENSE)
+        u += a4 * x
+        v += b4 * x
     if N_IN > 5:
-        v5 = _ld(x5, row, sb5, s15, s25, s35, j, mask, S2, S3, DENSE)
-        u += tl.load(cb + 5) * v5
-        v += tl.load(cb + 11) * v5
+        x = _ld(x5, row, sb5, s15, s25, s35, j, mask, S2, S3, DENSE)
+        u += a5 * x
+        v += b5 * x
     if SQUARE:
         v = u
     return u, v
@@ -105,14 +105,27 @@ def _bilinear_partial_kernel(
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1).to(tl.int64)
     start = chunk * CHUNK
-    cb = coef_ptr + row * c_sb
+    cb = coef_ptr + row * c_sb  # the table has 16 columns: every load below is in bounds
+    a0 = tl.load(cb + 0)
+    a1 = tl.load(cb + 1)
+    a2 = tl.load(cb + 2)
+    a3 = tl.load(cb + 3)
+    a4 = tl.load(cb + 4)
+    a5 = tl.load(cb + 5)
+    b0 = tl.load(cb + 6)
+    b1 = tl.load(cb + 7)
+    b2 = tl.load(cb + 8)
+    b3 = tl.load(cb + 9)
+    b4 = tl.load(cb + 10)
+    b5 = tl.load(cb + 11)
     scale = tl.load(cb + 12)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for off in range(0, CHUNK, BLOCK):
         j = start + off + tl.arange(0, BLOCK).to(tl.int64)
         mask = j < D
         u, v = _bilinear_uv(
-            row, j, mask, cb, x0, x1, x2, x3, x4, x5,
+            row, j, mask, x0, x1, x2, x3, x4, x5,
+            a0, a1, a2, a3, a4, a5, b0, b1, b2, b3, b4, b5,
             sb0, s10, s20, s30, sb1, s11, s21, s31, sb2, s12, s22, s32,
             sb3, s13, s23, s33, sb4, s14, s24, s34, sb5, s15, s25, s35,
             S2, S3, N_IN, SQUARE, DENSE,
@@ -149,45 +162,58 @@ def _bilinear_grad_kernel(
     chunk = tl.program_id(1).to(tl.int64)
     start = chunk * CHUNK
     cb = coef_ptr + row * c_sb
+    a0 = tl.load(cb + 0)
+    a1 = tl.load(cb + 1)
+    a2 = tl.load(cb + 2)
+    a3 = tl.load(cb + 3)
+    a4 = tl.load(cb + 4)
+    a5 = tl.load(cb + 5)
+    b0 = tl.load(cb + 6)
+    b1 = tl.load(cb + 7)
+    b2 = tl.load(cb + 8)
+    b3 = tl.load(cb + 9)
+    b4 = tl.load(cb + 10)
+    b5 = tl.load(cb + 11)
     s = tl.load(grad_ptr + row).to(tl.float32) * tl.load(cb + 12) * inv_D  # g_i c_i / D
     for off in range(0, CHUNK, BLOCK):
         j = start + off + tl.arange(0, BLOCK).to(tl.int64)
         mask = j < D
         u, v = _bilinear_uv(
-            row, j, mask, cb, x0, x1, x2, x3, x4, x5,
+            row, j, mask, x0, x1, x2, x3, x4, x5,
+            a0, a1, a2, a3, a4, a5, b0, b1, b2, b3, b4, b5,
             sb0, s10, s20, s30, sb1, s11, s21, s31, sb2, s12, s22, s32,
             sb3, s13, s23, s33, sb4, s14, s24, s34, sb5, s15, s25, s35,
             S2, S3, N_IN, SQUARE, DENSE,
         )
         if W0:
             _store_grad(g0, row, gsb0, gs10, gs20, gs30, j, mask, S2, S3, s,
-                        tl.load(cb + 0), tl.load(cb + 6), u, v, DENSE)
+                        a0, b0, u, v, DENSE)
         if W1:
             _store_grad(g1, row, gsb1, gs11, gs21, gs31, j, mask, S2, S3, s,
-                        tl.load(cb + 1), tl.load(cb + 7), u, v, DENSE)
+                        a1, b1, u, v, DENSE)
         if W2:
             _store_grad(g2, row, gsb2, gs12, gs22, gs32, j, mask, S2, S3, s,
-                        tl.load(cb + 2), tl.load(cb + 8), u, v, DENSE)
+                        a2, b2, u, v, DENSE)
         if W3:
             _store_grad(g3, row, gsb3, gs13, gs23, gs33, j, mask, S2, S3, s,
-                        tl.load(cb + 3), tl.load(cb + 9), u, v, DENSE)
+                        a3, b3, u, v, DENSE)
         if W4:
             _store_grad(g4, row, gsb4, gs14, gs24, gs34, j, mask, S2, S3, s,
-                        tl.load(cb + 4), tl.load(cb + 10), u, v, DENSE)
+                        a4, b4, u, v, DENSE)
         if W5:
             _store_grad(g5, row, gsb5, gs15, gs25, gs35, j, mask, S2, S3, s,
-                        tl.load(cb + 5), tl.load(cb + 11), u, v, DENSE)
+                        a5, b5, u, v, DENSE)
 
 
 @triton.jit
-def _linear_out(x0v, x1v, x2v, x3v, cm, N_IN: tl.constexpr):
-    y = tl.load(cm + 0) * x0v
+def _linear_out(x0v, x1v, x2v, x3v, c0, c1, c2, c3, N_IN: tl.constexpr):
+    y = c0 * x0v
     if N_IN > 1:
-        y += tl.load(cm + 1) * x1v
+        y += c1 * x1v
     if N_IN > 2:
-        y += tl.load(cm + 2) * x2v
+        y += c2 * x2v
     if N_IN > 3:
-        y += tl.load(cm + 3) * x3v
+        y += c3 * x3v
     return y
 
 
@@ -202,7 +228,23 @@ def _linear_kernel(
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1).to(tl.int64)
     start = chunk * CHUNK
-    cb = coef_ptr + row * c_sb  # C_mk at 4m + k
+    cb = coef_ptr + row * c_sb  # C_mk at 4m + k; all 16 loads are in bounds
+    c00 = tl.load(cb + 0)
+    c01 = tl.load(cb + 1)
+    c02 = tl.load(cb + 2)
+    c03 = tl.load(cb + 3)
+    c10 = tl.load(cb + 4)
+    c11 = tl.load(cb + 5)
+    c12 = tl.load(cb + 6)
+    c13 = tl.load(cb + 7)
+    c20 = tl.load(cb + 8)
+    c21 = tl.load(cb + 9)
+    c22 = tl.load(cb + 10)
+    c23 = tl.load(cb + 11)
+    c30 = tl.load(cb + 12)
+    c31 = tl.load(cb + 13)
+    c32 = tl.load(cb + 14)
+    c33 = tl.load(cb + 15)
     for off in range(0, CHUNK, BLOCK):
         j = start + off + tl.arange(0, BLOCK).to(tl.int64)
         mask = j < D
@@ -216,19 +258,19 @@ def _linear_kernel(
             x2v = _ld(x2, row, sb2, s12, s22, s32, j, mask, S2, S3, DENSE)
         if N_IN > 3:
             x3v = _ld(x3, row, sb3, s13, s23, s33, j, mask, S2, S3, DENSE)
-        y = _linear_out(x0v, x1v, x2v, x3v, cb + 0, N_IN)
+        y = _linear_out(x0v, x1v, x2v, x3v, c00, c01, c02, c03, N_IN)
         tl.store(y0 + _offs(row, tb0, t10, t20, t30, j, S2, S3, DENSE),
                  y.to(y0.dtype.element_ty), mask=mask)
         if N_OUT > 1:
-            y = _linear_out(x0v, x1v, x2v, x3v, cb + 4, N_IN)
+            y = _linear_out(x0v, x1v, x2v, x3v, c10, c11, c12, c13, N_IN)
             tl.store(y1 + _offs(row, tb1, t11, t21, t31, j, S2, S3, DENSE),
                      y.to(y1.dtype.element_ty), mask=mask)
         if N_OUT > 2:
-            y = _linear_out(x0v, x1v, x2v, x3v, cb + 8, N_IN)
+            y = _linear_out(x0v, x1v, x2v, x3v, c20, c21, c22, c23, N_IN)
             tl.store(y2 + _offs(row, tb2, t12, t22, t32, j, S2, S3, DENSE),
                      y.to(y2.dtype.element_ty), mask=mask)
         if N_OUT > 3:
-            y = _linear_out(x0v, x1v, x2v, x3v, cb + 12, N_IN)
+            y = _linear_out(x0v, x1v, x2v, x3v, c30, c31, c32, c33, N_IN)
             tl.store(y3 + _offs(row, tb3, t13, t23, t33, j, S2, S3, DENSE),
                      y.to(y3.dtype.element_ty), mask=mask)
 

@@ -214,7 +214,8 @@ if pytest is not None:
         benchmark.extra_info.update(
             tool=tool, inputs=len(inputs), input_bytes=sum(os.path.getsize(p) for p in inputs),
             output_bytes=os.path.getsize(inputs[0]), peak_rss_bytes=child["peak_rss"],
-            child_seconds=child["seconds"], cpus=os.cpu_count())
+            child_seconds=child["seconds"], cpus=os.cpu_count(),
+            loadavg_1min_after=os.getloadavg()[0])
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -223,13 +224,14 @@ def _table(path: str) -> str:
     rows = {b["extra_info"]["tool"]: b for b in data["benchmarks"]}
     floor = rows.get("floor", {}).get("stats", {}).get("median")
     lines = ["| tool | median s | min s | max s | median / floor median | peak RSS MB (child) | "
-             "child s (incl. imports) |",
-             "|---|---|---|---|---|---|---|"]
+             "child s (incl. imports) | load avg (1 min) after |",
+             "|---|---|---|---|---|---|---|---|"]
     for tool, b in rows.items():
         s, e = b["stats"], b["extra_info"]
         ratio = f"{s['median'] / floor:.2f}" if floor else "-"
         lines.append(f"| {tool} | {s['median']:.3f} | {s['min']:.3f} | {s['max']:.3f} | {ratio} | "
-                     f"{e['peak_rss_bytes'] / 1e6:.0f} | {e['child_seconds']:.3f} |")
+                     f"{e['peak_rss_bytes'] / 1e6:.0f} | {e['child_seconds']:.3f} | "
+                     f"{e.get('loadavg_1min_after', float('nan')):.2f} |")
     any_b = next(iter(rows.values()))["extra_info"]
     lines.append("")
     lines.append(f"{any_b['inputs']} inputs, {any_b['input_bytes'] / 1e6:.0f} MB in total, "

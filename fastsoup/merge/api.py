@@ -338,7 +338,8 @@ def merge(inputs: Sequence[PathLike], output: PathLike, weights: Optional[Sequen
     report.manifest = manifest
     report.sidecar = sidecar_path(out.final, plan.kind != "file")
     report.copied_files = copied
-    del stats
+    report.work_items, report.window_bytes = stats.items, stats.window_bytes
+    report.staging_bytes = stats.staging_bytes
     return report
 
 

@@ -64,6 +64,13 @@ class InputMaps:
             self._maps[wf.path] = entry
         return entry
 
+    def open_all(self, plan: Plan) -> None:
+        """Map every safetensors file the plan reads (before any thread uses the maps)."""
+        for t in plan.tensors():
+            for s in t.sources:
+                if s.file.header is not None:
+                    self._get(s.file)
+
     def view(self, wf: WeightFile, key: str, start: int, stop: int) -> memoryview:
         """Bytes ``[start, stop)`` of tensor ``key``'s data (zero-copy)."""
         if wf.header is None:  # pickle input: a loaded tensor
@@ -232,8 +239,10 @@ _TORCH = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float6
 
 class TorchSummer:
     """Sums on a torch device with :func:`fastsoup.weighted_sum_` (the ``--device cuda``
-    path): host bytes are staged in (pinned, when on CUDA) buffers, copied asynchronously,
-    summed, and copied back."""
+    path). Host bytes are copied into reusable staging buffers (pinned on CUDA), sent with
+    asynchronous copies, summed in one multi-tensor launch, and copied back; buffers grow
+    to the largest chunk and are reused, and each call ends synchronised (the result is
+    on the host), so reusing them is safe."""
 
     def __init__(self, device: str, acc64: bool):
         import torch
@@ -244,12 +253,19 @@ class TorchSummer:
             raise MergeError("--device cuda: no CUDA device is available")
         self.acc64 = acc64
         self.pin = self.device.type == "cuda"
+        self._host_bufs: Dict[int, object] = {}
 
-    def _host(self, mv, dtype: str):
-        t = self.torch.frombuffer(mv, dtype=self.torch.uint8) if len(mv) else \
-            self.torch.empty(0, dtype=self.torch.uint8)
-        t = t.view(getattr(self.torch, _TORCH[dtype]))
-        return t
+    def _staging(self, slot: int, nbytes: int):
+        buf = self._host_bufs.get(slot)
+        if buf is None or buf.numel() < nbytes:
+            buf = self.torch.empty(max(nbytes, 1), dtype=self.torch.uint8, pin_memory=self.pin)
+            self._host_bufs[slot] = buf
+        return buf[:nbytes]
+
+    def _as_bytes(self, mv):
+        if not len(mv):
+            return self.torch.empty(0, dtype=self.torch.uint8)
+        return self.torch.frombuffer(mv, dtype=self.torch.uint8)
 
     def __call__(self, dst: memoryview, out_dtype: str, srcs, dtypes, weights, n: int) -> None:
         import warnings
@@ -260,16 +276,18 @@ class TorchSummer:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # frombuffer on read-only mmaps
             ins = []
-            for mv, d in zip(srcs, dtypes):
-                h = self._host(mv, d)
-                if self.pin:
-                    h = h.pin_memory()
-                ins.append([h.to(self.device, non_blocking=True)])
-            acc_dtype = torch.float64 if self.acc64 else getattr(torch, _TORCH[out_dtype])
-            out = torch.empty(n, dtype=acc_dtype, device=self.device)
+            for k, (mv, d) in enumerate(zip(srcs, dtypes)):
+                host = self._staging(k, len(mv))
+                host.copy_(self._as_bytes(mv))
+                dev = host.to(self.device, non_blocking=True)
+                ins.append([dev.view(getattr(torch, _TORCH[d]))])
+            out_t = getattr(torch, _TORCH[out_dtype])
+            out = torch.empty(n, dtype=torch.float64 if self.acc64 else out_t, device=self.device)
             weighted_sum_([out], ins, list(weights))
-            res = out.to(getattr(torch, _TORCH[out_dtype])).cpu()
-            self._host(dst, out_dtype).copy_(res)
+            res = out.to(out_t).view(torch.uint8)
+            host_out = self._staging(-1, len(dst))
+            host_out.copy_(res)  # synchronises with the device
+            self._as_bytes(dst).copy_(host_out)
 
 
 def check_equal_copies(plan: Plan, maps: InputMaps) -> None:
@@ -323,6 +341,7 @@ def execute(plan: Plan, writers: List[SafetensorsFileWriter], *, memory: int, th
             files.append((fi, f.tensors))
             fi += 1
     assert len(writers) == fi
+    maps.open_all(plan)
     items = make_items(files, window, staging_bytes)
     windows = make_windows(items, window)
     io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="fastsoup-io")

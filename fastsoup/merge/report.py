@@ -61,6 +61,9 @@ class MergeReport:
     manifest: Optional[dict] = None
     sidecar: Optional[str] = None
     copied_files: List[str] = field(default_factory=list)
+    work_items: Optional[int] = None        # tensor chunks summed (one _C call each)
+    window_bytes: Optional[int] = None      # input bytes mapped per prefetch window
+    staging_bytes: Optional[int] = None     # size of each of the two output buffers
 
     @property
     def throughput(self) -> Optional[float]:

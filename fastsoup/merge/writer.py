@@ -210,12 +210,15 @@ class SafetensorsFileWriter:
     def _preallocate(self) -> None:
         if self.size == 0:
             return
-        try:
-            os.posix_fallocate(self.fd, 0, self.size)
-            return
-        except OSError as exc:
-            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, getattr(errno, "ENOTSUP", -1)):
-                raise
+        fallocate = getattr(os, "posix_fallocate", None)  # Linux, not macOS
+        if fallocate is not None:
+            try:
+                fallocate(self.fd, 0, self.size)
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, getattr(errno, "ENOTSUP", -1)):
+                    raise OSError(exc.errno, f"cannot allocate {self.size} bytes: "
+                                  f"{exc.strerror}", self.path) from None
         os.ftruncate(self.fd, self.size)
 
     def pwrite(self, data, offset: int, start_writeback: bool = False) -> None:
@@ -223,7 +226,10 @@ class SafetensorsFileWriter:
         total = len(view)
         pos = offset
         while view:
-            n = os.pwrite(self.fd, view, pos)
+            try:
+                n = os.pwrite(self.fd, view, pos)
+            except OSError as exc:
+                raise OSError(exc.errno, exc.strerror, self.path) from None
             if n <= 0:
                 raise OSError(errno.EIO, f"short write to {self.path}")
             view = view[n:]

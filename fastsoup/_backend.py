@@ -13,7 +13,8 @@ Overrides, strongest first: :func:`use_backend` (a context manager, for tests an
 benchmarks), then the ``FASTSOUP_BACKEND`` environment variable, either one name for
 every op (``FASTSOUP_BACKEND=cuda``) or a comma list of ``op=name`` pairs
 (``FASTSOUP_BACKEND=per_sample_mse=cuda,weighted_sum=triton``). An override that cannot
-be honoured warns once and falls back; :func:`explain` says what runs and why.
+be honoured (unavailable backend, unknown name) warns once and falls back;
+:func:`explain` and ``fastsoup info`` say what runs and why.
 """
 from __future__ import annotations
 
@@ -75,28 +76,45 @@ def cuda_status() -> tuple:
 
 
 def _parse_env() -> Dict[str, str]:
-    return _parse_backend_spec(os.environ.get("FASTSOUP_BACKEND", "").strip())
+    raw = os.environ.get("FASTSOUP_BACKEND", "").strip()
+    mapping, problems = _parse_backend_spec(raw, tuple(sorted(OPS)))
+    for problem in problems:
+        if problem not in _warned:
+            _warned.add(problem)
+            warnings.warn(f"fastsoup: {problem}; ignoring it", RuntimeWarning, stacklevel=5)
+    return mapping
 
 
 @functools.lru_cache(maxsize=16)
-def _parse_backend_spec(raw: str) -> Dict[str, str]:
-    if not raw:
-        return {}
+def _parse_backend_spec(raw: str, ops: tuple) -> tuple:
+    """``FASTSOUP_BACKEND`` text -> ({op or "*": backend}, [problems]); ``ops`` are the
+    registered op names (part of the cache key)."""
     out: Dict[str, str] = {}
+    problems = []
     for part in raw.split(","):
         part = part.strip()
         if not part:
             continue
         if "=" in part:
-            op, name = (s.strip() for s in part.split("=", 1))
+            op, name = (x.strip() for x in part.split("=", 1))
+            if op not in ops:
+                problems.append(f"FASTSOUP_BACKEND names an unknown op {op!r} "
+                                f"(ops: {', '.join(sorted(OPS))})")
+                continue
         else:
             op, name = "*", part
         if name not in BACKENDS:
-            raise ValueError(
-                f"FASTSOUP_BACKEND: unknown backend {name!r} (expected one of {BACKENDS})"
-            )
+            problems.append(f"FASTSOUP_BACKEND: unknown backend {name!r} "
+                            f"(expected one of {', '.join(BACKENDS)})")
+            continue
         out[op] = name
-    return out
+    return out, problems
+
+
+def backend_env_problems() -> list:
+    """Problems found in ``FASTSOUP_BACKEND`` (for ``fastsoup info``)."""
+    raw = os.environ.get("FASTSOUP_BACKEND", "").strip()
+    return list(_parse_backend_spec(raw, tuple(sorted(OPS)))[1])
 
 
 @contextlib.contextmanager
@@ -156,16 +174,18 @@ def choose(op: str, device: torch.device | str) -> Choice:
         raise KeyError(f"unknown fastsoup op {op!r}")
     device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
     requested, source = _requested(op)
+    ignored = ""
     if requested is not None:
         if requested not in OPS[op]:
-            _warn_once(op, requested, f"{op} has no {requested} implementation")
+            why = f"{op} has no {requested} implementation"
         else:
             ok, why = _available(requested, device_type)
             if ok:
                 return Choice(op, requested, f"requested by {source}")
-            _warn_once(op, requested, why)
+        _warn_once(op, requested, why)
+        ignored = f" ({requested} requested by {source} but unavailable: {why})"
     if device_type != "cuda":
-        return Choice(op, "reference", f"{device_type} tensors use the PyTorch reference")
+        return Choice(op, "reference", f"{device_type} tensors use the PyTorch reference{ignored}")
     default = DEFAULT_GPU[op]
     order = [default] + [b for b in ("triton", "cuda") if b != default and b in OPS[op]]
     reasons = []
@@ -174,9 +194,9 @@ def choose(op: str, device: torch.device | str) -> Choice:
         if ok:
             note = "default GPU backend" if name == default else "fallback"
             extra = f" ({'; '.join(reasons)})" if reasons else ""
-            return Choice(op, name, f"{note}: {why}{extra}")
+            return Choice(op, name, f"{note}: {why}{extra}{ignored}")
         reasons.append(f"{name} unavailable: {why}")
-    return Choice(op, "reference", "; ".join(reasons))
+    return Choice(op, "reference", "; ".join(reasons) + ignored)
 
 
 def _warn_once(op: str, name: str, why: str) -> None:

@@ -31,12 +31,19 @@ def _info(args) -> int:
     cu = _ext.cuda_ext(warn=False)
     data["_cuda"] = "loaded" if cu is not None else f"not loaded ({_ext.load_error('_cuda')})"
     data["FASTSOUP_BACKEND"] = __import__("os").environ.get("FASTSOUP_BACKEND", "")
+    problems = _backend.backend_env_problems()
+    if problems:
+        data["FASTSOUP_BACKEND"] += "  [ignored: " + "; ".join(problems) + "]"
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    data["backends"] = {
-        dev: {op: {"backend": ch.backend, "why": ch.reason}
-              for op, ch in _backend.explain(dev).items()}
-        for dev in devices
-    }
+    import warnings
+
+    with warnings.catch_warnings():  # the reasons are printed below instead
+        warnings.simplefilter("ignore", RuntimeWarning)
+        data["backends"] = {
+            dev: {op: {"backend": ch.backend, "why": ch.reason}
+                  for op, ch in _backend.explain(dev).items()}
+            for dev in devices
+        }
     if args.json:
         print(json.dumps(data, indent=2))
         return 0

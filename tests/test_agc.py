@@ -194,20 +194,79 @@ def test_agc_loss_with_weights_selects_on_weighted_loss():
 
 def test_agc_loss_bank_rule_and_update():
     pred, target = _setup(2)
-    bank = fs.AGCMemoryBank(num_timesteps=5, ratio=2.0)
-    bank.bank.fill_(0.9)
     t = torch.tensor([0, 1, 1, 2, 3, 4])
     mse = ((pred.detach() - target) ** 2).flatten(1).mean(1)
-    expected_keep = 2.0 * mse >= 0.9
+    level = float((2.0 * mse).median())   # about half the batch falls below the bank
+    bank = fs.AGCMemoryBank(num_timesteps=5, ratio=2.0)
+    bank.bank.fill_(level)
+    expected_keep = 2.0 * mse >= level
+    assert 0 < int(expected_keep.sum()) < 6  # the rule really excludes something
     ref_bank = fs.AGCMemoryBank(num_timesteps=5, ratio=2.0)
-    ref_bank.bank.fill_(0.9)
+    ref_bank.bank.fill_(level)
     ref_bank.update(mse, t)
     w = torch.full((6,), 0.5)  # the bank sees the unweighted MSE
     loss, stats = fs.agc_loss(pred, target, timesteps=t, bank=bank, weight=w)
     assert torch.equal(stats.keep_mask, expected_keep)
     assert torch.equal(bank.bank, ref_bank.bank)
     K = int(expected_keep.sum())
-    assert torch.allclose(loss, (0.5 * mse)[expected_keep].sum() / max(K, 1))
+    torch.testing.assert_close(loss, (0.5 * mse)[expected_keep].sum() / K)
+    loss.backward()
+    assert (pred.grad[~expected_keep] == 0).all() and (pred.grad[expected_keep] != 0).any()
+    assert math.isclose(stats.as_dict()["threshold"], level / 2.0, rel_tol=1e-6)
+
+
+def test_agc_loss_update_bank_false_leaves_bank():
+    pred, target = _setup(8)
+    bank = fs.AGCMemoryBank(num_timesteps=5)
+    bank.bank.fill_(0.3)
+    before = bank.bank.clone()
+    fs.agc_loss(pred, target, timesteps=torch.arange(6) % 5, bank=bank, update_bank=False)
+    assert torch.equal(bank.bank, before)
+    fs.agc_loss(pred, target, timesteps=torch.arange(6) % 5, bank=bank)
+    assert not torch.equal(bank.bank, before)
+
+
+def test_agc_loss_bank_rule_excludes_nonfinite_without_poisoning_bank():
+    pred, target = _setup(9)
+    target = target.clone()
+    target[3, 1, 1] = float("nan")
+    bank = fs.AGCMemoryBank(num_timesteps=5)
+    t = torch.tensor([0, 1, 2, 3, 4, 0])
+    loss, stats = fs.agc_loss(pred, target, timesteps=t, bank=bank, nonfinite="exclude")
+    assert torch.isfinite(bank.bank).all() and bank.bank[3] == 0  # NaN sample not fed
+    assert stats.nonfinite == 1 and not stats.keep_mask[3] and int(stats.kept) == 5
+    loss.backward()
+    assert torch.isfinite(pred.grad).all() and (pred.grad[3] == 0).all()
+
+
+def test_weight_gradient_is_zero_for_excluded_and_nonfinite_samples():
+    pred, target = _setup(10)
+    target = target.clone()
+    target[1, 0, 0] = float("inf")
+    w = torch.rand(6, requires_grad=True)
+    loss, stats = fs.agc_loss(pred, target, weight=w, exclude_k=1, nonfinite="exclude")
+    loss.backward()
+    assert torch.isfinite(w.grad).all()
+    assert (w.grad[~stats.keep_mask] == 0).all() and (w.grad[stats.keep_mask] > 0).all()
+
+
+def test_topk_fraction_floor_is_robust_to_float_rounding():
+    losses = torch.arange(100, dtype=torch.float32)
+    assert int((~fs.low_loss_keep_mask(losses, fraction=0.29)).sum()) == 29
+    import numpy as np
+
+    assert int((~fs.low_loss_keep_mask(losses, k=np.int64(3))).sum()) == 3
+
+
+def test_bank_rejects_nonfinite_losses_and_bad_settings():
+    bank = fs.AGCMemoryBank(num_timesteps=4)
+    with pytest.raises(fs.NonFiniteLossError, match="poison the bank"):
+        bank.update(torch.tensor([float("nan"), 1.0]), torch.tensor([1, 1]))
+    assert torch.isfinite(bank.bank).all()
+    with pytest.raises(ValueError, match="finite"):
+        fs.AGCMemoryBank(ratio=float("inf"))
+    with pytest.raises(TypeError, match="num_timesteps must be an int"):
+        fs.AGCMemoryBank(num_timesteps=10.0)
 
 
 def test_agc_loss_no_sample_kept_gives_zero_loss_and_zero_grad():

@@ -35,9 +35,12 @@ def test_env_override_per_op_and_global(monkeypatch):
     assert _backend._requested("per_sample_mse")[0] == "reference"
     monkeypatch.setenv("FASTSOUP_BACKEND", "reference")
     assert _backend._requested("per_sample_mse")[0] == "reference"
-    monkeypatch.setenv("FASTSOUP_BACKEND", "per_sample_mse=fast")
-    with pytest.raises(ValueError, match="unknown backend 'fast'"):
-        _backend.choose("per_sample_mse", "cpu")
+    monkeypatch.setattr(_backend, "_warned", set())
+    monkeypatch.setenv("FASTSOUP_BACKEND", "per_sample_mse=fast,nosuchop=triton")
+    with pytest.warns(RuntimeWarning, match="FASTSOUP_BACKEND"):
+        assert _backend.choose("per_sample_mse", "cpu").backend == "reference"
+    problems = _backend.backend_env_problems()
+    assert len(problems) == 2 and "unknown op 'nosuchop'" in problems[1]
 
 
 def test_unavailable_request_warns_once_and_falls_back(monkeypatch):
@@ -86,3 +89,9 @@ def test_info_cli_text_and_json():
     assert data["fastsoup"] == fs.__version__
     assert data["backends"]["cpu"]["per_sample_mse"]["backend"] == "reference"
     assert data["torch"] == torch.__version__
+    env["FASTSOUP_BACKEND"] = "per_sample_mse=cuda,bogus"
+    res = subprocess.run([sys.executable, "-m", "fastsoup", "info"], capture_output=True,
+                         text=True, env=env)
+    assert res.returncode == 0, res.stderr
+    assert "ignored: FASTSOUP_BACKEND: unknown backend 'bogus'" in res.stdout
+    assert "cuda requested by FASTSOUP_BACKEND" in res.stdout

@@ -108,6 +108,30 @@ def test_bad_input_errors_name_the_argument(kwargs, exc, match):
         fs.per_sample_mse(**kwargs)
 
 
+def test_empty_batch_gives_empty_result():
+    out = fs.per_sample_mse(torch.randn(0, 3, 4), torch.randn(0, 3, 4))
+    assert out.shape == (0,) and out.dtype == torch.float32
+    assert fs.per_sample_mse(torch.randn(0), torch.randn(0)).shape == (0,)
+
+
+def test_float64_weight_keeps_fp32_result():
+    out = fs.per_sample_mse(torch.randn(3, 4), torch.randn(3, 4), torch.rand(3, dtype=torch.float64))
+    assert out.dtype == torch.float32
+
+
+def test_opcheck_mixed_layouts_with_target_grad():
+    torch.manual_seed(6)
+    # pred is a dense permuted view, target contiguous: the gradients must come back in
+    # the layouts the fake implementation promises (empty_like of each input)
+    pred = torch.randn(2, 3, 4, 5).permute(0, 2, 3, 1).requires_grad_()
+    target = torch.randn(2, 4, 5, 3).requires_grad_()
+    torch.library.opcheck(torch.ops.fastsoup.per_sample_mse.default, (pred, target))
+    torch.library.opcheck(
+        torch.ops.fastsoup.per_sample_mse_backward.default,
+        (torch.randn(2), pred.detach(), torch.randn(2, 3, 4, 5).permute(0, 2, 3, 1), True, True),
+    )
+
+
 def test_opcheck_forward_and_backward_ops():
     torch.manual_seed(4)
     pred = torch.randn(3, 4, 5, requires_grad=True)

@@ -69,7 +69,7 @@ def test_expanded_target_and_many_dims(triton_device):
     torch.manual_seed(3)
     pred = torch.randn(2, 3, 4, 5, 6, device=triton_device)
     target = torch.randn(1, 3, 1, 5, 6, device=triton_device).expand(2, 3, 4, 5, 6)
-    out, gp, _, g = _run(pred, target.contiguous())
+    _check(pred, target.contiguous(), 1e-5, 1e-5)
     with fs.use_backend("triton"):
         out2 = fs.per_sample_mse(pred, target)
     torch.testing.assert_close(out2, reference_forward(pred, target), rtol=1e-5, atol=1e-5)
@@ -113,3 +113,24 @@ def test_plan_chunks_covers_rows():
         assert chunk % 1024 == 0 and chunk * n >= numel and chunk * (n - 1) < numel
         if batch == 1 and numel > 2**20:
             assert n > 100  # one huge sample still spreads over the device
+
+
+def test_backward_uses_the_backend_chosen_in_forward(triton_device, monkeypatch):
+    """The backward of CUDA tensors runs on autograd's own thread, which does not see a
+    thread-local use_backend(): the forward's choice must travel with the graph."""
+    from fastsoup.triton import mse as tmse
+
+    calls = []
+    real = tmse.mse_backward
+    monkeypatch.setattr(tmse, "mse_backward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    pred = torch.randn(2, 40, device=triton_device, requires_grad=True)
+    target = torch.randn(2, 40, device=triton_device)
+    with fs.use_backend("triton"):
+        out = fs.per_sample_mse(pred, target)
+    out.sum().backward()          # outside the override, like autograd's device thread
+    assert calls == [1]
+    pred.grad = None
+    with fs.use_backend("triton"):
+        out = torch.compile(lambda p, t: fs.per_sample_mse(p, t), backend="aot_eager")(pred, target)
+    out.sum().backward()
+    assert calls == [1, 1]

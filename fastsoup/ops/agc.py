@@ -16,6 +16,8 @@ data-parallel ranks.
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple, Union
 
@@ -35,8 +37,12 @@ def _num_excluded(batch: int, k: Optional[int], fraction: Optional[float]) -> in
     if k is not None and fraction is not None:
         raise ValueError("give either k or fraction, not both")
     if k is not None:
-        if isinstance(k, bool) or not isinstance(k, int):
-            raise TypeError(f"k must be an int, got {type(k).__name__}")
+        if isinstance(k, bool):
+            raise TypeError("k must be an int, got bool")
+        try:
+            k = operator.index(k)  # int, numpy integers, 0-d integer tensors
+        except TypeError:
+            raise TypeError(f"k must be an int, got {type(k).__name__}") from None
         if k < 0:
             raise ValueError(f"k must be >= 0, got {k}")
         if batch > 0 and k >= batch:
@@ -48,7 +54,8 @@ def _num_excluded(batch: int, k: Optional[int], fraction: Optional[float]) -> in
         fraction = float(fraction)
         if not (0.0 <= fraction < 1.0) or math.isnan(fraction):
             raise ValueError(f"fraction must be in [0, 1), got {fraction}")
-        return int(math.floor(fraction * batch))
+        # floor(fraction·B), robust to binary rounding (0.29·100 is 28.999…98 in floats)
+        return int(math.floor(fraction * batch + 1e-9))
     return 0
 
 
@@ -110,10 +117,12 @@ class AGCMemoryBank(torch.nn.Module):
     def __init__(self, num_timesteps: int = 1000, ratio: float = 2.0, decay: float = 0.8,
                  dtype: torch.dtype = torch.float32, device=None):
         super().__init__()
+        if isinstance(num_timesteps, bool) or not isinstance(num_timesteps, numbers.Integral):
+            raise TypeError(f"num_timesteps must be an int, got {num_timesteps!r}")
         if num_timesteps <= 0:
             raise ValueError(f"num_timesteps must be positive, got {num_timesteps}")
-        if not (ratio > 0):
-            raise ValueError(f"ratio must be positive, got {ratio}")
+        if not (0 < ratio < math.inf):
+            raise ValueError(f"ratio must be positive and finite, got {ratio}")
         if not (0.0 <= decay < 1.0):
             raise ValueError(f"decay must be in [0, 1), got {decay}")
         self.num_timesteps = int(num_timesteps)
@@ -139,14 +148,22 @@ class AGCMemoryBank(torch.nn.Module):
                 f"timesteps must have shape [B] = [{losses.shape[0]}], got {tuple(timesteps.shape)}"
             )
         timesteps = timesteps.to(self.bank.device)
+        losses = losses.detach().to(device=self.bank.device, dtype=self.bank.dtype)
         if timesteps.numel():
-            lo, hi = int(timesteps.min()), int(timesteps.max())
+            # one device sync for all three checks
+            finite, lo, hi = torch.stack([torch.isfinite(losses).all().to(torch.int64),
+                                          timesteps.min().long(), timesteps.max().long()]).tolist()
             if lo < 0 or hi >= self.num_timesteps:
                 raise ValueError(
                     f"timesteps must lie in [0, {self.num_timesteps}) for this bank, "
                     f"got values in [{lo}, {hi}]"
                 )
-        return losses.detach().to(device=self.bank.device, dtype=self.bank.dtype), timesteps.long()
+            if not finite:
+                raise NonFiniteLossError(
+                    "losses contain NaN or infinity: they would poison the bank for their "
+                    "timesteps (drop them first; agc_loss(nonfinite='exclude') does)"
+                )
+        return losses, timesteps.long()
 
     @torch.no_grad()
     def keep_mask(self, losses: Tensor, timesteps: Tensor) -> Tensor:
@@ -189,6 +206,8 @@ class AGCStats:
 
     ``threshold`` is the largest excluded loss for the top-k rule, and the mean bank
     threshold ``bank[t]/ratio`` over the batch for the bank rule (NaN when not defined).
+    ``excluded`` counts every sample not kept, the ``nonfinite`` ones included;
+    ``mean_excluded_loss`` averages the finite excluded losses (NaN when there are none).
     """
 
     kept: Tensor
@@ -302,26 +321,17 @@ def agc_loss(pred: Tensor, target: Tensor, *, timesteps: Optional[Tensor] = None
     w = as_weight(weight, batch, pred.device)
 
     mse = per_sample_mse(pred, target)               # fp32 [B], differentiable
-    losses = mse if w is None else mse * w           # ℓ
+    losses = mse if w is None else mse * w.to(mse.dtype)  # ℓ
     l_det, mse_det = losses.detach(), mse.detach()
     t_local = timesteps.to(pred.device) if timesteps is not None else None
 
-    finite_local = torch.isfinite(l_det)
-    n_bad = 0
-    if not bool(finite_local.all()):
-        bad = (~finite_local).nonzero().flatten().tolist()
-        n_bad = len(bad)
-        if nonfinite == "raise":
-            raise NonFiniteLossError(
-                f"non-finite per-sample loss for {n_bad} of {batch} samples "
-                f"(batch indices {bad[:16]}{' ...' if n_bad > 16 else ''}); "
-                "pass nonfinite='exclude' to drop them instead"
-            )
+    finite_local = torch.isfinite(l_det) & torch.isfinite(mse_det)
 
     # ------------------------------------------------------------- global view of the batch
+    # Under data parallelism nothing may raise before the collective: a rank that raised
+    # alone would leave the others blocked in all_gather. Checks run on the gathered batch,
+    # identically on every rank.
     if process_group is not None:
-        import torch.distributed as dist
-
         group = None if process_group is True else process_group
         fields = [l_det, mse_det, finite_local]
         if t_local is not None:
@@ -329,21 +339,27 @@ def agc_loss(pred: Tensor, target: Tensor, *, timesteps: Optional[Tensor] = None
         gathered, offset, world = _gather(group, *fields)
         g_l, g_mse, g_finite = gathered[0], gathered[1], gathered[2]
         g_t = gathered[3] if t_local is not None else None
-        n_bad_global = int((~g_finite).sum())
-        if n_bad_global and nonfinite == "raise":
-            raise NonFiniteLossError(
-                f"non-finite per-sample loss on another rank ({n_bad_global} samples)"
-            )
-        n_bad = n_bad_global
     else:
         g_l, g_mse, g_finite, g_t = l_det, mse_det, finite_local, t_local
         offset, world = 0, 1
+    n_bad = 0
+    if not bool(g_finite.all()):
+        bad = (~g_finite).nonzero().flatten().tolist()
+        n_bad = len(bad)
+        if nonfinite == "raise":
+            where = "batch indices" if world == 1 else "global batch indices (rank-major)"
+            raise NonFiniteLossError(
+                f"non-finite per-sample loss for {n_bad} of {g_l.shape[0]} samples "
+                f"({where} {bad[:16]}{' ...' if n_bad > 16 else ''}); "
+                "pass nonfinite='exclude' to drop them instead"
+            )
     total = g_l.shape[0]
 
     # ------------------------------------------------------------- selection on [B_global]
     threshold = torch.full((), float("nan"), device=pred.device)
     if use_bank:
-        keep = bank.keep_mask(g_mse, g_t).to(pred.device) & g_finite
+        finite_mse = torch.where(g_finite, g_mse, torch.zeros_like(g_mse))
+        keep = bank.keep_mask(finite_mse, g_t).to(pred.device) & g_finite
         threshold = bank.threshold(g_t).mean().to(pred.device)
         if update_bank:
             bank.update(g_mse[g_finite], g_t[g_finite])
@@ -361,9 +377,14 @@ def agc_loss(pred: Tensor, target: Tensor, *, timesteps: Optional[Tensor] = None
 
     kept = keep.sum()
     local_keep = keep[offset: offset + batch]
-    safe_losses = torch.where(local_keep, losses, torch.zeros_like(losses))
-    denom = kept.clamp(min=1).to(losses.dtype)
-    loss = safe_losses.sum() * (world / denom)
+    # Mask before weighting, so excluded (possibly non-finite) samples give exact zeros to
+    # pred, target and weight gradients alike.
+    zero = torch.zeros_like(mse)
+    safe = torch.where(local_keep, mse, zero)
+    if w is not None:
+        safe = torch.where(local_keep, safe * w.to(mse.dtype), zero)
+    denom = kept.clamp(min=1).to(mse.dtype)
+    loss = safe.sum() * (world / denom)
     stats = AGCStats(
         kept=kept,
         total=total,

@@ -42,7 +42,7 @@ def reference_forward(pred: Tensor, target: Tensor) -> Tensor:
     """
     acc = _acc_dtype(pred, target)
     diff = torch.sub(pred.to(acc), target.to(acc))
-    return diff.square_().reshape(pred.shape[0], -1).mean(dim=1)
+    return diff.square_().reshape(pred.shape[0], math.prod(pred.shape[1:])).mean(dim=1)
 
 
 def reference_backward(grad: Tensor, pred: Tensor, target: Tensor,
@@ -58,11 +58,9 @@ def reference_backward(grad: Tensor, pred: Tensor, target: Tensor,
     zero_rows = coef == 0
     if bool(zero_rows.any()):
         g.masked_fill_(zero_rows, 0.0)  # excluded rows: exact zeros even for inf/NaN inputs
-    gp = g.to(pred.dtype) if pred_grad else pred.new_empty(0)
-    if target_grad:  # gp may alias g (same dtype): negate in place only when it does not
-        gt = (torch.neg(g) if pred_grad else g.neg_()).to(target.dtype)
-    else:
-        gt = target.new_empty(0)
+    # Gradients in the layouts empty_like gives (what the fake implementation promises).
+    gp = torch.empty_like(pred).copy_(g) if pred_grad else pred.new_empty(0)
+    gt = torch.empty_like(target).copy_(g.neg_()) if target_grad else target.new_empty(0)
     return gp, gt
 
 
@@ -111,12 +109,16 @@ def _fused_backward(backend: str, grad: Tensor, pred: Tensor, target: Tensor,
     gt = torch.empty_like(target) if target_grad else None
     tensors = [pred, target, gp if gp is not None else pred, gt if gt is not None else target]
     layout = row_layout(tensors)
-    if layout is None:
-        pred, target = pred.contiguous(), target.contiguous()
-        gp = torch.empty_like(pred) if pred_grad else None
-        gt = torch.empty_like(target) if target_grad else None
-        layout = row_layout([pred, target, gp if gp is not None else pred,
-                             gt if gt is not None else target])
+    if layout is None:  # > 3 non-mergeable inner dims (rare): compute contiguous, copy out
+        out_gp, out_gt = gp, gt
+        gp, gt = _fused_backward(backend, grad, pred.contiguous(), target.contiguous(),
+                                 pred_grad, target_grad)
+        if out_gp is not None:
+            out_gp.copy_(gp)
+        if out_gt is not None:
+            out_gt.copy_(gt)
+        return (out_gp if out_gp is not None else pred.new_empty(0),
+                out_gt if out_gt is not None else target.new_empty(0))
     if backend == "triton":
         from ..triton import mse as tmse
 
@@ -141,16 +143,14 @@ def _backend_for(pred: Tensor, target: Tensor) -> str:
     return _backend.choose(OP, pred.device).backend
 
 
-def _forward_impl(pred: Tensor, target: Tensor) -> Tensor:
-    backend = _backend_for(pred, target)
+def _forward_impl(pred: Tensor, target: Tensor, backend: str) -> Tensor:
     if backend == "reference":
         return reference_forward(pred, target)
     return _fused_forward(backend, pred, target)
 
 
 def _backward_impl(grad: Tensor, pred: Tensor, target: Tensor,
-                   pred_grad: bool, target_grad: bool) -> Tuple[Tensor, Tensor]:
-    backend = _backend_for(pred, target)
+                   pred_grad: bool, target_grad: bool, backend: str) -> Tuple[Tensor, Tensor]:
     if backend == "reference":
         return reference_backward(grad, pred, target, pred_grad, target_grad)
     return _fused_backward(backend, grad, pred, target, pred_grad, target_grad)
@@ -161,9 +161,13 @@ def _backward_impl(grad: Tensor, pred: Tensor, target: Tensor,
 # mode the same implementations run through a plain autograd.Function, which avoids the
 # per-call Python overhead of the custom-op dispatcher (~100 µs, more than the whole
 # kernel time at SD-latent sizes).
+#
+# The backend is chosen once, in the forward pass, and handed to the backward pass: the
+# backward of CUDA tensors runs on autograd's device thread, which does not see the
+# caller's thread-local fs.use_backend() override.
 @torch.library.custom_op("fastsoup::per_sample_mse", mutates_args=())
 def _per_sample_mse_op(pred: Tensor, target: Tensor) -> Tensor:
-    return _forward_impl(pred, target)
+    return _forward_impl(pred, target, _backend_for(pred, target))
 
 
 @_per_sample_mse_op.register_fake
@@ -173,12 +177,15 @@ def _(pred, target):
 
 @torch.library.custom_op("fastsoup::per_sample_mse_backward", mutates_args=())
 def _per_sample_mse_backward_op(grad: Tensor, pred: Tensor, target: Tensor,
-                                pred_grad: bool, target_grad: bool) -> Tuple[Tensor, Tensor]:
-    return _backward_impl(grad, pred, target, pred_grad, target_grad)
+                                pred_grad: bool, target_grad: bool,
+                                backend: str = "") -> Tuple[Tensor, Tensor]:
+    if backend not in _backend.BACKENDS:
+        backend = _backend_for(pred, target)
+    return _backward_impl(grad, pred, target, pred_grad, target_grad, backend)
 
 
 @_per_sample_mse_backward_op.register_fake
-def _(grad, pred, target, pred_grad, target_grad):
+def _(grad, pred, target, pred_grad, target_grad, backend=""):
     gp = torch.empty_like(pred) if pred_grad else pred.new_empty(0)
     gt = torch.empty_like(target) if target_grad else target.new_empty(0)
     return gp, gt
@@ -187,6 +194,7 @@ def _(grad, pred, target, pred_grad, target_grad):
 def _setup_context(ctx, inputs, output):
     pred, target = inputs
     ctx.save_for_backward(pred, target)
+    ctx.backend = _backend_for(pred, target)
 
 
 def _backward(ctx, grad):
@@ -194,7 +202,8 @@ def _backward(ctx, grad):
     pred_grad, target_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     if not (pred_grad or target_grad):
         return None, None
-    gp, gt = _per_sample_mse_backward_op(grad, pred, target, pred_grad, target_grad)
+    gp, gt = _per_sample_mse_backward_op(grad, pred, target, pred_grad, target_grad,
+                                         ctx.backend)
     return (gp if pred_grad else None), (gt if target_grad else None)
 
 
@@ -207,7 +216,8 @@ class _PerSampleMSEFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, pred, target):
         ctx.save_for_backward(pred, target)
-        return _forward_impl(pred, target)
+        ctx.backend = _backend_for(pred, target)
+        return _forward_impl(pred, target, ctx.backend)
 
     @staticmethod
     def backward(ctx, grad):
@@ -215,7 +225,7 @@ class _PerSampleMSEFunction(torch.autograd.Function):
         pred_grad, target_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if not (pred_grad or target_grad):
             return None, None
-        gp, gt = _backward_impl(grad, pred, target, pred_grad, target_grad)
+        gp, gt = _backward_impl(grad, pred, target, pred_grad, target_grad, ctx.backend)
         return (gp if pred_grad else None), (gt if target_grad else None)
 
 
@@ -248,4 +258,4 @@ def per_sample_mse(pred: Tensor, target: Tensor,
         raise ValueError(f"pred has no elements per sample (shape {tuple(pred.shape)})")
     w = as_weight(weight, pred.shape[0], pred.device)
     mse = per_sample_mse_unweighted(pred, target)
-    return mse if w is None else mse * w
+    return mse if w is None else mse * w.to(mse.dtype)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -15,3 +16,10 @@ def target_programs(device: torch.device) -> int:
     if device.type == "cuda":
         return 8 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     return 4  # the interpreter: few programs keep tests fast but still exercise chunking
+
+
+def device_guard(t: torch.Tensor):
+    """Make ``t``'s GPU current while launching (Triton launches on the current device)."""
+    if t.is_cuda:
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()

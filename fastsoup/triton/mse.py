@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from ..ops._rows import RowLayout, plan_chunks
+from ._util import device_guard as _device_guard
 from ._util import target_programs
 
 BLOCK = 1024
@@ -95,12 +96,13 @@ def mse_forward(pred: torch.Tensor, target: torch.Tensor, layout: RowLayout,
     partial = torch.empty((B, n_chunks), dtype=torch.float32, device=pred.device)
     ps, ts = layout.strides[0], layout.strides[1]
     _, S2, S3 = layout.sizes
-    _mse_partial_kernel[(B, n_chunks)](
-        pred, target, partial,
-        *ps, *ts,
-        D, S2, S3, chunk, n_chunks, 1.0 / D,
-        BLOCK=BLOCK, DENSE=layout.dense, num_warps=NUM_WARPS,
-    )
+    with _device_guard(pred):
+        _mse_partial_kernel[(B, n_chunks)](
+            pred, target, partial,
+            *ps, *ts,
+            D, S2, S3, chunk, n_chunks, 1.0 / D,
+            BLOCK=BLOCK, DENSE=layout.dense, num_warps=NUM_WARPS,
+        )
     return partial.view(B) if n_chunks == 1 else partial.sum(dim=1)
 
 
@@ -120,11 +122,12 @@ def mse_backward(coef: torch.Tensor, pred: torch.Tensor, target: torch.Tensor,
     _, S2, S3 = layout.sizes
     gp = grad_pred if grad_pred is not None else pred
     gt = grad_target if grad_target is not None else target
-    _mse_grad_kernel[(B, n_chunks)](
-        pred, target, coef, gp, gt,
-        *layout.strides[0], *layout.strides[1], *layout.strides[2], *layout.strides[3],
-        D, S2, S3, chunk,
-        BLOCK=BLOCK, DENSE=layout.dense,
-        WRITE_PRED=grad_pred is not None, WRITE_TARGET=grad_target is not None,
-        num_warps=NUM_WARPS,
-    )
+    with _device_guard(pred):
+        _mse_grad_kernel[(B, n_chunks)](
+            pred, target, coef, gp, gt,
+            *layout.strides[0], *layout.strides[1], *layout.strides[2], *layout.strides[3],
+            D, S2, S3, chunk,
+            BLOCK=BLOCK, DENSE=layout.dense,
+            WRITE_PRED=grad_pred is not None, WRITE_TARGET=grad_target is not None,
+            num_warps=NUM_WARPS,
+        )

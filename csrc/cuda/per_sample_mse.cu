@@ -2,8 +2,8 @@
 //
 // One block per (row, chunk). Each block walks `chunk` consecutive elements of one
 // sample through the shared row layout (dense: offset j; strided: three inner dims),
-// reading fp32/fp16/bf16 and accumulating in fp32. The dense path of the forward loads
-// four elements per thread per step when both rows are 4-element aligned.
+// reading fp32/fp16/bf16 and accumulating in fp32. On the dense path both kernels move
+// four elements per thread per step when every row involved is 4-element aligned.
 // Offsets are int64 throughout. No torch headers: see fastsoup_cuda.h.
 #include "fastsoup_cuda.h"
 
@@ -30,6 +30,11 @@ template <typename T>
 struct alignas(sizeof(T) * kVec) Vec {
     T v[kVec];
 };
+
+template <typename T>
+__device__ __forceinline__ bool is_aligned(const T* p) {
+    return (reinterpret_cast<uintptr_t>(p) % sizeof(Vec<T>)) == 0;
+}
 
 __device__ __forceinline__ int64_t inner_offset(int64_t j, const fastsoup_row_strides& s,
                                                 int64_t size2, int64_t size3, bool dense) {
@@ -66,9 +71,8 @@ __global__ void __launch_bounds__(kThreads) mse_forward_kernel(
     const TP* prow = pred + row * ps.batch_stride;
     const TT* trow = target + row * ts.batch_stride;
     float acc = 0.f;
-    const bool vec = dense && ps.s3 == 1 && ts.s3 == 1 &&
-                     (reinterpret_cast<uintptr_t>(prow) % sizeof(Vec<TP>)) == 0 &&
-                     (reinterpret_cast<uintptr_t>(trow) % sizeof(Vec<TT>)) == 0;
+    const bool vec = dense && ps.s3 == 1 && ts.s3 == 1 && is_aligned<TP>(prow) &&
+                     is_aligned<TT>(trow);
     if (vec) {
         const int64_t vstop = start + ((stop - start) / kVec) * kVec;
         for (int64_t j = start + threadIdx.x * kVec; j < vstop; j += kThreads * kVec) {
@@ -114,7 +118,30 @@ __global__ void __launch_bounds__(kThreads) mse_backward_kernel(
     const TT* trow = target + row * ts.batch_stride;
     TP* gprow = grad_pred ? grad_pred + row * gps.batch_stride : nullptr;
     TT* gtrow = grad_target ? grad_target + row * gts.batch_stride : nullptr;
-    for (int64_t j = start + threadIdx.x; j < stop; j += kThreads) {
+    const bool vec = dense && ps.s3 == 1 && ts.s3 == 1 && (!gprow || gps.s3 == 1) &&
+                     (!gtrow || gts.s3 == 1) && is_aligned<TP>(prow) && is_aligned<TT>(trow) &&
+                     (!gprow || is_aligned<TP>(gprow)) && (!gtrow || is_aligned<TT>(gtrow));
+    int64_t j0 = start + threadIdx.x;
+    if (vec) {
+        // `start` is a multiple of the chunk quantum, so aligned rows stay aligned here.
+        const int64_t vstop = start + ((stop - start) / kVec) * kVec;
+        for (int64_t j = start + threadIdx.x * kVec; j < vstop; j += kThreads * kVec) {
+            const Vec<TP> p = *reinterpret_cast<const Vec<TP>*>(prow + j);
+            const Vec<TT> t = *reinterpret_cast<const Vec<TT>*>(trow + j);
+            Vec<TP> gp;
+            Vec<TT> gt;
+#pragma unroll
+            for (int v = 0; v < kVec; ++v) {
+                const float g = (k != 0.f) ? k * (to_f32(p.v[v]) - to_f32(t.v[v])) : 0.f;
+                gp.v[v] = from_f32<TP>(g);
+                gt.v[v] = from_f32<TT>(-g);
+            }
+            if (gprow) *reinterpret_cast<Vec<TP>*>(gprow + j) = gp;
+            if (gtrow) *reinterpret_cast<Vec<TT>*>(gtrow + j) = gt;
+        }
+        j0 = vstop + threadIdx.x;  // scalar tail
+    }
+    for (int64_t j = j0; j < stop; j += kThreads) {
         float g = 0.f;
         if (k != 0.f) {
             g = k * (to_f32(prow[inner_offset(j, ps, size2, size3, dense)]) -
@@ -173,7 +200,7 @@ extern "C" cudaError_t fastsoup_mse_backward(
     int64_t batch, int64_t row_numel, int64_t size2, int64_t size3,
     int dense, int64_t chunk, int64_t n_chunks, cudaStream_t stream) {
     if (batch <= 0 || n_chunks <= 0) return cudaSuccess;
-    if (chunk <= 0 || batch * n_chunks > 0x7fffffffLL) return cudaErrorInvalidValue;
+    if (chunk <= 0 || chunk % kVec != 0 || batch * n_chunks > 0x7fffffffLL) return cudaErrorInvalidValue;
     const dim3 grid(static_cast<unsigned>(batch * n_chunks));
     return dispatch2(pred_dtype, target_dtype, [&](auto tp, auto tt) {
         using TP = decltype(tp);

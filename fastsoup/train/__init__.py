@@ -24,3 +24,10 @@ from .difftuning import (
     power_law_timestep_probs,
     split_batch,
 )
+from .ambient import (
+    AmbientVPBatch,
+    ambient_vp_batch,
+    ambient_vp_dataset,
+    corrupt_batch,
+    sample_early_stop,
+)

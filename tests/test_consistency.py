@@ -212,3 +212,21 @@ def test_reverse_step_dtypes_layout_and_gradcheck():
         fs.vp_reverse_step(h, e, torch.randn(3, 2), *sc)
     with pytest.raises(ValueError, match="at most 2"):
         fs.vp_reverse_step(h, e, [xi1, xi1, xi1], *sc)
+
+
+def test_torch_compile_fullgraph_consistency_and_step():
+    xs, sc = _eps_setup(seed=6, dtype=torch.float32)
+    xs = [x.requires_grad_() for x in xs]
+
+    def f(x_t, e_t, x1, e1, x2, e2):
+        y1, y2 = fs.vp_reverse_step(x_t, e_t, (x1, x2), sc[2], sc[3], sc[1] * 0.5)
+        return fs.consistency_loss_eps(x_t, e_t, sc[0], sc[1], x1, e1, x2, e2, sc[2], sc[3],
+                                       stop_anchor_grad=False) + (y1 * y2).mean()
+
+    eager = f(*xs)
+    g_eager = torch.autograd.grad(eager, xs)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(*xs)
+    g_comp = torch.autograd.grad(compiled, xs)
+    torch.testing.assert_close(compiled, eager)
+    for a, b in zip(g_comp, g_eager):
+        torch.testing.assert_close(a, b)

@@ -24,6 +24,19 @@ PyTorch reference (the CPU path, the float64 path and the test oracle) and Trito
 never allocate a ``[B, D]`` temporary besides the outputs. A fused loss costs about five
 launches forward (table, reduction kernel, a few ``[B]`` reductions) and one backward.
 
+A VP training step (SDXL-style ε-network, data at level ``t_n``; ``scheduler`` is any
+diffusers scheduler, ``x_n`` a batch from :class:`fastsoup.ambient_data.AmbientDataset`)::
+
+    t = torch.randint(t_n, T, (B,), device=dev)
+    alpha_t, sigma_t = fs.vp_alpha_sigma(scheduler, t)
+    alpha_n, sigma_n = fs.vp_alpha_sigma(scheduler, torch.full_like(t, t_n))
+    a = alpha_t / alpha_n
+    b = (sigma_t**2 - a**2 * sigma_n**2).clamp_min(0).sqrt()
+    z = torch.randn_like(x_n)
+    x_t = a.view(-1, 1, 1, 1) * x_n + b.view(-1, 1, 1, 1) * z
+    eps_pred = unet(x_t, t, cond).sample
+    loss = fs.ambient_loss_vp(eps_pred, z, alpha_t, sigma_t, alpha_n, sigma_n, mode="x0")
+
 Per-sample noise-schedule scalars (``alpha_t``, ``sigma_t``, ...) are constants of the
 schedule: they may be Python numbers, 0-d tensors or ``[B]`` float tensors, but not tensors
 that require grad (a ``ValueError`` says so; pass ``.detach()``). Gradients flow to the

@@ -102,3 +102,21 @@ def test_training_step_small_unet_like_model():
         opt.step()
         assert torch.isfinite(loss)
     assert bank.bank.abs().sum() > 0 and 0 < int(stats.kept) <= 16
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_forward_and_backward_run_the_requested_backend(backend, monkeypatch):
+    """The backward runs on autograd's device thread; it must still use the backend the
+    forward chose (so both CUDA kernels really are exercised by the tests above)."""
+    _skip_unavailable(backend)
+    from fastsoup.ops import mse as mse_mod
+
+    seen = []
+    real_f, real_b = mse_mod._fused_forward, mse_mod._fused_backward
+    monkeypatch.setattr(mse_mod, "_fused_forward", lambda b, *a: seen.append(("f", b)) or real_f(b, *a))
+    monkeypatch.setattr(mse_mod, "_fused_backward", lambda b, *a: seen.append(("b", b)) or real_b(b, *a))
+    pred = torch.randn(4, 4096, device="cuda", requires_grad=True)
+    with fs.use_backend(backend):
+        out = fs.per_sample_mse(pred, torch.randn_like(pred))
+    out.sum().backward()
+    assert seen == [("f", backend), ("b", backend)]

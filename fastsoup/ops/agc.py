@@ -169,21 +169,35 @@ class AGCMemoryBank(torch.nn.Module):
     def keep_mask(self, losses: Tensor, timesteps: Tensor) -> Tensor:
         """Boolean ``[B]``: ``ratio·ℓ_i ≥ bank[t_i]`` with the current (pre-update) bank."""
         l, t = self._check(losses, timesteps)
-        return (self.ratio * l >= self.bank[t]).to(losses.device)
+        return self._keep_mask(l, t).to(losses.device)
+
+    def _keep_mask(self, l: Tensor, t: Tensor) -> Tensor:
+        # l: bank dtype/device, finite; t: int64 in range (checked by the caller)
+        return self.ratio * l >= self.bank[t]
 
     @torch.no_grad()
     def update(self, losses: Tensor, timesteps: Tensor) -> None:
         """Sequential-in-batch-order exponential update of the bank."""
         l, t = self._check(losses, timesteps)
+        self._update(l, t)
+
+    def _update(self, l: Tensor, t: Tensor) -> None:
         if t.numel() == 0:
             return
         rank = _rank_within_timestep(t)
-        rounds = int(rank.max()) + 1
+        rounds = int(rank.max()) + 1  # the one device sync of an update
         beta = self.decay
-        for r in range(rounds):
-            sel = rank == r if rounds > 1 else slice(None)
-            ts, ls = t[sel], l[sel]  # unique timesteps within one round
-            self.bank[ts] = beta * self.bank[ts] + (1.0 - beta) * ls
+        if rounds == 1:  # all timesteps distinct: one vectorised step
+            self.bank[t] = beta * self.bank[t] + (1.0 - beta) * l
+        else:
+            # Round r updates the r-th occurrence of every timestep; samples of other
+            # rounds are pointed at a scratch slot, so no data-dependent shapes (no sync).
+            ext = torch.cat([self.bank, self.bank.new_zeros(1)])
+            scratch = self.num_timesteps
+            for r in range(rounds):
+                idx = torch.where(rank == r, t, torch.full_like(t, scratch))
+                ext[idx] = beta * ext[idx] + (1.0 - beta) * l
+            self.bank.copy_(ext[:-1])
         self.count.index_add_(0, t, torch.ones_like(t))
 
     @torch.no_grad()
@@ -343,7 +357,15 @@ def agc_loss(pred: Tensor, target: Tensor, *, timesteps: Optional[Tensor] = None
         g_l, g_mse, g_finite, g_t = l_det, mse_det, finite_local, t_local
         offset, world = 0, 1
     n_bad = 0
-    if not bool(g_finite.all()):
+    # One device sync for the finiteness check and the bank's timestep range.
+    checks = [g_finite.all().to(torch.int64)]
+    if use_bank:
+        checks += [g_t.min().long(), g_t.max().long()]
+    checks = torch.stack([c.to(pred.device) for c in checks]).tolist()
+    if use_bank and (checks[1] < 0 or checks[2] >= bank.num_timesteps):
+        raise ValueError(f"timesteps must lie in [0, {bank.num_timesteps}) for this bank, "
+                         f"got values in [{checks[1]}, {checks[2]}]")
+    if not checks[0]:
         bad = (~g_finite).nonzero().flatten().tolist()
         n_bad = len(bad)
         if nonfinite == "raise":
@@ -358,11 +380,17 @@ def agc_loss(pred: Tensor, target: Tensor, *, timesteps: Optional[Tensor] = None
     # ------------------------------------------------------------- selection on [B_global]
     threshold = torch.full((), float("nan"), device=pred.device)
     if use_bank:
-        finite_mse = torch.where(g_finite, g_mse, torch.zeros_like(g_mse))
-        keep = bank.keep_mask(finite_mse, g_t).to(pred.device) & g_finite
-        threshold = bank.threshold(g_t).mean().to(pred.device)
+        bdev, bdt = bank.bank.device, bank.bank.dtype
+        b_mse = torch.where(g_finite, g_mse, torch.zeros_like(g_mse)).to(bdev, bdt)
+        b_t = g_t.to(bdev).long()
+        keep = bank._keep_mask(b_mse, b_t).to(pred.device) & g_finite
+        threshold = (bank.bank[b_t] / bank.ratio).mean().to(pred.device)
         if update_bank:
-            bank.update(g_mse[g_finite], g_t[g_finite])
+            if n_bad:
+                fin = g_finite.to(bdev)
+                bank._update(b_mse[fin], b_t[fin])
+            else:
+                bank._update(b_mse, b_t)
     elif use_topk:
         n_drop = _num_excluded(total, exclude_k, exclude_fraction)
         # Non-finite samples (only present with nonfinite="exclude") rank last and are

@@ -25,6 +25,7 @@ from .ops import (
 from .ops.weighted_sum import weighted_sum_
 from . import merge  # callable: fs.merge(inputs, output, weights=None, **options)
 from .merge import HeaderError, MergeError, MergeReport, PlanError
+from . import train  # the diffusers-facing training layer: fs.train.diffusion_loss, ...
 
 __all__ = [
     "__version__",
@@ -50,4 +51,5 @@ __all__ = [
     "MergeError",
     "PlanError",
     "HeaderError",
+    "train",
 ]

@@ -230,3 +230,15 @@ def test_torch_compile_fullgraph_consistency_and_step():
     torch.testing.assert_close(compiled, eager)
     for a, b in zip(g_comp, g_eager):
         torch.testing.assert_close(a, b)
+
+
+def test_empty_batch_gives_zero_not_nan():
+    e = torch.zeros(0, 3, 4, requires_grad=True)
+    z = torch.zeros(0)
+    for loss in (fs.consistency_loss(e, e, e), fs.ambient_loss_vp(e, e, z, z, z, z),
+                 fs.ambient_loss_ve(e, e, e, z, z)):
+        assert loss.item() == 0.0
+        loss.backward()
+    assert e.grad.shape == e.shape
+    assert fs.consistency_loss(e, e, e, reduction="none").shape == (0,)
+    assert fs.vp_reverse_step(e, e, e, z, z, z).shape == e.shape

@@ -228,7 +228,8 @@ def reference_bilinear(xs: Sequence[Tensor], coef: Tensor, square: bool) -> Tens
         u.square_()
     else:
         u.mul_(_row_combination(xs, coef[:, 6:6 + n]))
-    raw = u.reshape(xs[0].shape[0], -1).mean(dim=1)
+    B = xs[0].shape[0]
+    raw = u.reshape(B, u.numel() // B if B else 1).mean(dim=1)
     scale = coef[:, COL_SCALE]
     return torch.where(scale == 0, torch.zeros_like(raw), scale * raw)
 

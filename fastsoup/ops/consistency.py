@@ -23,7 +23,9 @@ from .ambient import (
 def _reduce(per_sample: Tensor, reduction: str) -> Tensor:
     if reduction == "none":
         return per_sample
-    return per_sample.sum() if reduction == "sum" else per_sample.mean()
+    total = per_sample.sum()
+    # an empty batch gives 0, not the NaN of an empty mean
+    return total if reduction == "sum" else total / max(per_sample.shape[0], 1)
 
 
 def consistency_loss(h_anchor: Tensor, h1: Tensor, h2: Tensor, stop_anchor_grad: bool = True,

@@ -1,5 +1,5 @@
 # The two commands of the README:
-#   make demo   run fastsoup's main job (environment report + a tiny training step)
+#   make demo   run fastsoup's main job: `fastsoup demo` (AGC + IET training, soup, samples)
 #   make test   install everything into .venv and run the test suite
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -11,7 +11,7 @@ install:
 
 demo: install
 	$(PY) -m fastsoup info
-	$(PY) examples/tiny_train_step.py
+	$(PY) -m fastsoup demo --out fastsoup-demo-out
 
 # The unit tests plus a smoke run of every benchmark (tiny sizes, timing disabled) so the
 # benchmarks never rot. One pytest session: one summary line.

@@ -252,3 +252,32 @@ def test_errors_name_the_argument():
         compute_snr(object(), timesteps)
     with pytest.raises(ValueError, match="no config.prediction_type"):
         prediction_type_of(object())
+
+
+def test_documented_loop_trains_a_diffusers_unet():
+    """The 'after' block of the module docstring in a real (tiny) diffusers training step."""
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1,
+                       block_out_channels=(8, 16), norm_num_groups=4,
+                       down_block_types=("DownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "UpBlock2D"))
+    opt = torch.optim.SGD(unet.parameters(), lr=1e-3)
+    noise_scheduler = _scheduler("v_prediction")
+    bank = fs.AGCMemoryBank(noise_scheduler.config.num_train_timesteps, ratio=1.25)
+    latents = torch.randn(4, 3, 8, 8)
+    for step in range(2):
+        noise = torch.randn_like(latents)
+        timesteps = torch.tensor([10, 10, 500, 900])
+        noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+        model_pred = unet(noisy_latents, timesteps, return_dict=False)[0]
+        loss, agc_stats = diffusion_loss(noise_scheduler, model_pred, latents=latents, noise=noise,
+                                         timesteps=timesteps, snr_gamma=5.0, bank=bank)
+        opt.zero_grad()
+        loss.backward()
+        grads = [p.grad for p in unet.parameters() if p.grad is not None]
+        assert grads and all(torch.isfinite(g).all() for g in grads)
+        opt.step()
+        assert 0 <= agc_stats.as_dict()["exclusion_rate"] <= 1
+    assert int(bank.count[10]) == 4 and float(bank.bank[10]) > 0 and float(bank.bank[11]) == 0

@@ -51,8 +51,8 @@ Before (diffusers)::
 After (fastsoup; one bank per model, created once before the loop and saved with the
 checkpoint, e.g. ``accelerator.register_for_checkpointing(bank)``)::
 
-    # before the loop:
-    bank = fs.AGCMemoryBank(noise_scheduler.config.num_train_timesteps, ratio=1.25)
+    # before the loop (ratio 1.25 as in the Stable Diffusion reference code):
+    bank = fs.AGCMemoryBank(noise_scheduler.config.num_train_timesteps, ratio=1.25).to(accelerator.device)
 
     # the loss block:
     model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]

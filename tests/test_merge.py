@@ -346,3 +346,50 @@ def test_hash_cache_reuses_digests_and_notices_changes(tmp_path, monkeypatch):
     calls.clear()
     fs.merge(paths, tmp_path / "d.safetensors", quiet=True)
     assert len(calls) == 2
+
+
+def test_soup_add_remove_task_arithmetic_default_weights(tmp_path):
+    """A base soup made with the default weights (1/n task weights) stays the mean of
+    its constituents after add and remove."""
+    paths, states = files(tmp_path, 4)
+    from fastsoup.merge import soup_add, soup_remove
+
+    soup = tmp_path / "ta.safetensors"
+    fs.merge(paths[1:3], soup, base=paths[0], quiet=True)
+    soup_add(soup, paths[3], tmp_path / "ta3.safetensors", quiet=True)
+    fresh = tmp_path / "fresh.safetensors"
+    fs.merge(paths[1:], fresh, base=paths[0], quiet=True)
+    a, b = load_any(str(tmp_path / "ta3.safetensors")), load_any(str(fresh))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    meta = json.load(open(tmp_path / "ta3.fastsoup.json"))
+    assert meta["operation"] == "task_arithmetic" and meta["default_weights"]
+    assert [c["coefficient"] for c in meta["constituents"]] == [1 / 3] * 3
+    soup_remove(tmp_path / "ta3.safetensors", paths[1], tmp_path / "ta2.safetensors", quiet=True)
+    check_merged(load_any(str(tmp_path / "ta2.safetensors")), [states[2], states[3], states[0]],
+                 [0.5, 0.5, 0.0], exact=False)
+
+
+def test_soup_of_sharded_and_diffusers_inputs_add_remove(tmp_path):
+    from fastsoup.merge import soup_add, soup_remove
+
+    comps = lambda seed: {"unet": make_state(seed), "text_encoder": make_state(seed + 100)}
+    states = [comps(300 + i) for i in range(3)]
+    roots = [save_diffusers(str(tmp_path / f"d{i}"), s, variant="fp16", sharded=("unet",))
+             for i, s in enumerate(states)]
+    soup = tmp_path / "soup"
+    fs.merge(roots[:2], soup, variant="fp16", quiet=True)
+    soup_add(soup, roots[2], tmp_path / "soup3", quiet=True)  # variant taken from the manifest
+    fresh = tmp_path / "fresh"
+    fs.merge(roots, fresh, variant="fp16", quiet=True)
+    a, b = load_any(str(tmp_path / "soup3")), load_any(str(fresh))
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    soup_remove(tmp_path / "soup3", roots[0], tmp_path / "soup12", quiet=True)
+    flat = [{f"{c}/{k}": v for c, sd in s.items() for k, v in sd.items()} for s in states]
+    check_merged(load_any(str(tmp_path / "soup12")), flat[1:], [0.5, 0.5])
+
+    sh = [save_sharded(str(tmp_path / f"s{i}"), make_state(400 + i), 2) for i in range(3)]
+    idx0 = os.path.join(sh[0], "model.safetensors.index.json")
+    fs.merge([idx0, sh[1]], tmp_path / "ssoup", quiet=True)  # one input given as its index
+    soup_add(tmp_path / "ssoup", sh[2], tmp_path / "ssoup3", quiet=True)
+    check_merged(load_any(str(tmp_path / "ssoup3")), [make_state(400 + i) for i in range(3)], [1 / 3] * 3)

@@ -243,6 +243,7 @@ def merge(inputs: Sequence[PathLike], output: PathLike, weights: Optional[Sequen
         cases nothing is left at ``output``.
     """
     output = os.fspath(output)
+    _manifest_extra = dict(_manifest_extra or {}, default_weights=weights is None)
     if accumulate not in ("fp32", "fp64"):
         raise MergeError(f"accumulate must be 'fp32' or 'fp64', got {accumulate!r}")
     out_dtype = user_dtype(dtype) if dtype is not None else None
@@ -285,8 +286,7 @@ def merge(inputs: Sequence[PathLike], output: PathLike, weights: Optional[Sequen
         hasher.start()
         hashes_pending = {} if hash == "sha256" else None
         manifest = build(plan, accumulate=accumulate, dtype=out_dtype, hashes=hashes_pending)
-        if _manifest_extra:
-            manifest.update(_manifest_extra)
+        manifest.update(_manifest_extra)
         meta = metadata_entry(manifest)
         for path, f in zip(_file_paths(plan, out), (f for c in plan.components for f in c.files)):
             writers.append(SafetensorsFileWriter(path, f, meta))
@@ -296,15 +296,17 @@ def merge(inputs: Sequence[PathLike], output: PathLike, weights: Optional[Sequen
                         device=device,
                         progress=progress, drop_cache=drop_cache, maps=maps)
         hashes = hasher.wait() if hash == "sha256" else None
-        if _expect_hashes:
+        if _expect_hashes and hashes is None:
+            report.warnings.append("hash='none': the constituents were checked by size only, "
+                                   "not against the sha256 in the soup's manifest")
+        if _expect_hashes and hashes is not None:
             bad = [p for p, h in _expect_hashes.items() if hashes and hashes.get(p) != h]
             if bad:
                 raise MergeError("constituents changed since the soup was made (sha256 differs "
                                  "from its manifest): " + ", ".join(bad))
         manifest = build(plan, accumulate=accumulate, dtype=out_dtype, hashes=hashes,
                          created=manifest["created"])
-        if _manifest_extra:
-            manifest.update(_manifest_extra)
+        manifest.update(_manifest_extra)
         meta = metadata_entry(manifest)
         t_write = time.perf_counter()
         for w in writers:
@@ -352,6 +354,8 @@ def _soup_options(m: dict, options: dict) -> dict:
     opts.setdefault("normalize", m.get("normalize"))
     opts.setdefault("keys", m.get("key_policy", "strict"))
     opts.setdefault("accumulate", m.get("accumulate", "fp32"))
+    if opts.get("variant") is None and m["constituents"][0].get("variant"):
+        opts["variant"] = m["constituents"][0]["variant"]
     if m.get("dtype") and "dtype" not in opts:
         opts["dtype"] = {"F32": "fp32", "F16": "fp16", "BF16": "bf16", "F64": "fp64"}[m["dtype"]]
     return opts
@@ -362,20 +366,36 @@ def _check_recorded(entry: dict, what: str) -> None:
     if not os.path.exists(path):
         raise MergeError(f"{what} {path} (recorded in the soup's manifest) no longer exists; "
                          "fastsoup recomputes soups from their constituents")
-    size = resolve(path).size if os.path.isdir(path) else os.path.getsize(path)
+    if entry.get("kind") == "file":
+        size = os.path.getsize(path)
+    else:
+        size = 0
+        for f in entry.get("files", []):
+            p = os.path.join(_entry_root(entry), *f["name"].split("/"))
+            if not os.path.isfile(p):
+                raise MergeError(f"{what} {path}: {f['name']} (recorded in the soup's manifest) "
+                                 "no longer exists")
+            size += os.path.getsize(p)
     if size != entry["size_bytes"]:
         raise MergeError(f"{what} {path} changed since the soup was made "
                          f"({entry['size_bytes']} -> {size} bytes)")
 
 
+def _entry_root(entry: dict) -> str:
+    """The folder a manifest entry's file names are relative to (a sharded input may have
+    been given as its ``*.index.json``)."""
+    path = entry["path"]
+    return path if os.path.isdir(path) else os.path.dirname(path)
+
+
 def _expected_hashes(entries: List[dict]) -> Dict[str, str]:
     out = {}
     for e in entries:
-        root = e["path"]
         for f in e.get("files", []):
             if "sha256" not in f:
                 continue
-            p = root if e.get("kind") == "file" else os.path.join(root, *f["name"].split("/"))
+            p = e["path"] if e.get("kind") == "file" else \
+                os.path.join(_entry_root(e), *f["name"].split("/"))
             out[p] = f["sha256"]
     return out
 
@@ -385,8 +405,10 @@ def soup_add(soup: PathLike, new: PathLike, output: PathLike, weight: Optional[f
     """Add constituent ``new`` to ``soup``: ``θ' = (Σ a_i θ_i + a θ_new) / (Σ a_i + a)``.
 
     The soup is recomputed from the constituents in its manifest (verified by size and
-    sha256) plus ``new``; ``weight`` (``a``) defaults to the soup's common raw weight (the
-    mean raw weight when they differ). Other keyword arguments are those of :func:`merge`
+    sha256) plus ``new``. A soup made with the default weights gets the default weights
+    for ``n + 1`` inputs (the mean, or ``1/(n+1)`` task weights with a base); otherwise
+    ``weight`` (``a``) defaults to the soup's common raw weight (the mean raw weight when
+    they differ). Other keyword arguments are those of :func:`merge`
     (the soup's normalize, key policy, accumulation and dtype are kept by default).
     """
     m = read_manifest(os.fspath(soup))
@@ -396,10 +418,14 @@ def soup_add(soup: PathLike, new: PathLike, output: PathLike, weight: Optional[f
     if m.get("base"):
         _check_recorded(m["base"], "base")
     raw = [float(e["weight"]) for e in entries]
-    if weight is None:
-        weight = raw[0] if len(set(raw)) == 1 else sum(raw) / len(raw)
+    if weight is None and m.get("default_weights"):
+        weights = None  # the soup used the default weights: recompute them for n + 1
+    else:
+        if weight is None:
+            weight = raw[0] if len(set(raw)) == 1 else sum(raw) / len(raw)
+        weights = raw + [float(weight)]
     opts = _soup_options(m, options)
-    return merge([e["path"] for e in entries] + [os.fspath(new)], output, raw + [float(weight)],
+    return merge([e["path"] for e in entries] + [os.fspath(new)], output, weights,
                  base=m["base"]["path"] if m.get("base") else None,
                  _expect_hashes=_expected_hashes(entries + ([m["base"]] if m.get("base") else [])),
                  **opts)
@@ -433,7 +459,8 @@ def soup_remove(soup: PathLike, old: PathLike, output: PathLike, **options) -> M
     if m.get("base"):
         _check_recorded(m["base"], "base")
     opts = _soup_options(m, options)
-    return merge([e["path"] for e in keep], output, [float(e["weight"]) for e in keep],
+    weights = None if m.get("default_weights") else [float(e["weight"]) for e in keep]
+    return merge([e["path"] for e in keep], output, weights,
                  base=m["base"]["path"] if m.get("base") else None,
                  _expect_hashes=_expected_hashes(keep + ([m["base"]] if m.get("base") else [])),
                  **opts)

@@ -175,7 +175,8 @@ def make_windows(items: List[Item], window: int) -> List[List[Item]]:
 
 
 class Staging:
-    """Two output buffers: one is filled while the other is written by a writer thread."""
+    """Two output buffers: one is filled while the other is written by the writer thread
+    (``pool``, one worker, so writes reach the file in order)."""
 
     def __init__(self, nbytes: int, pool: ThreadPoolExecutor):
         self.bufs = [np.empty(nbytes, dtype=np.uint8), np.empty(nbytes, dtype=np.uint8)]
@@ -344,14 +345,16 @@ def execute(plan: Plan, writers: List[SafetensorsFileWriter], *, memory: int, th
     maps.open_all(plan)
     items = make_items(files, window, staging_bytes)
     windows = make_windows(items, window)
-    io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="fastsoup-io")
-    staging = Staging(staging_bytes, io)
+    reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastsoup-prefetch")
+    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastsoup-write")
+    staging = Staging(staging_bytes, writer)
     written = read = 0
     try:
-        prefetch = io.submit(_prefetch, maps, windows[0]) if windows else None
+        prefetch = reader.submit(_prefetch, maps, windows[0]) if windows else None
         for j, win in enumerate(windows):
             prefetch.result()
-            prefetch = io.submit(_prefetch, maps, windows[j + 1]) if j + 1 < len(windows) else None
+            prefetch = (reader.submit(_prefetch, maps, windows[j + 1])
+                        if j + 1 < len(windows) else None)
             for it in win:
                 t = it.tensor
                 w = writers[it.file_index]
@@ -380,7 +383,8 @@ def execute(plan: Plan, writers: List[SafetensorsFileWriter], *, memory: int, th
         staging.drain()
     finally:
         try:
-            io.shutdown(wait=True, cancel_futures=True)
+            reader.shutdown(wait=True, cancel_futures=True)
+            writer.shutdown(wait=True, cancel_futures=True)
         finally:
             if own_maps:
                 maps.close()

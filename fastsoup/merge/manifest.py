@@ -10,7 +10,8 @@ or ``<name>.fastsoup.json`` beside a single-file output). Layout::
      "dtype": null | "BF16" ..., "output_dtypes": {"BF16": <tensor count>, ...},
      "constituents": [{"path", "size_bytes", "sha256", "files": [{"name", "size_bytes",
                        "sha256"}], "weight", "coefficient"}],
-     "base": null | {same fields as a constituent, without weights}}
+     "base": null | {same fields as a constituent, without weights},
+     "default_weights": bool}   # true when no weights were given (add/remove keep it so)
 
 ``sha256`` of a file is over its bytes; of a constituent, over the lines
 ``"<component>/<file> <size> <file sha256>\\n"`` of its weight files in sorted order, so

@@ -242,3 +242,17 @@ def test_empty_batch_gives_zero_not_nan():
     assert e.grad.shape == e.shape
     assert fs.consistency_loss(e, e, e, reduction="none").shape == (0,)
     assert fs.vp_reverse_step(e, e, e, z, z, z).shape == e.shape
+
+
+def test_torch_compile_h_form_then_eager():
+    """Tracing must not leave a traced tensor in the constant-table cache."""
+    from fastsoup.ops import ambient as amb
+
+    amb._CONSTANT_TABLES.clear()
+    h = [t.float().requires_grad_() for t in _h(shape=(2, 5), seed=8)]
+    f = torch.compile(lambda a, b, c: fs.consistency_loss(a, b, c, stop_anchor_grad=False),
+                      fullgraph=True, backend="aot_eager")
+    compiled = f(*h)
+    eager = fs.consistency_loss(*h, stop_anchor_grad=False)
+    torch.testing.assert_close(compiled, eager)
+    assert all(type(t) is torch.Tensor for t in amb._CONSTANT_TABLES.values())

@@ -196,13 +196,15 @@ _CONSTANT_TABLES: dict = {}
 def consistency_table(batch: int, device: torch.device, dtype: torch.dtype) -> Tensor:
     """The constant table of the h-form consistency loss (``u = h_1 − h_t``,
     ``v = h_2 − h_t`` over inputs ``(h_t, h_1, h_2)``), expanded to ``[B, 16]``."""
+    values = [0.0] * COEF_COLS
+    values[0], values[1], values[6], values[8] = -1.0, 1.0, -1.0, 1.0
+    values[COL_SCALE] = values[COL_VALID] = 1.0
+    if torch.compiler.is_compiling():  # traced: a graph constant, never a cached tensor
+        return torch.tensor(values, dtype=dtype, device=device).expand(batch, COEF_COLS)
     key = (device, dtype)
     row = _CONSTANT_TABLES.get(key)
-    if row is None:
-        row = torch.zeros(COEF_COLS, dtype=dtype)
-        row[[0, 1, 6, 8]] = torch.tensor([-1.0, 1.0, -1.0, 1.0], dtype=dtype)
-        row[[COL_SCALE, COL_VALID]] = 1.0
-        row = _CONSTANT_TABLES[key] = row.to(device)
+    if row is None:  # eager: made once per device and dtype (no copy to the device per call)
+        row = _CONSTANT_TABLES[key] = torch.tensor(values, dtype=dtype, device=device)
     return row.expand(batch, COEF_COLS)
 
 

@@ -244,10 +244,16 @@ def _toy_generate(calls):
 
 
 def test_knowledge_bank_round_trip(tmp_path):
-    calls = []
-    bank = KnowledgeBank.generate(_toy_generate(calls), 10, batch_size=4, seed=11,
+    calls, seen = [], []
+
+    def generate(n, generator, labels):       # class-conditional: gets each chunk's labels
+        seen.append(labels.tolist())
+        return _toy_generate(calls)(n, generator)
+
+    bank = KnowledgeBank.generate(generate, 10, batch_size=4, seed=11,
                                   source="toy model v1", labels=torch.arange(10))
     assert calls == [4, 4, 2]
+    assert seen == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
     g = torch.Generator().manual_seed(11)
     expect = torch.cat([torch.randn(n, 4, 8, 8, generator=g) for n in (4, 4, 2)])
     assert torch.equal(bank.latents, expect)
@@ -312,6 +318,8 @@ def test_knowledge_bank_generate_validation():
         KnowledgeBank.generate(lambda n, g: torch.zeros(n, 2), 0)
     with pytest.raises(TypeError, match="generate must be callable"):
         KnowledgeBank.generate(None, 2)
+    with pytest.raises(ValueError, match=r"labels must be an integer tensor of shape \[num_samples\] = \[2\]"):
+        KnowledgeBank.generate(lambda n, g, y: torch.zeros(n, 2), 2, labels=torch.arange(3))
 
 
 def test_knowledge_bank_with_a_diffusers_pipeline(tmp_path):

@@ -315,7 +315,10 @@ class KnowledgeBank(torch.utils.data.Dataset):
             dtype: storage dtype (default: what ``generate`` returns).
             generator_device: device of the generator (``"cpu"`` is reproducible across
                 machines; diffusers pipelines accept a CPU generator on any device).
-            labels: optional integer ``[N]`` classes the samples were generated for.
+            labels: optional integer ``[N]`` classes to generate (class-conditional
+                models). ``generate`` is then called as ``generate(n, generator,
+                labels_chunk)`` with the chunk's ``[n]`` labels, and the labels are stored
+                with the samples.
             progress: optional ``progress(done, total)`` callback.
 
         Examples (diffusers)::
@@ -329,6 +332,14 @@ class KnowledgeBank(torch.utils.data.Dataset):
             # pixel model (DDPMPipeline returns NHWC numpy in [0, 1])
             gen = lambda n, g: torch.from_numpy(pipe(batch_size=n, generator=g,
                                output_type="np").images).permute(0, 3, 1, 2) * 2 - 1
+
+            # class-conditional latent model (DiTPipeline decodes; encode back to latents)
+            classes = torch.arange(100).repeat_interleave(10)      # 10 samples per class
+            def gen(n, g, y):
+                images = pipe(class_labels=y.tolist(), generator=g, output_type="pt").images
+                latents = pipe.vae.encode(images * 2 - 1).latent_dist.mean
+                return latents * pipe.vae.config.scaling_factor
+            bank = KnowledgeBank.generate(gen, 1000, labels=classes, source=model_id)
         """
         if not callable(generate):
             raise TypeError(f"generate must be callable as generate(n, generator), got "
@@ -340,13 +351,22 @@ class KnowledgeBank(torch.utils.data.Dataset):
             raise TypeError(f"seed must be an int, got {type(seed).__name__}")
         if not isinstance(source, str):
             raise TypeError(f"source must be a str, got {type(source).__name__}")
+        if labels is not None:
+            if not isinstance(labels, Tensor) or labels.dtype.is_floating_point \
+                    or labels.dtype == torch.bool or labels.shape != (num_samples,):
+                raise ValueError(f"labels must be an integer tensor of shape [num_samples] = "
+                                 f"[{num_samples}], got {getattr(labels, 'shape', type(labels).__name__)}")
         generator = torch.Generator(device=generator_device)
         generator.manual_seed(seed)
         chunks = []
         done = 0
         while done < num_samples:
             n = min(batch_size, num_samples - done)
-            out = _as_tensor_output(generate(n, generator), n).detach().to("cpu")
+            if labels is None:
+                raw = generate(n, generator)
+            else:
+                raw = generate(n, generator, labels[done:done + n])
+            out = _as_tensor_output(raw, n).detach().to("cpu")
             if chunks and out.shape[1:] != chunks[0].shape[1:]:
                 raise ValueError(f"generate returned samples of shape {tuple(out.shape[1:])} after "
                                  f"{tuple(chunks[0].shape[1:])}")

@@ -7,7 +7,6 @@ import types
 import pytest
 import torch
 
-import fastsoup as fs
 from fastsoup.train import (
     DiffTuning, KnowledgeBank, PowerLawTimestepSampler, diffusion_loss,
     power_law_timestep_probs, split_batch,

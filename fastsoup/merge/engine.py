@@ -421,6 +421,27 @@ def _prefetch(maps: InputMaps, win: List[Item]) -> None:
             mv.release()
 
 
+# Faults may map a whole large folio (page-cache pages can be up to 2 MiB), i.e. bytes
+# on either side of the range that was read; released ranges are widened by this much so
+# such pages do not stay mapped (a page dropped too early is just faulted in again).
+RELEASE_PAD = 2 << 20
+
+
 def _release(maps: InputMaps, win: List[Item]) -> None:
+    """Drop the window's input pages from this process: per file, the union of the ranges
+    read (nearby ranges coalesced), widened by RELEASE_PAD on both sides."""
+    by_file: Dict[str, list] = {}
+    files: Dict[str, WeightFile] = {}
     for wf, lo, hi in _ranges(maps, win):
-        maps.release(wf, lo, hi)
+        by_file.setdefault(wf.path, []).append((lo, hi))
+        files[wf.path] = wf
+    for path, spans in by_file.items():
+        spans.sort()
+        merged = [list(spans[0])]
+        for lo, hi in spans[1:]:
+            if lo <= merged[-1][1] + 2 * RELEASE_PAD:
+                merged[-1][1] = max(merged[-1][1], hi)
+            else:
+                merged.append([lo, hi])
+        for lo, hi in merged:
+            maps.release(files[path], max(0, lo - RELEASE_PAD), hi + RELEASE_PAD)

@@ -393,3 +393,31 @@ def test_soup_of_sharded_and_diffusers_inputs_add_remove(tmp_path):
     fs.merge([idx0, sh[1]], tmp_path / "ssoup", quiet=True)  # one input given as its index
     soup_add(tmp_path / "ssoup", sh[2], tmp_path / "ssoup3", quiet=True)
     check_merged(load_any(str(tmp_path / "ssoup3")), [make_state(400 + i) for i in range(3)], [1 / 3] * 3)
+
+
+def test_resident_memory_stays_within_the_budget(tmp_path):
+    """In a fresh process, merging 2 x 48 MB inputs with a 16 MiB budget must not map the
+    inputs wholesale: peak RSS grows by about the budget, not by the input size."""
+    import subprocess
+    import sys
+
+    spec = {f"w{i}": ((3000, 1000), torch.bfloat16) for i in range(8)}  # 8 x 6 MB each
+    paths = [save_file_layout(str(tmp_path / f"r{i}.safetensors"), make_state(500 + i, spec))
+             for i in range(2)]
+    script = (
+        "import sys, fastsoup as fs\n"
+        "def kb(key):\n"
+        "    return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith(key))\n"
+        "base = kb('VmRSS:')\n"
+        "fs.merge(sys.argv[1:3], sys.argv[3], memory='16MiB', quiet=True, hash='none')\n"
+        "print((kb('VmHWM:') - base) * 1024)\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    res = subprocess.run([sys.executable, "-c", script, *paths, str(tmp_path / "o.safetensors")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr
+    grown = int(res.stdout.strip().splitlines()[-1])
+    inputs = sum(os.path.getsize(p) for p in paths)
+    assert grown < 16 * 2**20 + 24 * 2**20, (grown, inputs)  # budget + allocator/imports slack
+    check_merged(load_any(str(tmp_path / "o.safetensors")), [make_state(500 + i, spec) for i in range(2)],
+                 [0.5, 0.5])

@@ -1,5 +1,4 @@
 """fs.consistency_loss (h and ε forms), the fused VP reverse step and its coefficients."""
-import math
 from types import SimpleNamespace
 
 import pytest

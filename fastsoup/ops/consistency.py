@@ -10,7 +10,6 @@ once in the backward pass, which writes the gradients directly.
 """
 from __future__ import annotations
 
-from typing import Optional
 
 from torch import Tensor
 

@@ -16,10 +16,12 @@ the run) and the output is not committed if one changed.
 """
 from __future__ import annotations
 
+import json
 import os
 import resource
 import shutil
 import sys
+import time
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
 from .dtypes import user_dtype
@@ -29,7 +31,7 @@ from .formats import WEIGHT_SUFFIXES, Layout, _is_index, resolve
 from .manifest import Hasher, build, metadata_entry, read as read_manifest, sidecar_path
 from .plan import Plan, build_plan, parse_size
 from .report import FilePlan, MergeReport
-from .writer import (FILE_MODE, AtomicOutput, SafetensorsFileWriter, write_small_file)
+from .writer import AtomicOutput, SafetensorsFileWriter, write_small_file
 
 PathLike = Union[str, os.PathLike]
 DEFAULT_MEMORY = 256 * 2**20
@@ -120,8 +122,6 @@ def _copy_side_files(plan: Plan, out: AtomicOutput) -> List[str]:
 
 
 def _write_indexes(plan: Plan, out: AtomicOutput) -> None:
-    import json
-
     for comp in plan.components:
         if not comp.index_name:
             continue
@@ -273,14 +273,13 @@ def merge(inputs: Sequence[PathLike], output: PathLike, weights: Optional[Sequen
         raise MergeError(f"{output}: not enough disk space: the output needs about "
                          f"{needed} bytes, {report.disk_free} are free")
 
-    import time
-
     t0 = time.perf_counter()
     out = AtomicOutput(output, is_dir=plan.kind != "file", overwrite=overwrite)
     writers: List[SafetensorsFileWriter] = []
     hasher = Hasher(layouts, hash)
     maps = InputMaps(drop_cache=drop_cache)
     progress = None
+    side_tmp = None
     try:
         check_equal_copies(plan, maps)
         hasher.start()
@@ -314,22 +313,24 @@ def merge(inputs: Sequence[PathLike], output: PathLike, weights: Optional[Sequen
             w.finish()
         _write_indexes(plan, out)
         copied = _copy_side_files(plan, out)
-        import json
-
         side_text = (json.dumps(manifest, indent=2) + "\n").encode()
         if plan.kind != "file":
             write_small_file(out.path("fastsoup.json"), side_text)
+        else:  # the sidecar is written before the commit, renamed right after it
+            side_tmp = out.tmp + ".fastsoup.json"
+            write_small_file(side_tmp, side_text)
         out.commit()
-        if plan.kind == "file":
-            from .writer import atomic_write_file
-
-            atomic_write_file(sidecar_path(out.final, False), side_text)
+        if side_tmp is not None:
+            os.replace(side_tmp, sidecar_path(out.final, False))
+            side_tmp = None
         report.write_seconds = time.perf_counter() - t_write
     except BaseException:
         hasher.cancel()
         for w in writers:
             w.close()
         out.abort()
+        if side_tmp is not None and os.path.lexists(side_tmp):
+            os.unlink(side_tmp)
         raise
     finally:
         maps.close()

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import mmap
 import os
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass

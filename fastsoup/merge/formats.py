@@ -234,7 +234,7 @@ def resolve_folder(folder: str, name: str, variant: Optional[str],
             named_by_index.update(v for v in wm.values() if isinstance(v, str))
         except MergeError:
             pass
-    singles = [e for e in entries if e.endswith(SAFETENSORS + "") and e not in named_by_index
+    singles = [e for e in entries if e.endswith(SAFETENSORS) and e not in named_by_index
                and os.path.isfile(os.path.join(folder, e))]
     pickles = [e for e in entries if e.endswith(PICKLE_SUFFIXES) and e not in named_by_index
                and os.path.isfile(os.path.join(folder, e))]

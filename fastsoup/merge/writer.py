@@ -17,7 +17,6 @@ import secrets
 import shutil
 from typing import Dict, List, Optional
 
-from .dtypes import DTYPES
 from .errors import MergeError
 from .plan import OutFile
 

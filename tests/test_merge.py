@@ -421,3 +421,31 @@ def test_resident_memory_stays_within_the_budget(tmp_path):
     assert grown < 16 * 2**20 + 24 * 2**20, (grown, inputs)  # budget + allocator/imports slack
     check_merged(load_any(str(tmp_path / "o.safetensors")), [make_state(500 + i, spec) for i in range(2)],
                  [0.5, 0.5])
+
+
+@pytest.mark.parametrize("populate", [True, False])
+def test_prefetch_paths(tmp_path, monkeypatch, populate):
+    """MADV_POPULATE_READ prefetch, and the read-ahead + touch fallback (older kernels)."""
+    from fastsoup.merge import engine
+
+    monkeypatch.setattr(engine, "_populate_ok", [populate])
+    spec = {f"w{i}": ((257, 300), torch.bfloat16) for i in range(5)}
+    states = [make_state(600 + i, spec) for i in range(3)]
+    paths = [save_file_layout(str(tmp_path / f"p{i}.safetensors"), s) for i, s in enumerate(states)]
+    touched = []
+    from fastsoup import _ext
+
+    real = _ext.cpu_ext(warn=False)
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def prefault(self, buf, page):
+            touched.append(len(buf))
+            return real.prefault(buf, page)
+
+    monkeypatch.setattr(_ext, "cpu_ext", lambda warn=True: Spy())
+    fs.merge(paths, tmp_path / "o.safetensors", memory="64KiB", quiet=True)
+    assert bool(touched) != populate
+    check_merged(load_any(str(tmp_path / "o.safetensors")), states, [1 / 3] * 3)

@@ -343,6 +343,10 @@ def merge(inputs: Sequence[PathLike], output: PathLike, weights: Optional[Sequen
     report.copied_files = copied
     report.work_items, report.window_bytes = stats.items, stats.window_bytes
     report.staging_bytes = stats.staging_bytes
+    report.timings = {"stream": stats.seconds, "sum": stats.sum_seconds,
+                      "prefetch_wait": stats.prefetch_wait_seconds,
+                      "write_wait": stats.write_wait_seconds,
+                      "finish": report.write_seconds or 0.0}
     return report
 
 

@@ -2,8 +2,8 @@
 
 Data path, per output file: tensors are split into work items (whole small tensors,
 chunks of large ones) and grouped into windows of about ``window_bytes`` of input.
-While window ``j`` is summed, a prefetch thread faults window ``j + 1`` of every input
-into memory (``MADV_WILLNEED`` + one read per page), and a writer thread ``pwrite``s the
+While window ``j`` is summed, a prefetch thread maps window ``j + 1`` of every input
+(``MADV_POPULATE_READ``, or read-ahead + one read per page), and a writer thread ``pwrite``s the
 previous staging buffer. After window ``j``, its input pages are dropped from this
 process (``MADV_DONTNEED``), so the resident set stays near
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -185,6 +186,7 @@ class Staging:
         self.writer: Optional[SafetensorsFileWriter] = None
         self.offset = 0
         self.pool = pool
+        self.wait_seconds = 0.0  # time the producer waited for the writer
 
     def reserve(self, writer: SafetensorsFileWriter, offset: int, nbytes: int) -> memoryview:
         if (writer is not self.writer or offset != self.offset + self.fill
@@ -203,16 +205,20 @@ class Staging:
             fut = self.pending[self.cur]
             if fut is not None:
                 self.pending[self.cur] = None
+                t0 = time.perf_counter()
                 fut.result()
+                self.wait_seconds += time.perf_counter() - t0
         self.offset += self.fill
         self.fill = 0
 
     def drain(self) -> None:
         self.flush()
+        t0 = time.perf_counter()
         for i, fut in enumerate(self.pending):
             if fut is not None:
                 self.pending[i] = None
                 fut.result()
+        self.wait_seconds += time.perf_counter() - t0
 
 
 class CpuSummer:
@@ -321,6 +327,9 @@ class RunStats:
     windows: int
     window_bytes: int
     staging_bytes: int
+    prefetch_wait_seconds: float = 0.0   # waiting for the next window's pages
+    sum_seconds: float = 0.0             # in the fused sum (and copies)
+    write_wait_seconds: float = 0.0      # waiting for the writer thread
 
 
 def execute(plan: Plan, writers: List[SafetensorsFileWriter], *, memory: int, threads: int,
@@ -348,10 +357,13 @@ def execute(plan: Plan, writers: List[SafetensorsFileWriter], *, memory: int, th
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastsoup-write")
     staging = Staging(staging_bytes, writer)
     written = read = 0
+    prefetch_wait = sum_time = 0.0
     try:
         prefetch = reader.submit(_prefetch, maps, windows[0]) if windows else None
         for j, win in enumerate(windows):
+            t_wait = time.perf_counter()
             prefetch.result()
+            prefetch_wait += time.perf_counter() - t_wait
             prefetch = (reader.submit(_prefetch, maps, windows[j + 1])
                         if j + 1 < len(windows) else None)
             for it in win:
@@ -359,6 +371,7 @@ def execute(plan: Plan, writers: List[SafetensorsFileWriter], *, memory: int, th
                 w = writers[it.file_index]
                 out_es = DTYPES[t.dtype].itemsize
                 dst = staging.reserve(w, w.offsets[t.key] + it.lo * out_es, it.out_nbytes)
+                t_sum = time.perf_counter()
                 if it.hi > it.lo:
                     if t.op == "copy":
                         s = t.sources[0]
@@ -373,6 +386,7 @@ def execute(plan: Plan, writers: List[SafetensorsFileWriter], *, memory: int, th
                             weights.append(s.weight)
                         summer(dst, t.dtype, srcs, dtypes, weights, it.hi - it.lo)
                         del srcs
+                sum_time += time.perf_counter() - t_sum
                 written += it.out_nbytes
                 read += it.in_nbytes
                 del dst
@@ -389,7 +403,8 @@ def execute(plan: Plan, writers: List[SafetensorsFileWriter], *, memory: int, th
                 maps.close()
     return RunStats(seconds=time.perf_counter() - t0, bytes_written=written, bytes_read=read,
                     items=len(items), windows=len(windows), window_bytes=window,
-                    staging_bytes=staging_bytes)
+                    staging_bytes=staging_bytes, prefetch_wait_seconds=prefetch_wait,
+                    sum_seconds=sum_time, write_wait_seconds=staging.wait_seconds)
 
 
 def _ranges(maps: InputMaps, win: List[Item]):
@@ -402,12 +417,28 @@ def _ranges(maps: InputMaps, win: List[Item]):
             yield s.file, lo, hi
 
 
+MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux >= 5.14
+_populate_ok = [sys.platform.startswith("linux")]
+
+
 def _prefetch(maps: InputMaps, win: List[Item]) -> None:
-    """Fault the next window's input pages in (async read-ahead, then one read per page)."""
+    """Map the next window's input pages ahead of the sum: ``MADV_POPULATE_READ`` (one
+    call per range: reads what is not cached and fills the page tables), or, where the
+    kernel lacks it, ``MADV_WILLNEED`` read-ahead plus one read per page in ``_C``."""
+    spans = list(_ranges(maps, win))
+    if _populate_ok[0]:
+        try:
+            for wf, lo, hi in spans:
+                mm = maps._get(wf)[1]
+                a = _align_down(lo)
+                if hi > a:
+                    mm.madvise(MADV_POPULATE_READ, a, hi - a)
+            return
+        except OSError:  # EINVAL: an older kernel; use the fallback from now on
+            _populate_ok[0] = False
     from .. import _ext
 
     ext = _ext.cpu_ext(warn=False)
-    spans = list(_ranges(maps, win))
     for wf, lo, hi in spans:
         maps.advise(wf, lo, hi, mmap.MADV_WILLNEED)
     if ext is None:

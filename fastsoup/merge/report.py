@@ -64,6 +64,7 @@ class MergeReport:
     work_items: Optional[int] = None        # tensor chunks summed (one _C call each)
     window_bytes: Optional[int] = None      # input bytes mapped per prefetch window
     staging_bytes: Optional[int] = None     # size of each of the two output buffers
+    timings: Dict[str, float] = field(default_factory=dict)  # where the streaming time went
 
     @property
     def throughput(self) -> Optional[float]:

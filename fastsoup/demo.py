@@ -32,17 +32,17 @@ import torch
 @dataclass
 class DemoConfig:
     shards: int = 4
-    rounds: int = 3
-    steps: int = 40            # optimisation steps per shard per round
+    rounds: int = 4
+    steps: int = 100           # optimisation steps per shard per round
     per_shard: int = 24        # images per shard
-    size: int = 16             # image side (pixels); a multiple of 4
-    batch: int = 16
-    lr: float = 2e-3
+    size: int = 16             # image side (pixels); a multiple of 8
+    batch: int = 32
+    lr: float = 3e-3
     timesteps: int = 100       # DDPM training timesteps (also the AGC bank length)
     agc_ratio: float = 2.0     # the pixel-model ratio of the reference code
     samples: int = 8           # samples per model
     sample_steps: int = 20     # DDIM steps
-    width: int = 32            # UNet base channels
+    width: int = 16            # UNet base channels
     seed: int = 0
     device: str = "auto"
     out: str = "fastsoup-demo-out"
@@ -63,9 +63,8 @@ def make_unet(cfg: DemoConfig):
 
     w = cfg.width
     return UNet2DModel(sample_size=cfg.size, in_channels=3, out_channels=3, layers_per_block=1,
-                       block_out_channels=(w, 2 * w), norm_num_groups=8,
-                       down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                       up_block_types=("AttnUpBlock2D", "UpBlock2D"))
+                       block_out_channels=(w, 2 * w, 2 * w), norm_num_groups=8,
+                       down_block_types=("DownBlock2D",) * 3, up_block_types=("UpBlock2D",) * 3)
 
 
 def _to_uint8_grid(rows: List[torch.Tensor], scale: int = 4):
@@ -86,11 +85,20 @@ def _to_uint8_grid(rows: List[torch.Tensor], scale: int = 4):
     return grid
 
 
+def make_scheduler(cfg: DemoConfig):
+    """DDPM's linear schedule rescaled to ``cfg.timesteps`` steps (1e-4…0.02 at 1000), so
+    that the last timestep is pure noise whatever the number of steps."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=cfg.timesteps, beta_start=0.1 / cfg.timesteps,
+                         beta_end=20.0 / cfg.timesteps)
+
+
 @torch.no_grad()
 def sample(unet, cfg: DemoConfig, device, noise: torch.Tensor) -> torch.Tensor:
     from diffusers import DDIMScheduler
 
-    sched = DDIMScheduler(num_train_timesteps=cfg.timesteps)
+    sched = DDIMScheduler.from_config(make_scheduler(cfg).config)
     sched.set_timesteps(cfg.sample_steps)
     x = noise.to(device)
     unet.eval()
@@ -103,15 +111,15 @@ def sample(unet, cfg: DemoConfig, device, noise: torch.Tensor) -> torch.Tensor:
 
 def run(cfg: DemoConfig) -> Dict:
     _require_diffusers()
-    from diffusers import DDPMScheduler, UNet2DModel
+    from diffusers import UNet2DModel
 
     import fastsoup as fs
     from fastsoup.train.data import nearest_neighbour_rms, shard_datasets
     from fastsoup.train.iet import IterativeEnsemble
     from fastsoup.train.soup import save_shard_models, soup_shard_models
 
-    if cfg.size % 4:
-        raise ValueError(f"--size must be a multiple of 4, got {cfg.size}")
+    if cfg.size % 8:
+        raise ValueError(f"--size must be a multiple of 8, got {cfg.size}")
     device = torch.device("cuda" if (cfg.device == "auto" and torch.cuda.is_available())
                           else ("cpu" if cfg.device == "auto" else cfg.device))
     out_dir = os.path.abspath(cfg.out)
@@ -121,7 +129,7 @@ def run(cfg: DemoConfig) -> Dict:
 
     data = shard_datasets(cfg.shards, cfg.per_shard, cfg.size, seed=cfg.seed)
     train_all = torch.cat([d[0] for d in data])
-    scheduler = DDPMScheduler(num_train_timesteps=cfg.timesteps)
+    scheduler = make_scheduler(cfg)
     alphas_cumprod = scheduler.alphas_cumprod.to(device)
 
     torch.manual_seed(cfg.seed)
@@ -219,7 +227,8 @@ def run(cfg: DemoConfig) -> Dict:
 
     from PIL import Image
 
-    grid_rows = [d[0][: cfg.samples] for d in data] + rows
+    # training rows: the duplicated image once, then unique images
+    grid_rows = [torch.cat([imgs[:1], imgs[~dup]])[: cfg.samples] for imgs, dup in data] + rows
     grid_path = os.path.join(out_dir, "grid.png")
     Image.fromarray(_to_uint8_grid(grid_rows)).save(grid_path)
 
@@ -273,8 +282,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, default=d.rounds, help="IET rounds")
     p.add_argument("--steps", type=int, default=d.steps, help="steps per shard per round")
     p.add_argument("--per-shard", type=int, default=d.per_shard, help="images per shard")
-    p.add_argument("--size", type=int, default=d.size, help="image side in pixels (multiple of 4)")
+    p.add_argument("--size", type=int, default=d.size, help="image side in pixels (multiple of 8)")
     p.add_argument("--batch", type=int, default=d.batch)
+    p.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate")
     p.add_argument("--samples", type=int, default=d.samples, help="samples per model")
     p.add_argument("--sample-steps", type=int, default=d.sample_steps, help="DDIM steps")
     p.add_argument("--width", type=int, default=d.width, help="UNet base channels (multiple of 8)")
@@ -286,7 +296,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main_from_args(args: argparse.Namespace) -> int:
     cfg = DemoConfig(shards=args.shards, rounds=args.rounds, steps=args.steps,
-                     per_shard=args.per_shard, size=args.size, batch=args.batch,
+                     per_shard=args.per_shard, size=args.size, batch=args.batch, lr=args.lr,
                      samples=args.samples, sample_steps=args.sample_steps, width=args.width,
                      seed=args.seed, device=args.device, out=args.out, quiet=args.quiet)
     for name in ("shards", "rounds", "steps", "per_shard", "batch", "samples", "sample_steps"):
@@ -296,5 +306,7 @@ def main_from_args(args: argparse.Namespace) -> int:
         raise SystemExit("fastsoup demo: --width must be a multiple of 8")
     if cfg.per_shard < 2:
         raise SystemExit("fastsoup demo: --per-shard must be >= 2")
+    if cfg.size % 8:
+        raise SystemExit("fastsoup demo: --size must be a multiple of 8")
     run(cfg)
     return 0

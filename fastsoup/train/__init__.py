@@ -3,7 +3,11 @@
 * :mod:`~fastsoup.train.losses`: the loss from a diffusers scheduler's outputs
   (prediction type, min-SNR-γ, AGC / top-k exclusion);
 * :mod:`~fastsoup.train.difftuning`: Diff-Tuning samplers, knowledge bank, batch mixing;
-* :mod:`~fastsoup.train.ambient`: ambient-diffusion batches and the early-stopped sampler.
+* :mod:`~fastsoup.train.ambient`: ambient-diffusion batches and the early-stopped sampler;
+* :mod:`~fastsoup.train.iet`: iterative ensemble training (replica averaging in one
+  process or across shard groups of ranks);
+* :mod:`~fastsoup.train.soup`: saving shard models and souping them with ``fs.merge``;
+* :mod:`~fastsoup.train.data`: small built-in procedural datasets (demo, tests).
 
 The core package never imports diffusers; these helpers duck-type the scheduler.
 """
@@ -31,3 +35,5 @@ from .ambient import (
     corrupt_batch,
     sample_early_stop,
 )
+from .iet import IterativeEnsemble, average_across_shard_groups, averaged_tensors, shard_weights
+from .soup import save_shard_models, soup_shard_models

@@ -185,6 +185,8 @@ def test_integer_tensors_must_match(tmp_path):
     paths = [save_file_layout(str(tmp_path / f"i{i}.safetensors"), s) for i, s in enumerate([s0, s1])]
     with pytest.raises(PlanError, match="position_ids.*differ"):
         fs.merge(paths, tmp_path / "o.safetensors", quiet=True)
+    with pytest.raises(PlanError, match="position_ids.*differ"):
+        fs.merge(paths, tmp_path / "o.safetensors", dry_run=True)
     assert not os.listdir(tmp_path) == [] and not os.path.exists(tmp_path / "o.safetensors")
     assert not [p for p in os.listdir(tmp_path) if "fastsoup-tmp" in p]
 

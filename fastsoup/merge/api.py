@@ -230,7 +230,8 @@ def merge(inputs: Sequence[PathLike], output: PathLike, weights: Optional[Sequen
         threads: CPU threads for the sum (default: all cores).
         device: "cpu" (``fastsoup._C``) or "cuda"/"cuda:N" (:func:`fastsoup.weighted_sum_`
             on the GPU). "torch:cpu" runs the device path's code on CPU tensors (tests).
-        dry_run: plan and validate only; nothing is read but headers, nothing written.
+        dry_run: plan and validate only: headers are read, and integer/bool tensors
+            compared; no floating data is read and nothing is written.
         overwrite: replace an existing output (only once the new one is complete).
         quiet: no progress bar (default: a bar only when stderr is a terminal).
         hash: "sha256" (default; hashed in a background thread during the merge) or
@@ -265,7 +266,12 @@ def merge(inputs: Sequence[PathLike], output: PathLike, weights: Optional[Sequen
         raise MergeError(f"{output}: the output is a single safetensors file; name it *.safetensors")
     report = _make_report(plan, output, dry_run=dry_run, accumulate=accumulate,
                           dtype=out_dtype, device=device, memory=memory_bytes)
-    if dry_run:
+    if dry_run:  # integer/bool tensors are compared too (they are small): a full check
+        maps = InputMaps()
+        try:
+            check_equal_copies(plan, maps)
+        finally:
+            maps.close()
         report.peak_rss = _peak_rss()
         return report
     needed = plan.bytes_to_write + (1 << 20)

@@ -317,7 +317,7 @@ def test_opcheck_custom_ops():
     plain = [x.detach() for x in xs]  # the backward op itself is not differentiable
     torch.library.opcheck(amb._bilinear_backward_op,
                           (amb.OP_VE, torch.randn(3), plain, coef, False, [True, False, True]))
-    torch.library.opcheck(amb._linear_op, (amb.OP_STEP, xs, coef, 2, torch.float32))
+    torch.library.opcheck(amb._linear_op, (amb.OP_STEP, xs, coef, 2, torch.float32, ""))
     scalars = [torch.rand(3) + 0.5 for _ in range(4)]
     torch.library.opcheck(amb._coefficients_op,
                           (amb.OP_VP, "vp_x0", scalars, 0.0, 1, torch.float32))

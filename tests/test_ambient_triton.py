@@ -255,3 +255,32 @@ def test_cuda_long_row_and_no_row_sized_temporaries():
     assert extra <= grad_bytes + 4 * 2**20, (extra, grad_bytes)
     ref = fs.ambient_loss_vp(eps.detach().double(), z.double(), *[s.double() for s in sc])
     torch.testing.assert_close(loss.double(), ref, rtol=1e-4, atol=1e-6)
+
+
+def test_backward_uses_the_backend_chosen_in_forward(triton_device, monkeypatch):
+    """Autograd runs CUDA backwards on its own thread, where a thread-local
+    fs.use_backend() is not visible: the forward's choice must travel with the graph."""
+    from fastsoup.triton import ambient as tamb
+
+    calls = []
+    real_bw, real_lin = tamb.bilinear_backward, tamb.linear_forward
+    monkeypatch.setattr(tamb, "bilinear_backward", lambda *a, **k: calls.append("bilinear") or real_bw(*a, **k))
+    monkeypatch.setattr(tamb, "linear_forward", lambda *a, **k: calls.append("linear") or real_lin(*a, **k))
+    B = 3
+    eps = torch.randn(B, 2, 8, device=triton_device, requires_grad=True)
+    z = torch.randn(B, 2, 8, device=triton_device)
+    a_t = torch.full((B,), 0.6, device=triton_device)
+    a_n = torch.full((B,), 0.9, device=triton_device)
+    with fs.use_backend("triton"):
+        loss = fs.ambient_loss_vp(eps, z, a_t, (1 - a_t ** 2).sqrt(), a_n, (1 - a_n ** 2).sqrt())
+    loss.backward()               # outside the override
+    assert calls == ["bilinear"]
+    h = torch.randn(B, 2, 8, device=triton_device, requires_grad=True)
+    with fs.use_backend("triton"):
+        coefs = fs.vp_reverse_step_coefficients(torch.linspace(0.999, 0.1, 10), torch.full((B,), 7),
+                                                torch.full((B,), 4))
+        x_s = fs.vp_reverse_step(h, torch.randn_like(h), torch.randn_like(h), coefs.alpha_s,
+                                 coefs.c_o, coefs.c_f)
+    calls.clear()
+    x_s.sum().backward()          # the transposed map runs the forward kernel again
+    assert calls == ["linear"]

@@ -296,11 +296,27 @@ def _fused_bilinear_backward(grad: Tensor, xs: List[Tensor], coef: Tensor, squar
 
 
 # ---------------------------------------------------------------- bilinear: custom ops
-@torch.library.custom_op("fastsoup::ambient_row_bilinear", mutates_args=())
-def _bilinear_op(op: str, xs: List[Tensor], coef: Tensor, square: bool) -> Tensor:
-    if _backend_for(op, xs, coef.dtype) == "reference":
+# The backend is chosen once, in the forward pass, and handed to the backward pass: the
+# backward of CUDA tensors runs on autograd's device thread, which does not see the
+# caller's thread-local fs.use_backend() override. In eager mode the same implementations
+# run through plain autograd.Functions (the custom ops' Python dispatch costs more than the
+# kernels at small sizes); torch.compile traces the registered custom ops.
+def _bilinear_impl(xs: List[Tensor], coef: Tensor, square: bool, backend: str) -> Tensor:
+    if backend == "reference":
         return reference_bilinear(xs, coef, square)
     return _fused_bilinear(list(xs), coef, square)
+
+
+def _bilinear_backward_impl(grad: Tensor, xs: List[Tensor], coef: Tensor, square: bool,
+                            needs: Sequence[bool], backend: str) -> List[Tensor]:
+    if backend == "reference":
+        return reference_bilinear_backward(grad, xs, coef, square, needs)
+    return _fused_bilinear_backward(grad, list(xs), coef, square, needs)
+
+
+@torch.library.custom_op("fastsoup::ambient_row_bilinear", mutates_args=())
+def _bilinear_op(op: str, xs: List[Tensor], coef: Tensor, square: bool) -> Tensor:
+    return _bilinear_impl(xs, coef, square, _backend_for(op, xs, coef.dtype))
 
 
 @_bilinear_op.register_fake
@@ -310,20 +326,21 @@ def _(op, xs, coef, square):
 
 @torch.library.custom_op("fastsoup::ambient_row_bilinear_backward", mutates_args=())
 def _bilinear_backward_op(op: str, grad: Tensor, xs: List[Tensor], coef: Tensor,
-                          square: bool, needs: List[bool]) -> List[Tensor]:
-    if _backend_for(op, xs, coef.dtype) == "reference":
-        return reference_bilinear_backward(grad, xs, coef, square, needs)
-    return _fused_bilinear_backward(grad, list(xs), coef, square, needs)
+                          square: bool, needs: List[bool], backend: str = "") -> List[Tensor]:
+    if backend not in _backend.BACKENDS:
+        backend = _backend_for(op, xs, coef.dtype)
+    return _bilinear_backward_impl(grad, xs, coef, square, needs, backend)
 
 
 @_bilinear_backward_op.register_fake
-def _(op, grad, xs, coef, square, needs):
+def _(op, grad, xs, coef, square, needs, backend=""):
     return [torch.empty_like(x) if n else x.new_empty(0) for x, n in zip(xs, needs)]
 
 
 def _bilinear_setup(ctx, inputs, output):
     op, xs, coef, square = inputs
     ctx.op, ctx.square = op, square
+    ctx.backend = _backend_for(op, xs, coef.dtype)
     ctx.save_for_backward(coef, *xs)
 
 
@@ -332,11 +349,31 @@ def _bilinear_autograd(ctx, grad):
     needs = [bool(n) for n in ctx.needs_input_grad[1]]
     if not any(needs):
         return None, None, None, None
-    gs = _bilinear_backward_op(ctx.op, grad, xs, coef, ctx.square, needs)
+    gs = _bilinear_backward_op(ctx.op, grad, xs, coef, ctx.square, needs, ctx.backend)
     return None, [g if n else None for g, n in zip(gs, needs)], None, None
 
 
 _bilinear_op.register_autograd(_bilinear_autograd, setup_context=_bilinear_setup)
+
+
+class _BilinearFunction(torch.autograd.Function):
+    """Eager-mode twin of ``fastsoup::ambient_row_bilinear``."""
+
+    @staticmethod
+    def forward(ctx, op, coef, square, *xs):
+        ctx.square = square
+        ctx.backend = _backend_for(op, xs, coef.dtype)
+        ctx.save_for_backward(coef, *xs)
+        return _bilinear_impl(list(xs), coef, square, ctx.backend)
+
+    @staticmethod
+    def backward(ctx, grad):
+        coef, *xs = ctx.saved_tensors
+        needs = [bool(n) for n in ctx.needs_input_grad[3:]]
+        if not any(needs):
+            return (None, None, None) + (None,) * len(xs)
+        gs = _bilinear_backward_impl(grad, xs, coef, ctx.square, needs, ctx.backend)
+        return (None, None, None) + tuple(g if n else None for g, n in zip(gs, needs))
 
 
 def row_bilinear(op: str, xs: Sequence[Tensor], coef: Tensor, square: bool) -> Tensor:
@@ -348,7 +385,9 @@ def row_bilinear(op: str, xs: Sequence[Tensor], coef: Tensor, square: bool) -> T
     """
     assert op in _OPS and 1 <= len(xs) <= MAX_BILINEAR_INPUTS
     assert coef.shape == (xs[0].shape[0], COEF_COLS) and not coef.requires_grad
-    return _bilinear_op(op, list(xs), coef, square)
+    if torch.compiler.is_compiling():
+        return _bilinear_op(op, list(xs), coef, square)
+    return _BilinearFunction.apply(op, coef, square, *xs)
 
 
 # ---------------------------------------------------------------- row-linear map
@@ -380,22 +419,52 @@ def _fused_linear(xs: List[Tensor], coef: Tensor, n_out: int, dtype: torch.dtype
     return outs
 
 
-@torch.library.custom_op("fastsoup::ambient_row_linear", mutates_args=())
-def _linear_op(op: str, xs: List[Tensor], coef: Tensor, n_out: int,
-               dtype: torch.dtype) -> List[Tensor]:
-    if _backend_for(op, xs, coef.dtype) == "reference":
+def _linear_impl(xs: List[Tensor], coef: Tensor, n_out: int, dtype: torch.dtype,
+                 backend: str) -> List[Tensor]:
+    if backend == "reference":
         return reference_linear(xs, coef, n_out, dtype)
     return _fused_linear(list(xs), coef, n_out, dtype)
 
 
+@torch.library.custom_op("fastsoup::ambient_row_linear", mutates_args=())
+def _linear_op(op: str, xs: List[Tensor], coef: Tensor, n_out: int,
+               dtype: torch.dtype, backend: str) -> List[Tensor]:
+    # backend: "" chooses now; the backward passes the forward's choice explicitly
+    if backend not in _backend.BACKENDS:
+        backend = _backend_for(op, xs, coef.dtype)
+    return _linear_impl(xs, coef, n_out, dtype, backend)
+
+
 @_linear_op.register_fake
-def _(op, xs, coef, n_out, dtype):
+def _(op, xs, coef, n_out, dtype, backend):
     return [torch.empty_like(xs[0], dtype=dtype) for _ in range(n_out)]
 
 
+def _linear_transposed(coef: Tensor, grads, dtypes, needs, run) -> List[Optional[Tensor]]:
+    """``∂/∂x_k = Σ_m C_imk g_m``: the same map on the output gradients with ``C``
+    transposed, once per distinct input dtype (usually one). ``run(gs, table, n, dtype)``
+    applies the map."""
+    live = [m for m, g in enumerate(grads) if g is not None]
+    result: List[Optional[Tensor]] = [None] * len(needs)
+    if not live or not any(needs):
+        return result
+    B = coef.shape[0]
+    C = coef.view(B, 4, 4)[:, live, :]                   # [B, M_live, 4 (k)]
+    gs = [grads[m] for m in live]
+    for dtype in dict.fromkeys(d for d, n in zip(dtypes, needs) if n):
+        ks = [k for k, (d, n) in enumerate(zip(dtypes, needs)) if n and d == dtype]
+        T = coef.new_zeros((B, 4, 4))
+        T[:, :len(ks), :len(live)] = C[:, :, ks].transpose(1, 2)
+        outs = run(gs, T.view(B, COEF_COLS), len(ks), dtype)
+        for k, o in zip(ks, outs):
+            result[k] = o
+    return result
+
+
 def _linear_setup(ctx, inputs, output):
-    op, xs, coef, n_out, dtype = inputs
+    op, xs, coef, n_out, dtype, backend = inputs
     ctx.op = op
+    ctx.backend = backend if backend in _backend.BACKENDS else _backend_for(op, xs, coef.dtype)
     ctx.dtypes = [x.dtype for x in xs]
     ctx.save_for_backward(coef)
 
@@ -403,26 +472,34 @@ def _linear_setup(ctx, inputs, output):
 def _linear_autograd(ctx, grads):
     (coef,) = ctx.saved_tensors
     needs = [bool(n) for n in ctx.needs_input_grad[1]]
-    live = [m for m, g in enumerate(grads) if g is not None]
-    result: List[Optional[Tensor]] = [None] * len(needs)
-    if not live or not any(needs):
-        return None, result, None, None, None
-    # ∂/∂x_k = Σ_m C_imk g_m: the same op on the output gradients with C transposed,
-    # once per distinct input dtype (usually one).
-    B = coef.shape[0]
-    C = coef.view(B, 4, 4)[:, live, :]                   # [B, M_live, 4 (k)]
-    gs = [grads[m] for m in live]
-    for dtype in dict.fromkeys(d for d, n in zip(ctx.dtypes, needs) if n):
-        ks = [k for k, (d, n) in enumerate(zip(ctx.dtypes, needs)) if n and d == dtype]
-        T = coef.new_zeros((B, 4, 4))
-        T[:, :len(ks), :len(live)] = C[:, :, ks].transpose(1, 2)
-        outs = _linear_op(ctx.op, gs, T.view(B, COEF_COLS), len(ks), dtype)
-        for k, o in zip(ks, outs):
-            result[k] = o
-    return None, result, None, None, None
+    result = _linear_transposed(
+        coef, grads, ctx.dtypes, needs,
+        lambda gs, T, n, dtype: _linear_op(ctx.op, gs, T, n, dtype, ctx.backend))
+    return None, result, None, None, None, None
 
 
 _linear_op.register_autograd(_linear_autograd, setup_context=_linear_setup)
+
+
+class _LinearFunction(torch.autograd.Function):
+    """Eager-mode twin of ``fastsoup::ambient_row_linear``."""
+
+    @staticmethod
+    def forward(ctx, op, coef, n_out, dtype, *xs):
+        ctx.set_materialize_grads(False)
+        ctx.backend = _backend_for(op, xs, coef.dtype)
+        ctx.dtypes = [x.dtype for x in xs]
+        ctx.save_for_backward(coef)
+        return tuple(_linear_impl(list(xs), coef, n_out, dtype, ctx.backend))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        (coef,) = ctx.saved_tensors
+        needs = [bool(n) for n in ctx.needs_input_grad[4:]]
+        result = _linear_transposed(
+            coef, list(grads), ctx.dtypes, needs,
+            lambda gs, T, n, dtype: _linear_impl(gs, T, n, dtype, ctx.backend))
+        return (None, None, None, None) + tuple(result)
 
 
 def row_linear(op: str, xs: Sequence[Tensor], coef: Tensor, n_out: int,
@@ -430,7 +507,9 @@ def row_linear(op: str, xs: Sequence[Tensor], coef: Tensor, n_out: int,
     """Differentiable row-linear map ``y_m = Σ_k C_imk x_k`` (``coef``: ``[B, 16]`` table)."""
     assert op in _OPS and 1 <= len(xs) <= MAX_LINEAR_INPUTS and 1 <= n_out <= MAX_LINEAR_OUTPUTS
     assert coef.shape == (xs[0].shape[0], COEF_COLS) and not coef.requires_grad
-    return _linear_op(op, list(xs), coef, n_out, dtype)
+    if torch.compiler.is_compiling():
+        return _linear_op(op, list(xs), coef, n_out, dtype, "")
+    return list(_LinearFunction.apply(op, coef, n_out, dtype, *xs))
 
 
 # ----------------------------------------------------------------------- validation

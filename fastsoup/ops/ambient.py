@@ -164,9 +164,8 @@ def reference_coefficients(kind: str, scalars: Sequence[Tensor], param: float, n
     return T.to(dtype)
 
 
-@torch.library.custom_op("fastsoup::ambient_coefficients", mutates_args=())
-def _coefficients_op(op: str, kind: str, scalars: List[Tensor], param: float, n_out: int,
-                     dtype: torch.dtype) -> Tensor:
+def _coefficients_impl(op: str, kind: str, scalars: List[Tensor], param: float, n_out: int,
+                       dtype: torch.dtype) -> Tensor:
     # float64 scalars are fine for the kernel (it computes in float64); the table's dtype
     # (float64 only for float64 data) decides whether the reference runs.
     if dtype == torch.float64 or scalars[0].shape[0] == 0 or \
@@ -178,6 +177,12 @@ def _coefficients_op(op: str, kind: str, scalars: List[Tensor], param: float, n_
                              scalars[0].shape[0], param, n_out)
 
 
+@torch.library.custom_op("fastsoup::ambient_coefficients", mutates_args=())
+def _coefficients_op(op: str, kind: str, scalars: List[Tensor], param: float, n_out: int,
+                     dtype: torch.dtype) -> Tensor:
+    return _coefficients_impl(op, kind, scalars, param, n_out, dtype)
+
+
 @_coefficients_op.register_fake
 def _(op, kind, scalars, param, n_out, dtype):
     return scalars[0].new_empty((scalars[0].shape[0], COEF_COLS), dtype=dtype)
@@ -187,7 +192,9 @@ def coefficient_table(op: str, kind: str, scalars: Sequence[Tensor], dtype: torc
                       param: float = 0.0, n_out: int = 1) -> Tensor:
     """``[B, 16]`` table of ``kind`` from ``[B]`` schedule scalars (one launch when fused)."""
     assert kind in KINDS and not any(x.requires_grad for x in scalars)
-    return _coefficients_op(op, kind, list(scalars), float(param), n_out, dtype)
+    if torch.compiler.is_compiling():
+        return _coefficients_op(op, kind, list(scalars), float(param), n_out, dtype)
+    return _coefficients_impl(op, kind, list(scalars), float(param), n_out, dtype)
 
 
 _CONSTANT_TABLES: dict = {}

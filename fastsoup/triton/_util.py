@@ -23,3 +23,14 @@ def device_guard(t: torch.Tensor):
     if t.is_cuda:
         return torch.cuda.device(t.device)
     return contextlib.nullcontext()
+
+
+def on_device_of(pick):
+    """Decorator: run a launcher with the GPU of ``pick(*args)`` current."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def inner(*args, **kwargs):
+            with device_guard(pick(*args)):
+                return fn(*args, **kwargs)
+        return inner
+    return wrap

@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from ..ops._rows import RowLayout, plan_chunks
-from ._util import target_programs
+from ._util import on_device_of, target_programs
 from .mse import _inner_offsets
 
 BLOCK = 1024
@@ -383,6 +383,7 @@ def _coefficient_kernel(
             _st(row, 7, cf, mask)
 
 
+@on_device_of(lambda kind, scalars, *a: scalars[0])
 def coefficients(kind: int, scalars: Sequence[torch.Tensor], batch: int, param: float = 0.0,
                  n_out: int = 1) -> torch.Tensor:
     """fp32 ``[B, 16]`` coefficient table of ``kind`` from ``[B]`` float scalars (any dtype)."""
@@ -419,6 +420,7 @@ def _check_coef(coef: torch.Tensor, batch: int) -> None:
     assert coef.stride(1) == 1
 
 
+@on_device_of(lambda xs, *a: xs[0])
 def bilinear_forward(xs: Sequence[torch.Tensor], coef: torch.Tensor, square: bool,
                      layout: RowLayout, chunk: Optional[int] = None) -> torch.Tensor:
     """fp32 ``[B]``: ``ℓ_i = c_i · mean_j (Σ_k A_ik x_k)(Σ_k B_ik x_k)`` (0 where ``c_i = 0``).
@@ -442,6 +444,7 @@ def bilinear_forward(xs: Sequence[torch.Tensor], coef: torch.Tensor, square: boo
     return partial.view(B) if n_chunks == 1 else partial.sum(dim=1)
 
 
+@on_device_of(lambda xs, *a: xs[0])
 def bilinear_backward(xs: Sequence[torch.Tensor], coef: torch.Tensor, grad: torch.Tensor,
                       grads: Sequence[Optional[torch.Tensor]], square: bool,
                       layout: RowLayout, chunk: Optional[int] = None) -> None:
@@ -471,6 +474,7 @@ def bilinear_backward(xs: Sequence[torch.Tensor], coef: torch.Tensor, grad: torc
     )
 
 
+@on_device_of(lambda xs, *a: xs[0])
 def linear_forward(xs: Sequence[torch.Tensor], coef: torch.Tensor,
                    outs: Sequence[torch.Tensor], layout: RowLayout,
                    chunk: Optional[int] = None) -> None:

@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._util import on_device_of
+
 BLOCK = 1024
 NUM_WARPS = 4
 
@@ -59,6 +61,7 @@ def block_tables(numels: Sequence[int], block: int, device) -> tuple:
     return bt, bs
 
 
+@on_device_of(lambda outs, *a: outs[0])
 def weighted_sum_multi(outs: Sequence[torch.Tensor], inputs: Sequence[Sequence[torch.Tensor]],
                        weights: torch.Tensor) -> None:
     """One launch: ``outs[p] = Σ_k weights[k] · inputs[k][p]``.

@@ -5,7 +5,9 @@ GPU (iterative ensemble training). Over whole lists of tensors: the GPU backends
 launch for the list (not one per tensor per input), reading every input element once and
 writing every output element once, accumulating in fp32 and rounding once.
 
-Layers: the PyTorch reference below (also the CPU path), the Triton launcher in
+Layers: the PyTorch reference below (the oracle, and the CPU path for fp64, strided or
+in-place lists), the fused ``fastsoup._C`` kernel (the CPU path otherwise), the Triton
+launcher in
 ``fastsoup.triton.weighted_sum``, the CUDA kernel in ``csrc/cuda/weighted_sum.cu``
 (``fastsoup._cuda.weighted_sum``), behind the ``torch.library.custom_op``
 ``fastsoup::weighted_sum_`` (mutates ``outs``; a fake implementation is registered).
@@ -14,6 +16,7 @@ backend reads all K inputs of an element before writing it.
 """
 from __future__ import annotations
 
+import bisect
 from typing import Dict, List, Sequence, Tuple, Union
 
 import torch
@@ -108,6 +111,53 @@ def _cuda_launch(outs, inputs, w) -> None:
                                  _CUDA_CODES[inputs[0][0].dtype], _CUDA_CODES[outs[0].dtype])
 
 
+_C_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+
+
+def _as_buffer(t: Tensor):
+    """A zero-copy numpy view of a contiguous CPU tensor's bytes (bf16 as int16)."""
+    flat = t.reshape(-1)
+    return (flat.view(torch.int16) if t.dtype == torch.bfloat16 else flat).numpy()
+
+
+def _cpu_fused(outs, inputs, weights) -> bool:
+    """CPU tensors: ``fastsoup._C.weighted_sum`` per output (fp32 accumulation, same order
+    and rounding as the reference, multi-threaded), when every tensor is contiguous, no
+    output shares memory with an input, and the extension is loaded. False otherwise."""
+    from .. import _ext
+
+    ext = _ext.cpu_ext(warn=False)
+    if ext is None:
+        return False
+    tensors = list(outs) + [t for inp in inputs for t in inp]
+    if any(t.device.type != "cpu" or not t.is_contiguous() or t.dtype not in _C_CODES
+           or t.requires_grad for t in tensors):
+        return False
+    if any(t.dtype == torch.float64 for t in tensors):
+        return False  # fp64 asks for fp64 accumulation: the reference does that
+    spans = sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size())
+                   for inp in inputs for t in inp if t.numel())
+    starts = [a for a, _ in spans]
+    max_end, m = [], 0
+    for _, b in spans:
+        m = max(m, b)
+        max_end.append(m)
+    for o in outs:
+        if not o.numel():
+            continue
+        lo, hi = o.data_ptr(), o.data_ptr() + o.numel() * o.element_size()
+        i = bisect.bisect_left(starts, hi)  # spans starting before this output ends
+        if i and max_end[i - 1] > lo:
+            return False  # an output overlaps an input (in place): the reference handles it
+    for p, o in enumerate(outs):
+        if o.numel() == 0:
+            continue
+        ext.weighted_sum(_as_buffer(o), _C_CODES[o.dtype],
+                         [_as_buffer(inp[p]) for inp in inputs],
+                         [_C_CODES[inp[p].dtype] for inp in inputs], weights, o.numel())
+    return True
+
+
 def _backend_for(outs: Sequence[Tensor], inputs) -> str:
     if any(o.dtype not in _KERNEL_DTYPES for o in outs) or any(
             t.dtype not in _KERNEL_DTYPES for inp in inputs for t in inp):
@@ -122,6 +172,8 @@ def _weighted_sum_op(outs: List[Tensor], inputs: List[Tensor], weights: List[flo
     nested = [inputs[k * P:(k + 1) * P] for k in range(K)]
     backend = _backend_for(outs, nested)
     if backend == "reference":
+        if outs and outs[0].device.type == "cpu" and _cpu_fused(outs, nested, weights):
+            return
         reference_weighted_sum_(outs, nested, weights)
     else:
         _fused(backend, outs, nested, weights)

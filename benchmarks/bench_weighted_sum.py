@@ -1,0 +1,71 @@
+"""Multi-tensor weighted sum ``outs[p] = Σ_k w_k inputs[k][p]`` (``fs.weighted_sum_``).
+
+The use case: averaging K model replicas (iterative ensemble training) or K checkpoints'
+tensors, a list of P tensors of mixed sizes (SD-like: a few large matrices, many small
+vectors), bf16 in and out. Moves K reads + 1 write of every element.
+
+Implementations, same inputs:
+
+* ``fastsoup``: ``fs.weighted_sum_`` with the device's default backend (Triton on GPU,
+  the PyTorch reference on CPU); on GPU also ``fastsoup-cuda`` (the CUDA kernel).
+* ``cpu-C``: ``fastsoup._C.weighted_sum`` per tensor (the merge engine's CPU kernel).
+* ``foreach``: ``torch._foreach_mul`` / ``_foreach_add_`` in fp32, then a cast (what one
+  writes with PyTorch's multi-tensor primitives).
+
+    pytest benchmarks/bench_weighted_sum.py --benchmark-only
+    FASTSOUP_BENCH_SIZE=smoke pytest benchmarks/bench_weighted_sum.py --benchmark-disable
+"""
+import pytest
+import torch
+
+import fastsoup as fs
+from harness import DEVICE, SIZE, measure
+
+K = 4
+CASES = {
+    "full": [(4096, 4096)] * 16 + [(4096,)] * 600,     # ~0.27 G elements per input
+    "small": [(1024, 1024)] * 12 + [(1280,)] * 300,    # ~13 M elements per input
+    "smoke": [(64, 64)] * 2 + [(33,)] * 5,
+}[SIZE]
+
+
+def _lists(dtype=torch.bfloat16):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    ins = [[torch.randn(s, generator=g).to(dtype).to(DEVICE) for s in CASES] for _ in range(K)]
+    outs = [torch.empty(s, dtype=dtype, device=DEVICE) for s in CASES]
+    return outs, ins
+
+
+def _bytes(outs):
+    return sum(o.numel() * o.element_size() for o in outs) * (K + 1)
+
+
+IMPLS = ["fastsoup", "foreach"] + (["fastsoup-cuda"] if DEVICE.type == "cuda" else ["cpu-C"])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_weighted_sum(benchmark, impl):
+    outs, ins = _lists()
+    w = [1.0 / K] * K
+    if impl == "fastsoup":
+        step = lambda: fs.weighted_sum_(outs, ins, w)  # noqa: E731
+    elif impl == "fastsoup-cuda":
+        def step():
+            with fs.use_backend("cuda", op="weighted_sum"):
+                fs.weighted_sum_(outs, ins, w)
+    elif impl == "cpu-C":
+        from fastsoup import _C
+
+        def step():
+            for p, o in enumerate(outs):
+                _C.weighted_sum(o.view(torch.int16).numpy(), 2,
+                                [ins[k][p].view(torch.int16).numpy() for k in range(K)],
+                                [2] * K, w, o.numel())
+    else:
+        def step():
+            acc = torch._foreach_mul([t.float() for t in ins[0]], w[0])
+            for k in range(1, K):
+                torch._foreach_add_(acc, [t.float() for t in ins[k]], alpha=w[k])
+            for o, a in zip(outs, acc):
+                o.copy_(a)
+    measure(benchmark, step, bytes_moved=_bytes(outs), impl=impl, tensors=len(CASES), inputs=K)

@@ -451,3 +451,10 @@ def test_prefetch_paths(tmp_path, monkeypatch, populate):
     fs.merge(paths, tmp_path / "o.safetensors", memory="64KiB", quiet=True)
     assert bool(touched) != populate
     check_merged(load_any(str(tmp_path / "o.safetensors")), states, [1 / 3] * 3)
+
+
+@pytest.mark.cuda
+def test_merge_on_the_gpu_matches_cpu(tmp_path):
+    paths, states = files(tmp_path)
+    fs.merge(paths, tmp_path / "gpu.safetensors", device="cuda", memory="64KiB", quiet=True)
+    check_merged(load_any(str(tmp_path / "gpu.safetensors")), states, [1 / 3] * 3, exact=False)

@@ -250,3 +250,39 @@ def test_cpu_path_uses_the_fused_kernel_bit_exact(monkeypatch):
     calls.clear()
     fs.weighted_sum_(ins[0], ins, w)  # in place: the reference
     assert calls == []
+
+
+# --------------------------------------------------------------------- on a GPU only
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("in_dtype, out_dtype", [(torch.bfloat16, torch.bfloat16),
+                                                 (torch.float16, torch.float32),
+                                                 (torch.float32, torch.bfloat16)])
+def test_gpu_backends_match_the_fp32_oracle(backend, in_dtype, out_dtype):
+    shapes = [(4096, 4097), (1,), (3, 5, 7), (0,), (2**21 + 3,)] + [(1280,)] * 200
+    g = torch.Generator().manual_seed(0)
+    ins_cpu = [[torch.randn(s, generator=g).to(in_dtype) for s in shapes] for _ in range(5)]
+    w = [0.3, -0.1, 0.5, 0.2, 0.1]
+    outs = [torch.empty(s, dtype=out_dtype, device="cuda") for s in shapes]
+    ins = [[t.cuda() for t in inp] for inp in ins_cpu]
+    with fs.use_backend(backend, op="weighted_sum"):
+        fs.weighted_sum_(outs, ins, w)
+    torch.cuda.synchronize()
+    for p, o in enumerate(outs):
+        if o.numel() == 0:
+            continue
+        exp = _fp32_oracle([ins_cpu[k][p].reshape(-1) for k in range(5)], w, out_dtype)
+        # GPU kernels may contract w*x + acc into an FMA: allow one output ulp
+        got = o.cpu().reshape(-1).double()
+        ref = exp.double()
+        tol = {torch.bfloat16: 2**-7, torch.float32: 2**-22}[out_dtype] * ref.abs().clamp_min(1e-3)
+        assert torch.all((got - ref).abs() <= tol + 1e-6), p
+
+
+@pytest.mark.cuda
+def test_gpu_in_place_average_of_replicas():
+    reps = [[torch.randn(1000, 1000, device="cuda").bfloat16() for _ in range(3)] for _ in range(4)]
+    exp = [sum(r[p].float() for r in reps) / 4 for p in range(3)]
+    fs.weighted_sum_(reps[0], reps, [0.25] * 4)
+    for p in range(3):
+        assert torch.allclose(reps[0][p].float(), exp[p], atol=2e-2, rtol=1e-2)

@@ -98,3 +98,14 @@ def test_subprocess_run(tmp_path):
     res = subprocess.run([sys.executable, "-m", "fastsoup.merge.cli", *paths, "-o", str(out)],
                          capture_output=True, text=True, env=env, timeout=120)
     assert res.returncode == 1 and "already exists" in res.stderr
+
+
+def test_progress_bar_names_tensors(tmp_path, capsys):
+    import fastsoup as fs
+
+    paths, _ = inputs(tmp_path, 2)
+    fs.merge(paths, tmp_path / "o.safetensors", quiet=False)  # forced on (not a tty here)
+    err = capsys.readouterr().err
+    assert "merging" in err and "B/s" in err
+    fs.merge(paths, tmp_path / "p.safetensors")  # default: no bar when stderr is not a tty
+    assert capsys.readouterr().err == ""

@@ -109,3 +109,15 @@ def test_progress_bar_names_tensors(tmp_path, capsys):
     assert "merging" in err and "B/s" in err
     fs.merge(paths, tmp_path / "p.safetensors")  # default: no bar when stderr is not a tty
     assert capsys.readouterr().err == ""
+
+
+def test_dry_run_needs_no_output(tmp_path, capsys, monkeypatch):
+    paths, _ = inputs(tmp_path, 3)
+    monkeypatch.chdir(tmp_path)
+    assert cli.main([*paths, "--dry-run"]) == 0
+    assert "dry run" in capsys.readouterr().out and not os.path.exists(tmp_path / "soup.safetensors")
+    import pytest
+
+    with pytest.raises(SystemExit) as info:
+        cli.main([*paths])
+    assert info.value.code == 2 and "-o/--output" in capsys.readouterr().err

@@ -196,7 +196,8 @@ def _tty_progress(total: int, quiet: Optional[bool]) -> Optional[Callable]:
     return update
 
 
-def merge(inputs: Sequence[PathLike], output: PathLike, weights: Optional[Sequence[float]] = None,
+def merge(inputs: Sequence[PathLike], output: Optional[PathLike],
+          weights: Optional[Sequence[float]] = None,
           *, base: Optional[PathLike] = None, normalize: Optional[bool] = None,
           keys: str = "strict", dtype: Optional[str] = None, accumulate: str = "fp32",
           variant: Optional[str] = None, allow_pickle: bool = False,
@@ -212,6 +213,7 @@ def merge(inputs: Sequence[PathLike], output: PathLike, weights: Optional[Sequen
             ``*.index.json``), diffusers roots; mixed layouts must resolve to the same keys.
         output: where to write; mirrors the first input's layout (a file, a sharded
             directory with its index, or a diffusers tree with the non-weight files).
+            May be None for a dry run (planned as ``./soup.safetensors`` or ``./soup``).
         weights: raw weights (any reals; default uniform). ``normalize`` divides them by
             their sum (default on, off with ``base``).
         base: θ_0 for task arithmetic (coefficient ``1 − Σ c_i``).
@@ -243,7 +245,8 @@ def merge(inputs: Sequence[PathLike], output: PathLike, weights: Optional[Sequen
         every problem) for bad inputs or options, ``OSError`` for I/O failures; in both
         cases nothing is left at ``output``.
     """
-    output = os.fspath(output)
+    if output is None and not dry_run:
+        raise MergeError("no output path given (only a dry run can do without one)")
     _manifest_extra = dict(_manifest_extra or {}, default_weights=weights is None)
     if accumulate not in ("fp32", "fp64"):
         raise MergeError(f"accumulate must be 'fp32' or 'fp64', got {accumulate!r}")
@@ -257,6 +260,10 @@ def merge(inputs: Sequence[PathLike], output: PathLike, weights: Optional[Sequen
 
     paths = list(inputs) + ([base] if base is not None else [])
     layouts = _resolve_all(paths, variant, allow_pickle)
+    if output is None:  # dry run without an output: plan as if writing into the cwd
+        output = os.path.join(os.getcwd(), "soup.safetensors" if layouts[0].kind == "file" and
+                              max_shard_size is None else "soup")
+    output = os.fspath(output)
     _check_inputs_and_output(layouts, output)
     constituents = layouts[: len(inputs)]
     base_layout = layouts[len(inputs)] if base is not None else None

@@ -29,8 +29,8 @@ def _weights(text: str) -> List[float]:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-o", "--output", required=True, help="output path (file or directory, "
-                   "mirroring the first input's layout)")
+    p.add_argument("-o", "--output", help="output path (file or directory, mirroring the "
+                   "first input's layout); optional with --dry-run")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16", "fp64"],
                    help="output dtype of floating tensors (default: each tensor's input dtype)")
     p.add_argument("--accumulate", choices=["fp32", "fp64"], default=None,
@@ -109,6 +109,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     command = argv[0] if argv and argv[0] in ("add", "remove") else "merge"
     parser = build_parser(command)
     args = parser.parse_args(argv[1:] if command != "merge" else argv)
+    if args.output is None and not args.dry_run:
+        parser.error("the following arguments are required: -o/--output")
 
     from .api import merge, soup_add, soup_remove
     from .errors import MergeError, PlanError

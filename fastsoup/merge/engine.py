@@ -3,9 +3,9 @@
 Data path, per output file: tensors are split into work items (whole small tensors,
 chunks of large ones) and grouped into windows of about ``window_bytes`` of input.
 While window ``j`` is summed, a prefetch thread maps window ``j + 1`` of every input
-(``MADV_POPULATE_READ``, or read-ahead + one read per page), and a writer thread ``pwrite``s the
-previous staging buffer. After window ``j``, its input pages are dropped from this
-process (``MADV_DONTNEED``), so the resident set stays near
+(``MADV_POPULATE_READ``, or read-ahead + one read per page), and a writer thread
+``pwrite``s the previous staging buffer. After window ``j``, its input pages are dropped
+from this process (``MADV_DONTNEED``), so the resident set stays near
 
     2 × window_bytes (mapped inputs) + 2 × staging_bytes (output buffers)
 

@@ -160,7 +160,9 @@ def to_markdown(meta: dict, table: Dict[str, List[dict]]) -> str:
              f"- date: {meta['date']}", f"- command: `{meta['command']}`",
              f"- size preset: `{meta['size']}`",
              "- versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
-             f"- machine: {meta['machine']}", "",
+             f"- machine: {meta['machine']}",
+             f"- load average (1/5/15 min) before and after: {meta.get('load_average')} "
+             "(other work on the machine makes timings noisy)", "",
              "Median of the timed rounds, with p20–p80. GB/s counts the bytes the operation "
              "must move. *vs baseline*: speed-up over the group's baseline (how users write it "
              "today). *of ceiling*: fraction of the group's ceiling (copy bandwidth or I/O floor).",
@@ -249,6 +251,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     size = args.size or ("full" if torch.cuda.is_available() else "small")
     device = _device_name()
     benchmarks: List[dict] = []
+    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
     print(f"fastsoup benchmark report on {device} (size {size})")
     for name in [s.strip() for s in args.suites.split(",") if s.strip()]:
         if name not in SUITES:
@@ -268,6 +271,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         "device": device, "date": date, "size": size, "versions": _versions(),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()} {platform.release()}",
         "command": "python benchmarks/report.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "load_average": {"before": load_before,
+                         "after": os.getloadavg() if hasattr(os, "getloadavg") else None},
     }
     table = summarise(benchmarks)
     os.makedirs(args.out, exist_ok=True)

@@ -199,6 +199,7 @@ if pytest is not None:
     @pytest.mark.parametrize("tool", list(TOOLS))
     def test_merge(benchmark, ckpts, tool):
         folder, inputs = ckpts
+        benchmark.group = f"merge {N_INPUTS} x {MB:g} MB bf16"
         out = os.path.join(folder, f"out-{tool}.safetensors")
         fn = TOOLS[tool]
         def setup():
@@ -212,6 +213,8 @@ if pytest is not None:
         child = child_measure(tool, inputs, out)
         drop_output(out)
         benchmark.extra_info.update(
+            impl=tool, role={"floor": "ceiling", "naive": "baseline"}.get(tool, ""),
+            peak_rss_MiB=child["peak_rss"] / 2**20,
             tool=tool, inputs=len(inputs), input_bytes=sum(os.path.getsize(p) for p in inputs),
             output_bytes=os.path.getsize(inputs[0]), peak_rss_bytes=child["peak_rss"],
             child_seconds=child["seconds"], cpus=os.cpu_count(),

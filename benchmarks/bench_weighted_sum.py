@@ -45,6 +45,7 @@ IMPLS = ["fastsoup", "foreach"] + (["fastsoup-cuda"] if DEVICE.type == "cuda" el
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_weighted_sum(benchmark, impl):
+    benchmark.group = f"weighted_sum K={K} x {len(CASES)} bf16 tensors"
     outs, ins = _lists()
     w = [1.0 / K] * K
     if impl == "fastsoup":
@@ -68,4 +69,5 @@ def test_weighted_sum(benchmark, impl):
                 torch._foreach_add_(acc, [t.float() for t in ins[k]], alpha=w[k])
             for o, a in zip(outs, acc):
                 o.copy_(a)
-    measure(benchmark, step, bytes_moved=_bytes(outs), impl=impl, tensors=len(CASES), inputs=K)
+    measure(benchmark, step, bytes_moved=_bytes(outs), impl=impl, tensors=len(CASES), inputs=K,
+            role="baseline" if impl == "foreach" else "")

@@ -42,8 +42,9 @@ SUITES = {
     "ambient": "bench_ambient.py",
     "weighted_sum": "bench_weighted_sum.py",
     "merge": "bench_merge.py",
+    "train_step": "bench_train_step.py",
 }
-BASELINE_IMPLS = ("eager", "naive")
+BASELINE_IMPLS = ("eager", "naive", "foreach")
 CEILING_IMPLS = ("copy", "floor", "io-floor", "io_floor")
 
 
@@ -165,11 +166,13 @@ def to_markdown(meta: dict, table: Dict[str, List[dict]]) -> str:
              "(other work on the machine makes timings noisy)", "",
              "Median of the timed rounds, with p20–p80. GB/s counts the bytes the operation "
              "must move. *vs baseline*: speed-up over the group's baseline (how users write it "
-             "today). *of ceiling*: fraction of the group's ceiling (copy bandwidth or I/O floor).",
+             "today). *of ceiling*: fraction of the group's ceiling (copy bandwidth or I/O floor). "
+             "*peak MiB*: extra GPU memory during the op (GPU runs) or the merge process's "
+             "peak resident set (merges).",
              ""]
     for group, rows in table.items():
         lines += [f"## {group}", "",
-                  "| impl | backend | median ms | p20–p80 ms | GB/s | vs baseline | of ceiling | peak extra MiB |",
+                  "| impl | backend | median ms | p20–p80 ms | GB/s | vs baseline | of ceiling | peak MiB |",
                   "|---|---|---:|---:|---:|---:|---:|---:|"]
         for r in rows:
             impl = r["impl"] + (f" ({r['role']})" if r["role"] else "")

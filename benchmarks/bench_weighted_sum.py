@@ -22,11 +22,30 @@ import fastsoup as fs
 from harness import DEVICE, SIZE, measure
 
 K = 4
-CASES = {
-    "full": [(4096, 4096)] * 16 + [(4096,)] * 600,     # ~0.27 G elements per input
-    "small": [(1024, 1024)] * 12 + [(1280,)] * 300,    # ~13 M elements per input
-    "smoke": [(64, 64)] * 2 + [(33,)] * 5,
-}[SIZE]
+
+
+def _unet_shapes(config):
+    """Parameter shapes of a diffusers UNet2DConditionModel built on the meta device (no
+    memory), or None without diffusers."""
+    try:
+        from diffusers import UNet2DConditionModel
+    except ImportError:
+        return None
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**config)
+    return [tuple(p.shape) for p in unet.parameters()]
+
+
+SD15_UNET = dict(block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768,
+                 layers_per_block=2, attention_head_dim=8)
+SMALL_UNET = dict(block_out_channels=(64, 128, 256, 256), cross_attention_dim=256,
+                  layers_per_block=1, attention_head_dim=8)
+if SIZE == "full":   # the Stable Diffusion 1.5 UNet's 686 parameter tensors (860 M elements)
+    CASES = _unet_shapes(SD15_UNET) or [(4096, 4096)] * 16 + [(4096,)] * 600
+elif SIZE == "small":
+    CASES = _unet_shapes(SMALL_UNET) or [(1024, 1024)] * 12 + [(1280,)] * 300
+else:
+    CASES = [(64, 64)] * 2 + [(33,)] * 5
 
 
 def _lists(dtype=torch.bfloat16):

@@ -6,6 +6,7 @@
 // four elements per thread per step when every row involved is 4-element aligned.
 // Offsets are int64 throughout. No torch headers: see fastsoup_cuda.h.
 #include "fastsoup_cuda.h"
+#include "dtype_convert.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -15,16 +16,8 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kVec = 4;
 
-__device__ __forceinline__ float to_f32(float x) { return x; }
-__device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T> __device__ __forceinline__ T from_f32(float x);
-template <> __device__ __forceinline__ float from_f32<float>(float x) { return x; }
-template <> __device__ __forceinline__ __half from_f32<__half>(float x) { return __float2half_rn(x); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) {
-    return __float2bfloat16_rn(x);
-}
+using fastsoup_cuda::from_f32;
+using fastsoup_cuda::to_f32;
 
 template <typename T>
 struct alignas(sizeof(T) * kVec) Vec {

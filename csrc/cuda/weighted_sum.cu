@@ -15,21 +15,15 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include "dtype_convert.cuh"
+
 namespace {
 
 constexpr int kThreads = 256;
 constexpr int64_t kBlockElems = 2048;  // must equal CUDA_BLOCK in ops/weighted_sum.py
 
-__device__ __forceinline__ float to_f32(float x) { return x; }
-__device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T> __device__ __forceinline__ T from_f32(float x);
-template <> __device__ __forceinline__ float from_f32<float>(float x) { return x; }
-template <> __device__ __forceinline__ __half from_f32<__half>(float x) { return __float2half_rn(x); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) {
-    return __float2bfloat16_rn(x);
-}
+using fastsoup_cuda::from_f32;
+using fastsoup_cuda::to_f32;
 
 template <typename TIn, typename TOut>
 __global__ void __launch_bounds__(kThreads) weighted_sum_kernel(

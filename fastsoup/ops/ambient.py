@@ -690,13 +690,14 @@ class ReverseStepCoefficients(NamedTuple):
     c_f: Tensor   # (σ_s/σ_t)·sqrt(1 − α_t²/α_s²): multiplies the fresh noise ξ
 
 
-def _alphas_cumprod(schedule) -> Tensor:
+def _alphas_cumprod(schedule, name: str = "schedule") -> Tensor:
+    """``alphas_cumprod`` of a diffusers-style scheduler (or the tensor itself), checked."""
     ac = getattr(schedule, "alphas_cumprod", schedule)
     if not isinstance(ac, Tensor):
         try:
             ac = torch.as_tensor(ac)
         except Exception:
-            raise TypeError("schedule must be a scheduler with .alphas_cumprod or a 1-d "
+            raise TypeError(f"{name} must be a scheduler with .alphas_cumprod or a 1-d "
                             f"tensor of alphas_cumprod, got {type(schedule).__name__}") from None
     if ac.dim() != 1 or not ac.dtype.is_floating_point or ac.numel() == 0:
         raise ValueError("alphas_cumprod must be a non-empty 1-d float tensor, got "

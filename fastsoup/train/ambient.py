@@ -34,6 +34,7 @@ from torch import Tensor
 
 from ..ambient_data import AmbientDataset, FixedNoise
 from ..ops._checks import check_float_tensor, check_same_shape
+from ..ops.ambient import _alphas_cumprod as _ops_alphas_cumprod
 from ..ops.ambient import (
     ambient_loss_vp, vp_alpha_sigma, vp_reverse_step_coefficients, vp_reverse_step_from_eps,
 )
@@ -48,17 +49,7 @@ __all__ = [
 
 
 def _alphas_cumprod(schedule: Any) -> Tensor:
-    ac = getattr(schedule, "alphas_cumprod", schedule)
-    if not isinstance(ac, Tensor):
-        try:
-            ac = torch.as_tensor(ac)
-        except Exception:
-            raise TypeError("noise_scheduler must be a scheduler with .alphas_cumprod or a 1-d "
-                            f"alphas_cumprod tensor, got {type(schedule).__name__}") from None
-    if ac.dim() != 1 or not ac.dtype.is_floating_point or ac.numel() == 0:
-        raise ValueError("alphas_cumprod must be a non-empty 1-d float tensor, got "
-                         f"{ac.dtype} of shape {tuple(ac.shape)}")
-    return ac
+    return _ops_alphas_cumprod(schedule, "noise_scheduler")
 
 
 def _check_t_n(t_n: Any, num: int) -> int:

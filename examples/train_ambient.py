@@ -26,9 +26,11 @@ noise draw ``eta`` per example for the whole run (``fs.train.ambient_vp_dataset`
   ``t_n``; 0 samples all the way down, which makes sense after consistency training),
   then one Tweedie step.
 
-Outputs in ``--out``: ``unet/`` and ``scheduler/`` (diffusers layout;
-``UNet2DModel.from_pretrained(out + "/unet")`` loads it), ``grid.png`` (first row: noisy
-training examples as the model saw them; then samples), ``train_ambient.json`` (summary).
+Outputs in ``--out``: a diffusers ``DDPMPipeline`` folder (``model_index.json``, ``unet/``,
+``scheduler/``; ``UNet2DModel.from_pretrained(out + "/unet")`` loads the model; sample it
+with ``fs.train.sample_early_stop``, since the pipeline's own loop runs past ``t_n`` to 0),
+``grid.png`` (first row: noisy training examples as the model saw them; then samples) and
+``train_ambient.json`` (summary).
 
 The image folder is read with Pillow (every .png/.jpg/.jpeg/.webp below it), resized to
 ``--resolution`` and scaled to [-1, 1]. Without ``--data``, built-in procedural images are
@@ -254,7 +256,7 @@ def sampler_timesteps(num_steps: int, stop: int) -> list:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        from diffusers import DDPMScheduler
+        from diffusers import DDPMPipeline, DDPMScheduler
     except ImportError:
         raise fail("this example needs diffusers (pip install diffusers)") from None
 
@@ -317,9 +319,10 @@ def main(argv=None) -> int:
           f"mean RMS to nearest clean training image {nn_rms.mean().item():.3f}", flush=True)
 
     os.makedirs(args.out, exist_ok=True)
+    # diffusers pipeline layout (model_index.json, unet/, scheduler/); note that
+    # DDPMPipeline's own sampler runs down to t = 0, past the data noise level
+    DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(args.out)
     model_dir = os.path.join(args.out, "unet")
-    unet.save_pretrained(model_dir)
-    scheduler.save_pretrained(os.path.join(args.out, "scheduler"))
     grid = os.path.join(args.out, "grid.png")
     save_grid([x_n_all[:args.samples], samples], grid)
     summary = {

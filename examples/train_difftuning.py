@@ -37,8 +37,9 @@ class-conditional or text-to-image model pass ``target_cond=labels`` and
 
 Before and after fine-tuning the denoising loss (fixed noise and timesteps) is measured
 on target images ("adaptation") and on knowledge-bank samples ("retention").
-Outputs in ``--out``: ``unet/`` and ``scheduler/`` (the fine-tuned model, diffusers layout),
-``pretrained/`` (when pre-trained here), ``knowledge_bank.safetensors``, ``grid.png``
+Outputs in ``--out``: the fine-tuned model as a diffusers ``DDPMPipeline`` folder
+(``model_index.json``, ``unet/``, ``scheduler/``), ``pretrained/`` (the same, when
+pre-trained here; ``--pretrained OUT/pretrained`` reuses it), ``knowledge_bank.safetensors``, ``grid.png``
 (rows: target images, knowledge-bank samples, fine-tuned samples) and
 ``train_difftuning.json`` (summary). ``--smoke`` shrinks everything (16 px, width 8, 3
 pre-training and 3 fine-tuning steps, 8 bank samples) and finishes in seconds on a CPU.
@@ -242,7 +243,7 @@ def eval_loss(unet, scheduler, images: torch.Tensor, device, seed: int, n: int =
     """Mean epsilon-MSE on ``n`` fixed (image, timestep, noise) triples (uniform timesteps)."""
     g = torch.Generator().manual_seed(seed)
     x0 = images[torch.randint(0, images.shape[0], (n,), generator=g)].to(device)
-    t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (n,), generator=g).to(device)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=g).to(device)
     noise = torch.randn(x0.shape, generator=g).to(device)
     pred = unet(scheduler.add_noise(x0, noise, t), t).sample
     return fs.per_sample_mse(pred, noise).mean().item()
@@ -255,7 +256,8 @@ def pretrain(unet, scheduler, images, args, device, g) -> list:
     for step in range(args.pretrain_steps):
         x0 = images[torch.randint(0, images.shape[0], (args.batch,), generator=g)].to(device)
         noise = torch.randn(x0.shape, generator=g).to(device)
-        t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (args.batch,), generator=g).to(device)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (args.batch,),
+                          generator=g).to(device)
         pred = unet(scheduler.add_noise(x0, noise, t), t).sample
         loss, _ = fs.train.diffusion_loss(scheduler, pred, latents=x0, noise=noise, timesteps=t)
         opt.zero_grad(set_to_none=True)
@@ -270,7 +272,7 @@ def pretrain(unet, scheduler, images, args, device, g) -> list:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        from diffusers import DDPMScheduler
+        from diffusers import DDPMPipeline, DDPMScheduler
     except ImportError:
         raise fail("this example needs diffusers (pip install diffusers)") from None
 
@@ -280,6 +282,13 @@ def main(argv=None) -> int:
     g = torch.Generator().manual_seed(args.seed + 1)     # CPU generator: same run on any device
     os.makedirs(args.out, exist_ok=True)
     scheduler = DDPMScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS)   # epsilon prediction
+    if args.pretrained and os.path.isfile(os.path.join(args.pretrained, "scheduler",
+                                                       "scheduler_config.json")):
+        # a pipeline folder: train with its noise schedule (DDPM form of its config)
+        scheduler = DDPMScheduler.from_pretrained(args.pretrained, subfolder="scheduler")
+        if scheduler.config.prediction_type != "epsilon":
+            raise fail(f"--pretrained {args.pretrained}: prediction_type "
+                       f"{scheduler.config.prediction_type!r}; this example handles epsilon models")
     summary = {"script": PROG, "seed": args.seed, "device": str(device)}
 
     # ---- 1. the pre-trained model ----
@@ -300,9 +309,9 @@ def main(argv=None) -> int:
               f"{args.resolution}px) for {args.pretrain_steps} steps", flush=True)
         summary["pretrain_losses"] = pretrain(unet, scheduler, source_images, args, device, g)
         pre_dir = os.path.join(args.out, "pretrained")
-        unet.save_pretrained(pre_dir)
+        DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(pre_dir)
         source = f"built-in:{args.source_style} ({args.pretrain_steps} steps, seed {args.seed})"
-        summary["pretrained"] = os.path.abspath(pre_dir)
+        summary["pretrained"] = os.path.abspath(os.path.join(pre_dir, "unet"))
     target_images = (load_folder(args.data, args.resolution) if args.data
                      else procedural_images(args.target_style, args.num_images, args.resolution,
                                             seed=args.seed + 1))
@@ -337,7 +346,7 @@ def main(argv=None) -> int:
     bank_images = bank.latents
 
     # ---- 3. Diff-Tuning on the target data ----
-    dt = fs.train.DiffTuning(NUM_TRAIN_TIMESTEPS, tau=args.tau, retain_tau=args.retain_tau,
+    dt = fs.train.DiffTuning(scheduler.config.num_train_timesteps, tau=args.tau, retain_tau=args.retain_tau,
                              replay_share=args.replay_share, retention_weight=args.retention_weight,
                              mode=args.timestep_mode)
     n_target, n_replay = dt.split(args.batch)
@@ -393,9 +402,8 @@ def main(argv=None) -> int:
     gen = ddim_sampler(unet, scheduler.config, args.bank_steps, args.resolution, device)
     samples = gen(args.samples, torch.Generator().manual_seed(args.seed + 6)).cpu()
 
-    model_dir = os.path.join(args.out, "unet")
-    unet.save_pretrained(model_dir)
-    scheduler.save_pretrained(os.path.join(args.out, "scheduler"))
+    DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(args.out)   # model_index.json,
+    model_dir = os.path.join(args.out, "unet")                               # unet/, scheduler/
     grid = os.path.join(args.out, "grid.png")
     k = args.samples
     save_grid([target_images[:k], bank_images[:k].cpu(), samples], grid)

@@ -59,6 +59,7 @@ def test_train_ambient_smoke(tmp_path):
     unet = _load_unet(s["model"])
     assert unet.config.sample_size == s["resolution"] and unet.config.in_channels == 3
     assert os.path.isfile(out / "scheduler" / "scheduler_config.json")
+    assert os.path.isfile(out / "model_index.json")                   # a DDPMPipeline folder
     _check_png(s["grid"])
     assert math.isfinite(s["nearest_clean_rms_mean"])
 
@@ -117,6 +118,7 @@ def test_train_difftuning_smoke(difftuning_smoke):
     assert "DDIM" in bank.metadata["source"]
     # both models load; fine-tuning changed the weights
     tuned, pre = _load_unet(s["model"]), _load_unet(s["pretrained"])
+    assert os.path.isfile(out / "model_index.json") and os.path.isfile(out / "pretrained" / "model_index.json")
     assert tuned.config.sample_size == 16
     assert any(not torch.equal(a, b) for a, b in zip(tuned.state_dict().values(),
                                                     pre.state_dict().values()))

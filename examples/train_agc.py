@@ -70,9 +70,11 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--smoke", action="store_true", help="tiny run on built-in data (CI)")
     args = ap.parse_args(argv)
-    if args.smoke:
-        args.steps, args.batch, args.resolution, args.width = 3, 4, 16, 8
-        args.average_every = 2
+    if args.smoke:  # shrink what was left at its default; explicit flags win
+        for name, value in (("steps", 3), ("batch", 4), ("resolution", 16), ("width", 8),
+                            ("average_every", 2)):
+            if getattr(args, name) == ap.get_default(name):
+                setattr(args, name, value)
 
     from diffusers import DDPMScheduler
 

@@ -287,3 +287,19 @@ def test_sampler_errors():
         sample_early_stop(lambda x, t: x[:1], x, sched, [500], t_n=100)
     with pytest.raises(TypeError, match="sequence of ints"):
         sample_early_stop(model, x, sched, [500.0], t_n=100)
+
+
+def test_sample_early_stop_clip_sample_bounds_every_x0():
+    """clip_sample clamps the Tweedie estimates (a wildly wrong model stays in range)."""
+    import fastsoup as fs
+
+    ac = torch.linspace(0.999, 0.01, 50)
+    model = lambda x, t: -50.0 * x  # noqa: E731  (absurd ε-predictions)
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    ts = list(range(49, 9, -5))
+    free = fs.train.sample_early_stop(model, x, ac, ts, t_n=10)
+    clipped = fs.train.sample_early_stop(model, x, ac, ts, t_n=10, clip_sample=1.0)
+    assert free.abs().max() > 1.0
+    assert clipped.abs().max() <= 1.0
+    with pytest.raises(ValueError, match="clip_sample"):
+        fs.train.sample_early_stop(model, x, ac, ts, t_n=10, clip_sample=0)

@@ -37,3 +37,4 @@ from .ambient import (
 )
 from .iet import IterativeEnsemble, average_across_shard_groups, averaged_tensors, shard_weights
 from .soup import save_shard_models, soup_shard_models
+from . import data  # noqa: E402  (fs.train.data: built-in procedural datasets)

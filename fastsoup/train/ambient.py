@@ -252,6 +252,7 @@ def _timestep_list(timesteps: Any, T: int) -> list:
 def sample_early_stop(model: Callable[[Tensor, Tensor], Any], x: Tensor, noise_scheduler: Any,
                       timesteps: Union[Tensor, Sequence[int]], t_n: int, *, eta: float = 0.0,
                       generator: Optional[torch.Generator] = None, return_x_tn: bool = False,
+                      clip_sample: Optional[float] = None,
                       ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     """Sample an ambient model: reverse steps down to ``t_n``, then one Tweedie step.
 
@@ -279,6 +280,9 @@ def sample_early_stop(model: Callable[[Tensor, Tensor], Any], x: Tensor, noise_s
         eta: ``η`` in ``[0, 1]``.
         generator: ``torch.Generator`` for ``ξ`` (drawn on its device, then moved).
         return_x_tn: also return ``x_{t_n}``.
+        clip_sample: clamp every ``x̂_0`` to ``[−clip_sample, clip_sample]`` (and re-derive
+            ``ε̂`` from the clamped value, as diffusers' ``clip_sample`` does); ``None``
+            (default) leaves it unclamped. Useful for short or early training runs.
 
     Returns:
         ``x̂_0`` (dtype and device of ``x``), or ``(x̂_0, x_{t_n})`` with ``return_x_tn``.
@@ -293,6 +297,8 @@ def sample_early_stop(model: Callable[[Tensor, Tensor], Any], x: Tensor, noise_s
                          "the data noise level")
     if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not (0.0 <= eta <= 1.0):
         raise ValueError(f"eta must be a number in [0, 1], got {eta!r}")
+    if clip_sample is not None and not (float(clip_sample) > 0):
+        raise ValueError(f"clip_sample must be a positive number or None, got {clip_sample!r}")
     path = [t for t in ts if t > t_n] + [t_n]
     acd = ac.to(dtype=torch.float64, device="cpu")
     alpha = acd.sqrt()
@@ -302,6 +308,9 @@ def sample_early_stop(model: Callable[[Tensor, Tensor], Any], x: Tensor, noise_s
     for t, s in zip(path[:-1], path[1:]):
         eps = _model_eps(model, x.to(dtype), t).float()
         a_t, s_t, a_s, s_s = (float(v) for v in (alpha[t], sigma[t], alpha[s], sigma[s]))
+        if clip_sample is not None and s_t > 0:
+            x0 = ((x - s_t * eps) / a_t).clamp_(-float(clip_sample), float(clip_sample))
+            eps = (x - a_t * x0) / s_t
         if eta == 0:
             x0 = (x - s_t * eps) / a_t
             x = a_s * x0 + s_s * eps
@@ -312,5 +321,8 @@ def sample_early_stop(model: Callable[[Tensor, Tensor], Any], x: Tensor, noise_s
         xi = _draw_noise(x.shape, generator, device)
         x = vp_reverse_step_from_eps(x, eps, xi, a_t, s_t, a_s, c_o, c_f)
     eps = _model_eps(model, x.to(dtype), t_n).float()
-    x0 = ((x - float(sigma[t_n]) * eps) / float(alpha[t_n])).to(dtype)
+    x0 = (x - float(sigma[t_n]) * eps) / float(alpha[t_n])
+    if clip_sample is not None:
+        x0 = x0.clamp_(-float(clip_sample), float(clip_sample))
+    x0 = x0.to(dtype)
     return (x0, x.to(dtype)) if return_x_tn else x0

@@ -216,6 +216,11 @@ def update_readme() -> bool:
                   f"From `{data['_file']}`; versions: "
                   + ", ".join(f"{k} {v}" for k, v in meta["versions"].items())
                   + f"; command: `{meta['command']}`.", "",
+                  ("On CPU the loss ops run their PyTorch reference (the fused kernels are GPU "
+                   "kernels), so those rows measure the reference, not the kernels; merging and "
+                   "`weighted_sum_` run fastsoup's C++ kernels. Full table: `"
+                   + data["_file"][:-5] + ".md`.\n") if dev.startswith("cpu") else
+                  f"Full table: `{data['_file'][:-5]}.md`.\n",
                   "| group | fastest fastsoup impl | median ms | vs baseline | of ceiling |",
                   "|---|---|---:|---:|---:|"]
         for group, rows in data["table"].items():

@@ -33,16 +33,23 @@ BACKENDS = ("reference", "triton", "cuda")
 # op name -> backends it implements, and the GPU default among them.
 OPS: Dict[str, tuple] = {}
 DEFAULT_GPU: Dict[str, str] = {}
+CPU_NOTE: Dict[str, str] = {}
 
 _local = threading.local()
 _warned: set = set()
 
 
-def register_op(name: str, backends: tuple, default_gpu: str) -> None:
-    """Declare an op's implementations (called by each ``fastsoup.ops`` module)."""
+def register_op(name: str, backends: tuple, default_gpu: str, cpu_note: str = "") -> None:
+    """Declare an op's implementations (called by each ``fastsoup.ops`` module).
+
+    ``cpu_note`` describes an op's own CPU fast path inside its "reference" backend
+    (e.g. a ``fastsoup._C`` kernel), for ``fastsoup info``.
+    """
     assert default_gpu in backends and "reference" in backends
     OPS[name] = tuple(backends)
     DEFAULT_GPU[name] = default_gpu
+    if cpu_note:
+        CPU_NOTE[name] = cpu_note
 
 
 @functools.lru_cache(maxsize=None)
@@ -185,7 +192,8 @@ def choose(op: str, device: torch.device | str) -> Choice:
         _warn_once(op, requested, why)
         ignored = f" ({requested} requested by {source} but unavailable: {why})"
     if device_type != "cuda":
-        return Choice(op, "reference", f"{device_type} tensors use the PyTorch reference{ignored}")
+        what = CPU_NOTE.get(op, "the PyTorch reference") if device_type == "cpu" else "the PyTorch reference"
+        return Choice(op, "reference", f"{device_type} tensors use {what}{ignored}")
     default = DEFAULT_GPU[op]
     order = [default] + [b for b in ("triton", "cuda") if b != default and b in OPS[op]]
     reasons = []

@@ -25,7 +25,8 @@ from torch import Tensor
 from .. import _backend
 
 OP = "weighted_sum"
-_backend.register_op(OP, ("reference", "triton", "cuda"), default_gpu="triton")
+_backend.register_op(OP, ("reference", "triton", "cuda"), default_gpu="triton",
+                     cpu_note="the fastsoup._C kernel (contiguous lists; else the PyTorch reference)")
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _CUDA_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}

@@ -9,6 +9,7 @@
 #include <thread>
 #include <vector>
 
+#include "per_sample_mse.h"
 #include "weighted_sum.h"
 
 namespace py = pybind11;
@@ -104,6 +105,41 @@ static uint64_t prefault_py(py::object buf, size_t page) {
     return fastsoup::ws::prefault(b.data(), b.nbytes(), page);
 }
 
+// The per-sample MSE kernels take raw addresses (e.g. torch's data_ptr()): the caller
+// (fastsoup/ops/mse.py) guarantees dense rows of the stated dtypes and strides.
+static void check_mse_dtype(int code, const char* name) {
+    if (code != fastsoup::ws::F32 && code != fastsoup::ws::F16 && code != fastsoup::ws::BF16)
+        throw py::value_error(std::string("per_sample_mse: unsupported dtype code for ") + name);
+}
+
+static void mse_forward_py(uintptr_t pred, int pred_dtype, int64_t pred_row_stride,
+                           uintptr_t target, int target_dtype, int64_t target_row_stride,
+                           uintptr_t out, int64_t B, int64_t D, int threads) {
+    check_mse_dtype(pred_dtype, "pred");
+    check_mse_dtype(target_dtype, "target");
+    if (B < 0 || D < 0) throw py::value_error("per_sample_mse: negative size");
+    py::gil_scoped_release release;
+    fastsoup::mse::forward(reinterpret_cast<const void*>(pred), pred_dtype, pred_row_stride,
+                           reinterpret_cast<const void*>(target), target_dtype, target_row_stride,
+                           reinterpret_cast<float*>(out), B, D, threads);
+}
+
+static void mse_backward_py(uintptr_t pred, int pred_dtype, int64_t pred_row_stride,
+                            uintptr_t target, int target_dtype, int64_t target_row_stride,
+                            uintptr_t coef, uintptr_t grad_pred, int64_t grad_pred_row_stride,
+                            uintptr_t grad_target, int64_t grad_target_row_stride,
+                            int64_t B, int64_t D, int threads) {
+    check_mse_dtype(pred_dtype, "pred");
+    check_mse_dtype(target_dtype, "target");
+    if (B < 0 || D < 0) throw py::value_error("per_sample_mse: negative size");
+    py::gil_scoped_release release;
+    fastsoup::mse::backward(reinterpret_cast<const void*>(pred), pred_dtype, pred_row_stride,
+                            reinterpret_cast<const void*>(target), target_dtype, target_row_stride,
+                            reinterpret_cast<const float*>(coef), reinterpret_cast<void*>(grad_pred),
+                            grad_pred_row_stride, reinterpret_cast<void*>(grad_target),
+                            grad_target_row_stride, B, D, threads);
+}
+
 PYBIND11_MODULE(_C, m) {
     m.doc() = "fastsoup CPU kernels";
     m.def("build_info", &build_info, "Compiler and SIMD level this extension was built with");
@@ -117,4 +153,15 @@ PYBIND11_MODULE(_C, m) {
           "Touch one byte per page of a (memory-mapped) buffer, GIL released.");
     m.def("weighted_sum_simd", &fastsoup::ws::simd_variant,
           "Which inner-loop variant weighted_sum uses on this CPU");
+    m.def("per_sample_mse_forward", &mse_forward_py, py::arg("pred"), py::arg("pred_dtype"),
+          py::arg("pred_row_stride"), py::arg("target"), py::arg("target_dtype"),
+          py::arg("target_row_stride"), py::arg("out"), py::arg("B"), py::arg("D"),
+          py::arg("threads") = 0,
+          "out[b] = mean((pred[b] - target[b])^2) over dense rows (addresses), fp32 out.");
+    m.def("per_sample_mse_backward", &mse_backward_py, py::arg("pred"), py::arg("pred_dtype"),
+          py::arg("pred_row_stride"), py::arg("target"), py::arg("target_dtype"),
+          py::arg("target_row_stride"), py::arg("coef"), py::arg("grad_pred"),
+          py::arg("grad_pred_row_stride"), py::arg("grad_target"),
+          py::arg("grad_target_row_stride"), py::arg("B"), py::arg("D"), py::arg("threads") = 0,
+          "grad_pred = coef[b] (pred - target), grad_target = -grad_pred (0 address: skipped).");
 }

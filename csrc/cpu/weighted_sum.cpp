@@ -12,6 +12,7 @@
 #ifndef FASTSOUP_WS_KERNELS
 
 #include "weighted_sum.h"
+#include "dtype_convert.h"
 
 #include <algorithm>
 #include <cmath>
@@ -25,22 +26,6 @@ namespace {
 
 constexpr int64_t BLOCK = 2048;              // elements per block (8 KiB of fp32)
 constexpr int64_t MIN_PER_THREAD = 1 << 17;  // below this, more threads cost more than they save
-
-inline float bf16_bits_to_f32(uint16_t h) {
-    uint32_t u = static_cast<uint32_t>(h) << 16;
-    float f;
-    std::memcpy(&f, &u, 4);
-    return f;
-}
-
-// fp32 -> bf16, round to nearest even; NaN stays a (quiet) NaN.
-inline uint16_t f32_to_bf16_bits(float f) {
-    uint32_t u;
-    std::memcpy(&u, &f, 4);
-    uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-    uint32_t quiet_nan = (u >> 16) | 0x40u;
-    return static_cast<uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded);
-}
 
 // fp64 -> fp32 with round-to-odd, so that a following fp32 -> bf16 rounding is correct
 // (no double rounding): 24 significand bits >= 8 + 2.

@@ -26,7 +26,8 @@ from ._checks import as_weight, check_float_tensor, check_same_shape
 from ._rows import plan_chunks, row_layout
 
 OP = "per_sample_mse"
-_backend.register_op(OP, ("reference", "triton", "cuda"), default_gpu="triton")
+_backend.register_op(OP, ("reference", "triton", "cuda"), default_gpu="triton",
+                     cpu_note="the fastsoup._C kernel (dense rows; else the PyTorch reference)")
 
 
 # ----------------------------------------------------------------------------- reference
@@ -143,8 +144,63 @@ def _backend_for(pred: Tensor, target: Tensor) -> str:
     return _backend.choose(OP, pred.device).backend
 
 
+# ----------------------------------------------------------------- CPU fast path (_C)
+_C_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def _cpu_rows(*tensors: Tensor):
+    """The fastsoup._C kernel when every tensor is a CPU tensor of dense rows (each
+    sample's elements contiguous) in fp32/fp16/bf16; else None."""
+    for t in tensors:
+        if t.device.type != "cpu" or t.dtype not in _C_CODES or t.dim() < 1:
+            return None
+        if t.dim() > 1 and not t[0].is_contiguous():
+            return None
+    from .. import _ext
+
+    return _ext.cpu_ext(warn=False)
+
+
+def _grads_dense(pred: Tensor, target: Tensor, pred_grad: bool, target_grad: bool) -> bool:
+    """empty_like keeps the inputs' (dense-row) layouts only for dense, non-overlapping
+    inputs; otherwise the reference path handles the layouts."""
+    return all(not need or (t.dim() < 2 or torch.empty_like(t)[0].is_contiguous())
+               for t, need in ((pred, pred_grad), (target, target_grad)))
+
+
+def _row_stride(t: Tensor) -> int:
+    return t.stride(0) if t.dim() > 0 else 1
+
+
+def _cpu_forward(ext, pred: Tensor, target: Tensor) -> Tensor:
+    B, D = pred.shape[0], math.prod(pred.shape[1:])
+    out = torch.empty(B, dtype=torch.float32)
+    ext.per_sample_mse_forward(pred.data_ptr(), _C_CODES[pred.dtype], _row_stride(pred),
+                               target.data_ptr(), _C_CODES[target.dtype], _row_stride(target),
+                               out.data_ptr(), B, D)
+    return out
+
+
+def _cpu_backward(ext, grad: Tensor, pred: Tensor, target: Tensor, pred_grad: bool,
+                  target_grad: bool) -> Tuple[Tensor, Tensor]:
+    B, D = pred.shape[0], math.prod(pred.shape[1:])
+    coef = (grad.to(torch.float32) * (2.0 / D)).contiguous()
+    gp = torch.empty_like(pred) if pred_grad else None
+    gt = torch.empty_like(target) if target_grad else None
+    ext.per_sample_mse_backward(
+        pred.data_ptr(), _C_CODES[pred.dtype], _row_stride(pred),
+        target.data_ptr(), _C_CODES[target.dtype], _row_stride(target), coef.data_ptr(),
+        gp.data_ptr() if gp is not None else 0, _row_stride(gp) if gp is not None else 0,
+        gt.data_ptr() if gt is not None else 0, _row_stride(gt) if gt is not None else 0, B, D)
+    return (gp if gp is not None else pred.new_empty(0),
+            gt if gt is not None else target.new_empty(0))
+
+
 def _forward_impl(pred: Tensor, target: Tensor, backend: str) -> Tensor:
     if backend == "reference":
+        ext = _cpu_rows(pred, target) if pred.shape[0] else None
+        if ext is not None:
+            return _cpu_forward(ext, pred, target)
         return reference_forward(pred, target)
     return _fused_forward(backend, pred, target)
 
@@ -152,6 +208,9 @@ def _forward_impl(pred: Tensor, target: Tensor, backend: str) -> Tensor:
 def _backward_impl(grad: Tensor, pred: Tensor, target: Tensor,
                    pred_grad: bool, target_grad: bool, backend: str) -> Tuple[Tensor, Tensor]:
     if backend == "reference":
+        ext = _cpu_rows(pred, target) if pred.shape[0] else None
+        if ext is not None and _grads_dense(pred, target, pred_grad, target_grad):
+            return _cpu_backward(ext, grad, pred, target, pred_grad, target_grad)
         return reference_backward(grad, pred, target, pred_grad, target_grad)
     return _fused_backward(backend, grad, pred, target, pred_grad, target_grad)
 

@@ -160,6 +160,9 @@ def to_markdown(meta: dict, table: Dict[str, List[dict]]) -> str:
     lines = [f"# fastsoup benchmarks: {meta['device']}", "",
              f"- date: {meta['date']}", f"- command: `{meta['command']}`",
              f"- size preset: `{meta['size']}`",
+             *( [f"- groups not re-measured in this run are kept from the run of "
+                 f"{meta['kept_groups_from'].get('date')} (`{meta['kept_groups_from'].get('command')}`)"]
+                if meta.get("kept_groups_from") else []),
              "- versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
              f"- machine: {meta['machine']}",
              f"- load average (1/5/15 min) before and after: {meta.get('load_average')} "
@@ -216,9 +219,10 @@ def update_readme() -> bool:
                   f"From `{data['_file']}`; versions: "
                   + ", ".join(f"{k} {v}" for k, v in meta["versions"].items())
                   + f"; command: `{meta['command']}`.", "",
-                  ("On CPU the loss ops run their PyTorch reference (the fused kernels are GPU "
-                   "kernels), so those rows measure the reference, not the kernels; merging and "
-                   "`weighted_sum_` run fastsoup's C++ kernels. Full table: `"
+                  ("On CPU, rows whose backend is `reference` measure the PyTorch reference "
+                   "(the fused loss kernels are GPU kernels), rows marked `_C` fastsoup's CPU "
+                   "kernel; merging and `weighted_sum_` run fastsoup's C++ kernels. "
+                   "Full table: `"
                    + data["_file"][:-5] + ".md`.\n") if dev.startswith("cpu") else
                   f"Full table: `{data['_file'][:-5]}.md`.\n",
                   "| group | fastest fastsoup impl | median ms | vs baseline | of ceiling |",
@@ -247,6 +251,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                     help="size preset (default: full on a GPU, small on CPU)")
     ap.add_argument("--out", default=RESULTS, help="folder for the .md and .json results")
     ap.add_argument("--timeout", type=float, default=240.0, help="seconds per suite")
+    ap.add_argument("--keep-other-groups", action="store_true",
+                    help="keep the groups of an existing results file of the same device and "
+                         "date that this run does not measure (re-run some suites only)")
     ap.add_argument("--update-readme", action="store_true",
                     help="only regenerate README's performance section from results files")
     ap.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
@@ -285,6 +292,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     table = summarise(benchmarks)
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"{_slug(device)}-{date}")
+    if args.keep_other_groups and os.path.exists(stem + ".json"):
+        with open(stem + ".json") as f:
+            old = json.load(f)
+        kept = {g: rows for g, rows in old.get("table", {}).items() if g not in table}
+        if kept:
+            meta["kept_groups_from"] = old.get("meta", {})
+            table = dict(sorted({**kept, **table}.items()))
+            benchmarks = [b for b in old.get("raw", []) if (b.get("group") or b["name"]) in kept] + benchmarks
     with open(stem + ".json", "w") as f:
         json.dump({"meta": meta, "table": table, "raw": benchmarks}, f, indent=1, default=str)
     with open(stem + ".md", "w") as f:

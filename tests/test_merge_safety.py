@@ -188,6 +188,7 @@ def test_ctrl_c_mid_merge_cleans_up(tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
     os.mkdir(out)
     (out / "keep.txt").write_text("existing output")
+    (out / "fastsoup.json").write_text("{}")  # a previous fastsoup output: may be replaced
 
     class Boom:
         def __init__(self, *a, **k):
@@ -205,7 +206,7 @@ def test_ctrl_c_mid_merge_cleans_up(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(engine, "CpuSummer", lambda threads, acc64: Boom())
     code, err = run([a, b, "-o", out, "--overwrite"], capsys)
     assert code == 130 and "interrupted" in err
-    assert os.listdir(out) == ["keep.txt"] and not leftovers(tmp_path)
+    assert sorted(os.listdir(out)) == ["fastsoup.json", "keep.txt"] and not leftovers(tmp_path)
 
 
 def test_api_raises_and_cleans_up_on_any_error(two, monkeypatch):

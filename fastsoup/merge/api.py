@@ -28,7 +28,7 @@ from .dtypes import user_dtype
 from .engine import InputMaps, check_equal_copies, execute
 from .errors import MergeError, PlanError
 from .formats import WEIGHT_SUFFIXES, Layout, _is_index, resolve
-from .manifest import Hasher, build, metadata_entry, read as read_manifest, sidecar_path
+from .manifest import HASH_MODES, METADATA_KEY, Hasher, build, metadata_entry, read as read_manifest, sidecar_path
 from .plan import Plan, build_plan, parse_size
 from .report import FilePlan, MergeReport
 from .writer import AtomicOutput, SafetensorsFileWriter, write_small_file
@@ -80,6 +80,29 @@ def _check_inputs_and_output(layouts: List[Layout], output: str) -> None:
                 break
     if problems:
         raise PlanError("refusing to merge", problems)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted"
+    return str(exc) or type(exc).__name__
+
+
+def output_metadata(plan: Plan, manifest: dict) -> Dict[str, str]:
+    """The ``__metadata__`` of the output files: the first input's string metadata (other
+    than a previous fastsoup manifest), ``"format": "pt"`` (loaders such as transformers'
+    require it when metadata exists) and the ``fastsoup`` manifest."""
+    meta: Dict[str, str] = {}
+    first = plan.inputs[0]
+    for wf in first.files():
+        md = (wf.header.metadata or {}) if getattr(wf, "header", None) is not None else {}
+        for k, v in md.items():
+            if isinstance(k, str) and isinstance(v, str) and k != METADATA_KEY:
+                meta.setdefault(k, v)
+        break
+    meta["format"] = "pt"
+    meta.update(metadata_entry(manifest))
+    return meta
 
 
 def _resolve_all(paths: Sequence[PathLike], variant, allow_pickle, what="input") -> List[Layout]:
@@ -248,6 +271,8 @@ def merge(inputs: Sequence[PathLike], output: Optional[PathLike],
     if output is None and not dry_run:
         raise MergeError("no output path given (only a dry run can do without one)")
     _manifest_extra = dict(_manifest_extra or {}, default_weights=weights is None)
+    if hash not in HASH_MODES:
+        raise MergeError(f"unknown hash mode {hash!r} (choose {', '.join(HASH_MODES)})")
     if accumulate not in ("fp32", "fp64"):
         raise MergeError(f"accumulate must be 'fp32' or 'fp64', got {accumulate!r}")
     out_dtype = user_dtype(dtype) if dtype is not None else None
@@ -287,19 +312,22 @@ def merge(inputs: Sequence[PathLike], output: Optional[PathLike],
                          f"{needed} bytes, {report.disk_free} are free")
 
     t0 = time.perf_counter()
-    out = AtomicOutput(output, is_dir=plan.kind != "file", overwrite=overwrite)
+    out: Optional[AtomicOutput] = None
     writers: List[SafetensorsFileWriter] = []
-    hasher = Hasher(layouts, hash)
+    hasher: Optional[Hasher] = None
     maps = InputMaps(drop_cache=drop_cache)
     progress = None
     side_tmp = None
+    after_commit: List[str] = []
     try:
+        out = AtomicOutput(output, is_dir=plan.kind != "file", overwrite=overwrite)
+        hasher = Hasher(layouts, hash)
         check_equal_copies(plan, maps)
         hasher.start()
         hashes_pending = {} if hash == "sha256" else None
         manifest = build(plan, accumulate=accumulate, dtype=out_dtype, hashes=hashes_pending)
         manifest.update(_manifest_extra)
-        meta = metadata_entry(manifest)
+        meta = output_metadata(plan, manifest)
         for path, f in zip(_file_paths(plan, out), (f for c in plan.components for f in c.files)):
             writers.append(SafetensorsFileWriter(path, f, meta))
         progress = _tty_progress(plan.bytes_to_write, quiet)
@@ -319,7 +347,7 @@ def merge(inputs: Sequence[PathLike], output: Optional[PathLike],
         manifest = build(plan, accumulate=accumulate, dtype=out_dtype, hashes=hashes,
                          created=manifest["created"])
         manifest.update(_manifest_extra)
-        meta = metadata_entry(manifest)
+        meta = output_metadata(plan, manifest)
         t_write = time.perf_counter()
         for w in writers:
             w.rewrite_header(meta)
@@ -333,22 +361,45 @@ def merge(inputs: Sequence[PathLike], output: Optional[PathLike],
             side_tmp = out.tmp + ".fastsoup.json"
             write_small_file(side_tmp, side_text)
         out.commit()
-        if side_tmp is not None:
-            os.replace(side_tmp, sidecar_path(out.final, False))
-            side_tmp = None
-        report.write_seconds = time.perf_counter() - t_write
-    except BaseException:
-        hasher.cancel()
-        for w in writers:
-            w.close()
-        out.abort()
-        if side_tmp is not None and os.path.lexists(side_tmp):
-            os.unlink(side_tmp)
-        raise
+    except BaseException as exc:
+        if out is None or not out.committed:
+            if hasher is not None:
+                hasher.cancel()
+            for w in writers:
+                w.close()
+            if out is not None:
+                out.abort()
+            if side_tmp is not None and os.path.lexists(side_tmp):
+                os.unlink(side_tmp)
+            raise
+        # the new output is in place (e.g. a signal delivered right after the renames):
+        # report it as written, never as "nothing was written"
+        after_commit.append(f"output written; a problem followed the commit: {_describe(exc)}")
     finally:
         maps.close()
         if progress is not None:
             progress.close()
+    # ---- after the commit: the new output is at its final path whatever happens below
+    try:
+        out.remove_old()
+    except BaseException as exc:
+        after_commit.append(f"output written; cleanup of the previous output failed: "
+                            f"{_describe(exc)} (remove {out.old} by hand)")
+    if side_tmp is not None:
+        side_final = sidecar_path(out.final, False)
+        try:
+            os.replace(side_tmp, side_final)
+        except BaseException as exc:
+            after_commit.append(f"output written, but its manifest sidecar {side_final} could not "
+                                f"be written ({_describe(exc)}); the manifest embedded in the "
+                                "output's safetensors metadata is complete and authoritative")
+            try:
+                if os.path.lexists(side_tmp):
+                    os.unlink(side_tmp)
+            except BaseException:
+                pass
+    report.warnings.extend(after_commit)
+    report.write_seconds = time.perf_counter() - t_write
     report.seconds = time.perf_counter() - t0
     report.peak_rss = _peak_rss()
     report.manifest = manifest

@@ -14,7 +14,10 @@ import errno
 import json
 import os
 import secrets
+import platform
 import shutil
+import signal
+import sys
 from typing import Dict, List, Optional
 
 from .errors import MergeError
@@ -39,16 +42,76 @@ DIR_MODE = 0o777 & ~_umask()
 
 
 def fsync_dir(path: str) -> None:
+    """fsync a directory (its entries: renames, new files). Only EINVAL (a filesystem that
+    cannot fsync directories) is ignored; other errors are real and raised."""
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
+    except OSError as exc:
+        if exc.errno == errno.EINVAL:
+            return
+        raise
     try:
         os.fsync(fd)
-    except OSError:
-        pass
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
     finally:
         os.close(fd)
+
+
+AT_FDCWD = -100
+RENAME_EXCHANGE = 2
+_SYS_RENAMEAT2 = {"x86_64": 316, "amd64": 316, "aarch64": 276, "arm64": 276, "riscv64": 276,
+                  "ppc64le": 357, "ppc64": 357, "s390x": 347, "i686": 353, "i386": 353}
+_renameat2_fn = None
+
+
+def _renameat2():
+    """``(fn, via_syscall)`` for Linux ``renameat2``, or None where there is none."""
+    global _renameat2_fn
+    if _renameat2_fn is None:
+        _renameat2_fn = False
+        if sys.platform.startswith("linux"):
+            try:
+                lib = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+            except OSError:
+                lib = None
+            if lib is not None:
+                fn = getattr(lib, "renameat2", None)
+                if fn is not None:
+                    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                                   ctypes.c_uint]
+                    fn.restype = ctypes.c_int
+                    _renameat2_fn = (fn, False)
+                else:
+                    nr = _SYS_RENAMEAT2.get(platform.machine().lower())
+                    sc = getattr(lib, "syscall", None)
+                    if nr is not None and sc is not None:
+                        sc.restype = ctypes.c_long
+                        _renameat2_fn = (lambda a, b, c, d, e, _sc=sc, _nr=nr: _sc(
+                            ctypes.c_long(_nr), ctypes.c_int(a), ctypes.c_char_p(b), ctypes.c_int(c),
+                            ctypes.c_char_p(d), ctypes.c_uint(e)), True)
+    return _renameat2_fn or None
+
+
+def exchange(a: str, b: str) -> bool:
+    """Atomically swap paths ``a`` and ``b`` (``renameat2(RENAME_EXCHANGE)``). Returns False
+    where that is not available (not Linux, old kernel, filesystem without support);
+    raises OSError for real failures."""
+    found = _renameat2()
+    if found is None:
+        return False
+    fn, _ = found
+    rc = fn(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE)
+    if rc == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, getattr(errno, "ENOTSUP", -1)):
+        return False
+    raise OSError(err, f"cannot exchange {a} and {b}: {os.strerror(err)}", b)
+
+
+_BLOCKED = {getattr(signal, "SIGINT", None), getattr(signal, "SIGTERM", None)} - {None}
 
 
 class AtomicOutput:
@@ -66,9 +129,16 @@ class AtomicOutput:
         if os.path.exists(self.final) and os.path.isdir(self.final) != is_dir:
             raise MergeError(f"{final}: exists and is a {'directory' if not is_dir else 'file'}; "
                              f"this merge writes a {'directory' if is_dir else 'file'}")
+        if is_dir and os.path.isdir(self.final) and \
+                not os.path.isfile(os.path.join(self.final, "fastsoup.json")):
+            raise MergeError(f"{final}: exists and is not a previous fastsoup output (no "
+                             "fastsoup.json in it); --overwrite only replaces fastsoup outputs. "
+                             "Remove it yourself or choose another output path")
         self.tmp = os.path.join(parent, f".{os.path.basename(self.final)}{TMP_MARK}"
                                         f"{os.getpid()}-{secrets.token_hex(4)}")
         self._extra: List[str] = []
+        self.committed = False
+        self.old: Optional[str] = None
         if is_dir:
             os.mkdir(self.tmp, DIR_MODE)
             os.chmod(self.tmp, DIR_MODE)
@@ -85,27 +155,56 @@ class AtomicOutput:
         return p
 
     def commit(self) -> None:
-        """fsync the tree, then rename it into place (replacing an existing output)."""
+        """fsync the tree, then put it in place: a file with ``os.replace``; a directory
+        over an existing one with an atomic exchange (Linux ``renameat2``), else two
+        renames with SIGINT/SIGTERM blocked between them (the old one is renamed back if
+        the second fails). At every instant the final path holds the old or the new
+        output. Sets ``committed``; the previous output (if any) is left at ``old`` for
+        :meth:`remove_old`."""
         if self.is_dir:
             for root, dirs, files in os.walk(self.tmp, topdown=False):
                 fsync_dir(root)
         parent = os.path.dirname(self.final)
         if self.is_dir and os.path.isdir(self.final):
-            old = os.path.join(parent, f".{os.path.basename(self.final)}{TMP_MARK}old-"
-                                       f"{secrets.token_hex(4)}")
+            if exchange(self.tmp, self.final):
+                self.committed = True
+                self.old = self.tmp  # the temporary's name now holds the previous output
+            else:
+                self._commit_two_renames(parent)
+        else:
+            os.replace(self.tmp, self.final)
+            self.committed = True
+        fsync_dir(parent)
+
+    def _commit_two_renames(self, parent: str) -> None:
+        old = os.path.join(parent, f".{os.path.basename(self.final)}{TMP_MARK}old-"
+                                   f"{os.getpid()}-{secrets.token_hex(4)}")
+        can_block = hasattr(signal, "pthread_sigmask") and bool(_BLOCKED)
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, _BLOCKED) if can_block else None
+        try:
             os.rename(self.final, old)
             try:
                 os.rename(self.tmp, self.final)
             except BaseException:
                 os.rename(old, self.final)
                 raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(self.tmp, self.final)
-        fsync_dir(parent)
+            self.committed = True
+            self.old = old
+        finally:  # a signal that arrived meanwhile is delivered here, after the renames
+            if can_block:
+                signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+    def remove_old(self) -> None:
+        """Remove the previous output replaced by :meth:`commit` (errors are raised: the
+        new output is in place whatever happens here)."""
+        if self.old is not None and os.path.lexists(self.old):
+            shutil.rmtree(self.old)
+        self.old = None
 
     def abort(self) -> None:
-        """Remove the temporary (never the final output)."""
+        """Remove the temporary (never the final output; nothing once committed)."""
+        if self.committed:
+            return
         try:
             if self.is_dir:
                 shutil.rmtree(self.tmp, ignore_errors=True)

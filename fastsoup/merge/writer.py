@@ -8,6 +8,7 @@ is left untouched by a failed run.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -18,6 +19,7 @@ import platform
 import shutil
 import signal
 import sys
+import threading
 from typing import Dict, List, Optional
 
 from .errors import MergeError
@@ -114,6 +116,33 @@ def exchange(a: str, b: str) -> bool:
 _BLOCKED = {getattr(signal, "SIGINT", None), getattr(signal, "SIGTERM", None)} - {None}
 
 
+@contextlib.contextmanager
+def _signals_deferred():
+    """SIGINT/SIGTERM are held back for the duration: blocked in this thread
+    (``pthread_sigmask``) and, in the main thread, recorded by a temporary handler (another
+    thread may receive a process-directed signal); they are delivered on exit."""
+    main = threading.current_thread() is threading.main_thread()
+    received: List[int] = []
+    previous_handlers = {}
+    if main:
+        for sig in _BLOCKED:
+            try:
+                previous_handlers[sig] = signal.signal(sig, lambda s, f: received.append(s))
+            except (ValueError, OSError):
+                pass
+    can_block = hasattr(signal, "pthread_sigmask") and bool(_BLOCKED)
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, _BLOCKED) if can_block else None
+    try:
+        yield
+    finally:
+        if can_block:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
+        for sig in dict.fromkeys(received):
+            signal.raise_signal(sig)
+
+
 class AtomicOutput:
     """The output being built: ``tmp`` is a sibling of ``final`` (same filesystem)."""
 
@@ -179,9 +208,7 @@ class AtomicOutput:
     def _commit_two_renames(self, parent: str) -> None:
         old = os.path.join(parent, f".{os.path.basename(self.final)}{TMP_MARK}old-"
                                    f"{os.getpid()}-{secrets.token_hex(4)}")
-        can_block = hasattr(signal, "pthread_sigmask") and bool(_BLOCKED)
-        previous = signal.pthread_sigmask(signal.SIG_BLOCK, _BLOCKED) if can_block else None
-        try:
+        with _signals_deferred():
             os.rename(self.final, old)
             try:
                 os.rename(self.tmp, self.final)
@@ -190,9 +217,6 @@ class AtomicOutput:
                 raise
             self.committed = True
             self.old = old
-        finally:  # a signal that arrived meanwhile is delivered here, after the renames
-            if can_block:
-                signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
     def remove_old(self) -> None:
         """Remove the previous output replaced by :meth:`commit` (errors are raised: the

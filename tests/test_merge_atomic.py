@@ -170,3 +170,20 @@ def test_output_metadata_has_format_pt_and_the_first_inputs_metadata(tmp_path):
     fs.merge(plain, out2, hash="none", quiet=True)
     with safe_open(out2, "pt") as f:
         assert f.metadata()["format"] == "pt"
+
+
+def test_embedded_manifest_wins_over_a_stale_sidecar(tmp_path):
+    from fastsoup.merge import manifest
+
+    paths = [save_file_layout(str(tmp_path / f"m{i}.safetensors"), make_state(i)) for i in range(3)]
+    out = tmp_path / "soup.safetensors"
+    fs.merge(paths[:2], out, hash="none", quiet=True)
+    stale_src = tmp_path / "old.safetensors"
+    fs.merge(paths, stale_src, hash="none", quiet=True)
+    # a stale sidecar: e.g. the run that wrote the data could not replace it
+    os.replace(tmp_path / "old.fastsoup.json", tmp_path / "soup.fastsoup.json")
+    with pytest.warns(UserWarning, match="stale"):
+        m = manifest.read(str(out))
+    assert [c["path"] for c in m["constituents"]] == paths[:2]
+    os.unlink(tmp_path / "soup.fastsoup.json")
+    assert manifest.read(str(out)) == m

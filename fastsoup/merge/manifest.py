@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import threading
+import warnings
 from typing import Dict, List, Optional
 
 from .._version import __version__
@@ -255,30 +256,55 @@ def sidecar_path(output: str, is_dir: bool) -> str:
     return base + ".fastsoup.json"
 
 
+def _embedded(soup: str) -> Optional[dict]:
+    """The manifest in the ``__metadata__`` of the soup's first weight file holding one
+    (committed atomically with the data), or None."""
+    from .formats import resolve
+
+    layout = resolve(soup)
+    for wf in layout.files():
+        md = (wf.header.metadata or {}) if wf.header is not None else {}
+        if METADATA_KEY in md:
+            try:
+                return json.loads(md[METADATA_KEY])
+            except ValueError as exc:
+                raise MergeError(f"{wf.path}: corrupt fastsoup manifest ({exc})") from None
+    return None
+
+
 def read(soup: str) -> dict:
-    """The manifest of an existing soup: its ``fastsoup.json`` sidecar, else the
-    ``__metadata__`` of its first weight file. Raises MergeError if it has none."""
+    """The manifest of an existing soup. The one embedded in the safetensors
+    ``__metadata__`` is authoritative (it is written and renamed into place with the
+    data); the ``fastsoup.json`` sidecar is used only where there is none, and a sidecar
+    that disagrees with it is reported with a warning (a stale sidecar, e.g. from a run
+    that could not replace it). Raises MergeError if there is no manifest."""
     soup = os.path.abspath(soup)
     side = sidecar_path(soup, os.path.isdir(soup))
-    obj = None
+    side_obj = None
     if os.path.isfile(side):
         try:
             with open(side, encoding="utf-8") as f:
-                obj = json.load(f)
+                side_obj = json.load(f)
         except (OSError, ValueError) as exc:
-            raise MergeError(f"{side}: cannot read the soup manifest ({exc})") from None
+            side_error = MergeError(f"{side}: cannot read the soup manifest ({exc})")
+        else:
+            side_error = None
     else:
-        from .formats import resolve
-
-        layout = resolve(soup)
-        for wf in layout.files():
-            md = (wf.header.metadata or {}) if wf.header is not None else {}
-            if METADATA_KEY in md:
-                try:
-                    obj = json.loads(md[METADATA_KEY])
-                except ValueError as exc:
-                    raise MergeError(f"{wf.path}: corrupt fastsoup manifest ({exc})") from None
-                break
+        side_error = None
+    try:
+        obj = _embedded(soup)
+    except MergeError:
+        if side_obj is None:
+            raise
+        obj = None
+    if obj is None:
+        if side_error is not None:
+            raise side_error from None
+        obj = side_obj
+    elif side_obj is not None and side_obj != obj:
+        warnings.warn(f"{side}: the sidecar manifest differs from the one embedded in the "
+                      "soup's weight files (a stale sidecar?); using the embedded one",
+                      stacklevel=2)
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise MergeError(f"{soup}: not a fastsoup soup (no {FORMAT} manifest in fastsoup.json "
                          "or in the safetensors __metadata__)")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import resource
 import shutil
 import sys
@@ -25,13 +26,13 @@ import time
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
 from .dtypes import user_dtype
-from .engine import InputMaps, check_equal_copies, execute
+from .engine import InputMaps, budget_split, check_equal_copies, execute
 from .errors import MergeError, PlanError
 from .formats import WEIGHT_SUFFIXES, Layout, _is_index, resolve
 from .manifest import HASH_MODES, METADATA_KEY, Hasher, build, metadata_entry, read as read_manifest, sidecar_path
 from .plan import Plan, build_plan, parse_size
 from .report import FilePlan, MergeReport
-from .writer import AtomicOutput, SafetensorsFileWriter, write_small_file
+from .writer import TMP_MARK, AtomicOutput, SafetensorsFileWriter, write_small_file
 
 PathLike = Union[str, os.PathLike]
 DEFAULT_MEMORY = 256 * 2**20
@@ -78,8 +79,70 @@ def _check_inputs_and_output(layouts: List[Layout], output: str) -> None:
                     and _identity(rp) == _identity(out):
                 problems.append(f"the output {output} is the same file as input {i + 1} ({p})")
                 break
+    for i, lay in enumerate(layouts):
+        if lay.kind == "file":
+            continue
+        root = os.path.realpath(lay.path if os.path.isdir(lay.path) else os.path.dirname(lay.path))
+        if out != root and out.startswith(root.rstrip(os.sep) + os.sep):
+            problems.append(f"the output {output} is inside the folder of input {i + 1} "
+                            f"({lay.path}); writing there would change that checkpoint's "
+                            "layout (extra weight files next to it); choose a path outside it")
     if problems:
         raise PlanError("refusing to merge", problems)
+
+
+def _raise_fd_limit() -> None:
+    """Raise the soft RLIMIT_NOFILE to the hard limit (every input file stays mapped, with
+    one descriptor each, for the whole merge)."""
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft == resource.RLIM_INFINITY:
+            return
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        if soft < target:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError):
+        pass
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: exists, someone else's
+        return True
+    return True
+
+
+def _remove_stale_temporaries(output: str) -> List[str]:
+    """Remove ``.NAME.fastsoup-tmp-<pid>-*`` siblings of ``output`` left by a fastsoup run
+    that died (SIGKILL, power loss): only those whose process is no longer alive."""
+    final = os.path.abspath(output)
+    parent, name = os.path.dirname(final), os.path.basename(final)
+    pattern = re.compile(r"^\." + re.escape(name) + re.escape(TMP_MARK) +
+                         r"(?:old-)?(\d+)-[0-9a-f]+(?:\.fastsoup\.json)?$")
+    removed = []
+    try:
+        entries = os.listdir(parent)
+    except OSError:
+        return removed
+    for entry in entries:
+        m = pattern.match(entry)
+        if not m or _pid_alive(int(m.group(1))):
+            continue
+        p = os.path.join(parent, entry)
+        try:
+            if os.path.isdir(p) and not os.path.islink(p):
+                shutil.rmtree(p)
+            else:
+                os.unlink(p)
+            removed.append(p)
+        except OSError:
+            pass
+    return removed
 
 
 def _describe(exc: BaseException) -> str:
@@ -318,11 +381,13 @@ def merge(inputs: Sequence[PathLike], output: Optional[PathLike],
     maps = InputMaps(drop_cache=drop_cache)
     progress = None
     side_tmp = None
+    _raise_fd_limit()
+    _remove_stale_temporaries(output)
     after_commit: List[str] = []
     try:
         out = AtomicOutput(output, is_dir=plan.kind != "file", overwrite=overwrite)
         hasher = Hasher(layouts, hash)
-        check_equal_copies(plan, maps)
+        check_equal_copies(plan, maps, chunk=budget_split(memory_bytes)[0])
         hasher.start()
         hashes_pending = {} if hash == "sha256" else None
         manifest = build(plan, accumulate=accumulate, dtype=out_dtype, hashes=hashes_pending)

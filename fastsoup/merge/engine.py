@@ -16,6 +16,7 @@ torch device, :func:`fastsoup.weighted_sum_` on that device.
 """
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import sys
@@ -57,12 +58,26 @@ class InputMaps:
                     raise MergeError(f"{wf.path}: changed size since planning "
                                      f"({wf.header.file_size} -> {size} bytes)")
                 mm = mmap.mmap(fd, size, access=mmap.ACCESS_READ)
-            except BaseException:
-                os.close(fd)
-                raise
-            entry = (fd, mm, memoryview(mm))
+            finally:
+                if not self.drop_cache:  # the map keeps its own descriptor: one fd per file
+                    os.close(fd)
+            entry = (fd if self.drop_cache else -1, mm, memoryview(mm))
             self._maps[wf.path] = entry
         return entry
+
+    def check_unchanged(self, wf: WeightFile) -> None:
+        """Raise MergeError if ``wf`` was truncated or extended since it was mapped (reading
+        a mapped page past the end of a truncated file kills the process with SIGBUS)."""
+        if wf.header is None:
+            return
+        mm = self._get(wf)[1]
+        try:
+            size = mm.size()  # fstat of the map's own descriptor
+        except OSError as exc:
+            raise MergeError(f"input {wf.path} cannot be read ({exc.strerror or exc})") from None
+        if size != wf.header.file_size:
+            raise MergeError(f"input {wf.path} changed while merging ({wf.header.file_size} -> "
+                             f"{size} bytes); nothing was written")
 
     def open_all(self, plan: Plan) -> None:
         """Map every safetensors file the plan reads (before any thread uses the maps)."""
@@ -115,7 +130,8 @@ class InputMaps:
                 mm.close()
             except BufferError:  # a view still alive (should not happen); leave it to GC
                 pass
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
         self._maps.clear()
 
 
@@ -296,24 +312,43 @@ class TorchSummer:
             self._as_bytes(dst).copy_(host_out)
 
 
-def check_equal_copies(plan: Plan, maps: InputMaps) -> None:
+def _equal_chunked(maps: InputMaps, a, b, nbytes: int, chunk: int) -> bool:
+    """Whether two sources' bytes are equal, compared ``chunk`` bytes at a time with each
+    chunk's pages released afterwards (the resident set stays within the budget)."""
+    chunk = max(PAGE, _align_down(chunk))
+    for lo in range(0, nbytes, chunk):
+        hi = min(nbytes, lo + chunk)
+        for s in (a, b):
+            if s.file.header is not None:
+                maps.check_unchanged(s.file)
+        va, vb = maps.view(a.file, a.key, lo, hi), maps.view(b.file, b.key, lo, hi)
+        xa, xb = np.frombuffer(va, np.uint8), np.frombuffer(vb, np.uint8)
+        same = bool(np.array_equal(xa, xb))
+        del xa, xb
+        va.release()
+        vb.release()
+        for s in (a, b):
+            if s.file.header is not None:
+                maps.release(s.file, *maps.absolute_range(s.file, s.key, lo, hi))
+        if not same:
+            return False
+    return True
+
+
+def check_equal_copies(plan: Plan, maps: InputMaps, chunk: int = 16 << 20) -> None:
     """Integer/bool tensors must be bit-identical across inputs. Reads only those tensors
-    (before any output is written) and lists every difference."""
+    (before any output is written), ``chunk`` bytes at a time, and lists every difference."""
     problems = []
     for t in plan.tensors():
         if t.op != "copy" or len(t.sources) < 2:
             continue
         nbytes = t.sources[0].info.nbytes
         first = t.sources[0]
-        ref = np.frombuffer(maps.view(first.file, first.key, 0, nbytes), np.uint8)
         for other in t.sources[1:]:
-            data = np.frombuffer(maps.view(other.file, other.key, 0, nbytes), np.uint8)
-            if not np.array_equal(ref, data):
+            if not _equal_chunked(maps, first, other, nbytes, chunk):
                 problems.append(f"{t.qualified!r}: {t.dtype} values differ between input "
                                 f"{first.input_index + 1} and input {other.input_index + 1} "
                                 "(integer/bool tensors are copied, so they must be equal)")
-            del data
-        del ref
     if problems:
         raise PlanError("integer/bool tensors differ", problems)
 
@@ -366,6 +401,8 @@ def execute(plan: Plan, writers: List[SafetensorsFileWriter], *, memory: int, th
             prefetch_wait += time.perf_counter() - t_wait
             prefetch = (reader.submit(_prefetch, maps, windows[j + 1])
                         if j + 1 < len(windows) else None)
+            for wf in {id(wf): wf for wf, _, _ in _ranges(maps, win)}.values():
+                maps.check_unchanged(wf)
             for it in win:
                 t = it.tensor
                 w = writers[it.file_index]
@@ -419,6 +456,8 @@ def _ranges(maps: InputMaps, win: List[Item]):
 
 MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux >= 5.14
 _populate_ok = [sys.platform.startswith("linux")]
+_UNSUPPORTED = {errno.EINVAL, getattr(errno, "ENOSYS", -1), getattr(errno, "EOPNOTSUPP", -1),
+                getattr(errno, "ENOTSUP", -1)}
 
 
 def _prefetch(maps: InputMaps, win: List[Item]) -> None:
@@ -426,7 +465,10 @@ def _prefetch(maps: InputMaps, win: List[Item]) -> None:
     call per range: reads what is not cached and fills the page tables), or, where the
     kernel lacks it, ``MADV_WILLNEED`` read-ahead plus one read per page in ``_C``."""
     spans = list(_ranges(maps, win))
+    for wf in {id(wf): wf for wf, _, _ in spans}.values():
+        maps.check_unchanged(wf)
     if _populate_ok[0]:
+        wf = None
         try:
             for wf, lo, hi in spans:
                 mm = maps._get(wf)[1]
@@ -434,8 +476,12 @@ def _prefetch(maps: InputMaps, win: List[Item]) -> None:
                 if hi > a:
                     mm.madvise(MADV_POPULATE_READ, a, hi - a)
             return
-        except OSError:  # EINVAL: an older kernel; use the fallback from now on
-            _populate_ok[0] = False
+        except OSError as exc:
+            if exc.errno not in _UNSUPPORTED:  # EFAULT/EIO: truncated or unreadable input
+                raise MergeError(f"input {wf.path if wf is not None else '?'} changed or cannot "
+                                 f"be read while merging ({exc.strerror or exc}); nothing was "
+                                 "written") from None
+            _populate_ok[0] = False  # an older kernel: use the fallback from now on
     from .. import _ext
 
     ext = _ext.cpu_ext(warn=False)

@@ -1,0 +1,164 @@
+"""Inputs that change under the merge, outputs inside inputs, stale temporaries, and the
+resources a merge holds (descriptors, resident pages of the integer-tensor check)."""
+import errno
+import os
+import resource
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import fastsoup as fs
+from fastsoup.merge import MergeError, PlanError, engine
+from fastsoup.merge.formats import resolve
+from test_merge_support import isolated_hash_cache  # noqa: F401  (autouse fixture)
+from test_merge_support import make_state, save_diffusers, save_file_layout, save_sharded
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def leftovers(folder):
+    return [p for p in os.listdir(folder) if "fastsoup-tmp" in p]
+
+
+def test_output_inside_a_directory_input_is_refused(tmp_path):
+    a = save_sharded(str(tmp_path / "a"), make_state(0), 2)
+    b = save_sharded(str(tmp_path / "b"), make_state(1), 2)
+    with pytest.raises(PlanError, match="inside the folder of input 1"):
+        fs.merge([a, b], os.path.join(a, "soup"), quiet=True, hash="none")
+    with pytest.raises(PlanError, match="inside the folder of input 2"):
+        fs.merge([a, b], os.path.join(b, "x", "soup"), quiet=True, hash="none", dry_run=True)
+    assert sorted(os.listdir(a)) == sorted(os.listdir(b))
+
+
+def test_output_inside_a_diffusers_component_is_refused(tmp_path):
+    roots = [save_diffusers(str(tmp_path / f"d{i}"), {"unet": make_state(i)}) for i in range(2)]
+    comp = os.path.join(roots[0], "unet")
+    with pytest.raises(PlanError, match="inside the folder of input 1"):
+        fs.merge(roots, os.path.join(comp, "soup"), quiet=True, hash="none")
+
+
+def test_input_truncated_while_merging_is_an_error_not_sigbus(tmp_path):
+    a = save_file_layout(str(tmp_path / "a.safetensors"), {"w": torch.randn(1 << 18)})
+    b = save_file_layout(str(tmp_path / "b.safetensors"), {"w": torch.randn(1 << 18)})
+    script = textwrap.dedent(f"""
+        import os, sys
+        sys.path.insert(0, {HERE!r})
+        import fastsoup as fs
+        from fastsoup.merge import MergeError, engine
+        real = engine._release
+        n = [0]
+        def release(maps, win):
+            real(maps, win)
+            n[0] += 1
+            if n[0] == 1:
+                os.truncate({b!r}, 4096)
+        engine._release = release
+        try:
+            fs.merge([{a!r}, {b!r}], {str(tmp_path / "out.safetensors")!r}, memory="64KiB",
+                     quiet=True, hash="none")
+        except MergeError as exc:
+            print("MergeError:", exc)
+            sys.exit(3)
+    """)
+    env = dict(os.environ, FASTSOUP_HASH_CACHE="0")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert proc.returncode == 3, (proc.returncode, proc.stderr[-2000:])
+    assert "changed" in proc.stdout
+    assert not leftovers(tmp_path) and not (tmp_path / "out.safetensors").exists()
+
+
+class _FakeMap:
+    def __init__(self, err):
+        self.err = err
+
+    def madvise(self, *a):
+        raise OSError(self.err, os.strerror(self.err))
+
+    def size(self):
+        return 0
+
+
+def test_populate_read_efault_is_an_error_einval_a_fallback(tmp_path, monkeypatch):
+    a = save_file_layout(str(tmp_path / "a.safetensors"), {"w": torch.randn(4096)})
+    wf = resolve(a).files()[0]
+    item = engine.Item(0, type("T", (), {"sources": [type("S", (), {
+        "file": wf, "key": "w", "dtype": "F32"})()]})(), 0, 4096)
+    maps = engine.InputMaps()
+    try:
+        monkeypatch.setattr(engine, "_populate_ok", [True])
+        monkeypatch.setattr(maps, "check_unchanged", lambda wf: None)
+        real_get = maps._get
+        monkeypatch.setattr(maps, "_get", lambda w: (-1, _FakeMap(errno.EFAULT), real_get(w)[2]))
+        with pytest.raises(MergeError, match="changed or cannot be read"):
+            engine._prefetch(maps, [item])
+        assert engine._populate_ok[0]
+        monkeypatch.setattr(maps, "_get", lambda w: (-1, _FakeMap(errno.EINVAL), real_get(w)[2]))
+        monkeypatch.setattr(engine.InputMaps, "advise", lambda *a, **k: None)
+        engine._prefetch(maps, [item])
+        assert not engine._populate_ok[0]
+    finally:
+        monkeypatch.undo()
+        maps.close()
+
+
+def test_stale_temporaries_of_dead_runs_are_removed(tmp_path):
+    paths = [save_file_layout(str(tmp_path / f"m{i}.safetensors"), make_state(i)) for i in range(2)]
+    dead = tmp_path / ".soup.safetensors.fastsoup-tmp-999999999-abcd1234"
+    dead.write_bytes(b"x" * 100)
+    dead_dir = tmp_path / ".soup.safetensors.fastsoup-tmp-old-999999998-abcd1234"
+    dead_dir.mkdir()
+    alive = tmp_path / f".soup.safetensors.fastsoup-tmp-{os.getppid()}-abcd1234"
+    alive.write_bytes(b"y")
+    other = tmp_path / ".other.safetensors.fastsoup-tmp-999999999-abcd1234"
+    other.write_bytes(b"z")
+    fs.merge(paths, tmp_path / "soup.safetensors", quiet=True, hash="none")
+    assert not dead.exists() and not dead_dir.exists()
+    assert alive.exists() and other.exists()
+
+
+def test_integer_check_is_chunked_and_releases_pages(tmp_path, monkeypatch):
+    n = 1 << 17
+    x = torch.arange(n, dtype=torch.int64)
+    y = x.clone()
+    y[-1] = -1
+    a = save_file_layout(str(tmp_path / "a.safetensors"), {"ids": x, "w": torch.randn(8)})
+    b = save_file_layout(str(tmp_path / "b.safetensors"), {"ids": y, "w": torch.randn(8)})
+    released = []
+    real = engine.InputMaps.release
+    monkeypatch.setattr(engine.InputMaps, "release",
+                        lambda self, wf, lo, hi: (released.append(hi - lo), real(self, wf, lo, hi)))
+    with pytest.raises(PlanError, match="values differ"):
+        fs.merge([a, b], tmp_path / "out.safetensors", memory="64KiB", quiet=True, hash="none")
+    assert len(released) >= 8 and max(released) <= 64 << 10
+    assert not leftovers(tmp_path)
+
+
+def _open_fds():
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
+def test_one_descriptor_per_mapped_file_and_raised_fd_limit(tmp_path, monkeypatch):
+    paths = [save_file_layout(str(tmp_path / f"m{i}.safetensors"), make_state(i)) for i in range(4)]
+    maps = engine.InputMaps()
+    before = _open_fds()
+    try:
+        for p in paths:
+            maps._get(resolve(p).files()[0])
+        assert _open_fds() - before == len(paths)
+    finally:
+        maps.close()
+    assert _open_fds() == before
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard <= 64:
+        pytest.skip("no finite hard limit to raise to")
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
+        fs.merge(paths, tmp_path / "soup.safetensors", quiet=True, hash="none")
+        assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == hard
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

@@ -32,7 +32,7 @@ from .formats import WEIGHT_SUFFIXES, Layout, _is_index, resolve
 from .manifest import HASH_MODES, METADATA_KEY, Hasher, build, metadata_entry, read as read_manifest, sidecar_path
 from .plan import Plan, build_plan, parse_size
 from .report import FilePlan, MergeReport
-from .writer import TMP_MARK, AtomicOutput, SafetensorsFileWriter, write_small_file
+from .writer import FILE_MODE, TMP_MARK, AtomicOutput, SafetensorsFileWriter, write_small_file
 
 PathLike = Union[str, os.PathLike]
 DEFAULT_MEMORY = 256 * 2**20
@@ -180,31 +180,55 @@ def _resolve_all(paths: Sequence[PathLike], variant, allow_pickle, what="input")
     return layouts
 
 
-def _copy_side_files(plan: Plan, out: AtomicOutput) -> List[str]:
-    """Copy non-weight files (configs, scheduler, tokenizer) from the first input's root."""
+def _copy_side_files(plan: Plan, out: AtomicOutput, warnings: Optional[List[str]] = None) -> List[str]:
+    """Copy non-weight files (configs, scheduler, tokenizer) from the first input's root.
+    Symlinks to regular files are followed (a Hugging Face hub snapshot is made of them);
+    symlinks to directories are not, and are reported. Files are streamed, not read whole."""
     first = plan.inputs[0]
     root = first.path if os.path.isdir(first.path) else os.path.dirname(first.path)
     if plan.kind == "file" or first.kind == "file":
         return []
     copied = []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         rel_dir = os.path.relpath(dirpath, root)
+        keep = []
+        for d in sorted(dirnames):
+            if d.startswith("."):
+                continue
+            if os.path.islink(os.path.join(dirpath, d)):
+                if warnings is not None:
+                    warnings.append(f"{os.path.join(rel_dir, d)}: a symlink to a directory in "
+                                    f"{root}; not copied to the output")
+                continue
+            keep.append(d)
+        dirnames[:] = keep
         for name in sorted(filenames):
             if name.endswith(WEIGHT_SUFFIXES) or _is_index(name) or name == "fastsoup.json" \
                     or name.startswith("."):
                 continue
             src = os.path.join(dirpath, name)
-            if not os.path.isfile(src) or os.path.islink(src):
+            if not os.path.isfile(src):  # broken symlinks, sockets, fifos
                 continue
             rel = os.path.normpath(os.path.join(rel_dir, name))
             dst = out.path(*rel.split(os.sep))
             if os.path.exists(dst):
                 continue
-            with open(src, "rb") as f:
-                write_small_file(dst, f.read())
+            _copy_file(src, dst)
             copied.append(rel)
     return copied
+
+
+def _copy_file(src: str, dst: str) -> None:
+    """Stream ``src`` (symlinks followed) into a new file ``dst`` with the output's mode,
+    fsynced."""
+    with open(src, "rb") as fin:
+        fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0),
+                     FILE_MODE)
+        with os.fdopen(fd, "wb") as fout:
+            os.fchmod(fout.fileno(), FILE_MODE)
+            shutil.copyfileobj(fin, fout, 1 << 20)
+            fout.flush()
+            os.fsync(fout.fileno())
 
 
 def _write_indexes(plan: Plan, out: AtomicOutput) -> None:
@@ -338,7 +362,12 @@ def merge(inputs: Sequence[PathLike], output: Optional[PathLike],
         raise MergeError(f"unknown hash mode {hash!r} (choose {', '.join(HASH_MODES)})")
     if accumulate not in ("fp32", "fp64"):
         raise MergeError(f"accumulate must be 'fp32' or 'fp64', got {accumulate!r}")
-    out_dtype = user_dtype(dtype) if dtype is not None else None
+    if dtype is not None and not isinstance(dtype, str):
+        raise MergeError(f"dtype must be a name (fp32, fp16, bf16 or fp64), got {dtype!r}")
+    try:
+        out_dtype = user_dtype(dtype) if dtype is not None else None
+    except ValueError as exc:
+        raise MergeError(str(exc)) from None
     memory_bytes = parse_size(memory)
     shard_bytes = parse_size(max_shard_size) if max_shard_size is not None else None
     if device not in ("cpu", "cuda", "torch:cpu") and not device.startswith("cuda:"):
@@ -418,7 +447,7 @@ def merge(inputs: Sequence[PathLike], output: Optional[PathLike],
             w.rewrite_header(meta)
             w.finish()
         _write_indexes(plan, out)
-        copied = _copy_side_files(plan, out)
+        copied = _copy_side_files(plan, out, report.warnings)
         side_text = (json.dumps(manifest, indent=2) + "\n").encode()
         if plan.kind != "file":
             write_small_file(out.path("fastsoup.json"), side_text)
@@ -491,7 +520,11 @@ def _soup_options(m: dict, options: dict) -> dict:
     if opts.get("variant") is None and m["constituents"][0].get("variant"):
         opts["variant"] = m["constituents"][0]["variant"]
     if m.get("dtype") and "dtype" not in opts:
-        opts["dtype"] = {"F32": "fp32", "F16": "fp16", "BF16": "bf16", "F64": "fp64"}[m["dtype"]]
+        names = {"F32": "fp32", "F16": "fp16", "BF16": "bf16", "F64": "fp64"}
+        if m["dtype"] not in names:
+            raise MergeError(f"the soup's manifest records an unknown output dtype "
+                             f"{m['dtype']!r} (known: {', '.join(names)})")
+        opts["dtype"] = names[m["dtype"]]
     return opts
 
 

@@ -150,9 +150,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-    if args.json or args.quiet:  # the summary lists the warnings otherwise
-        for w in report.warnings:
-            print(f"{PROG}: warning: {w}", file=sys.stderr)
+    for w in report.warnings:
+        print(f"{PROG}: warning: {w}", file=sys.stderr)
     if args.json:
         print(report.to_json())
     elif not args.quiet:

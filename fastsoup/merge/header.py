@@ -77,6 +77,9 @@ def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+INT64_MAX = 2**63 - 1
+
+
 def parse_header(prefix: bytes, file_size: int, path: str = "<bytes>",
                  max_header: int = MAX_HEADER_BYTES) -> Header:
     """Validate the header held in ``prefix`` (the first ``8 + N`` bytes or more of a file
@@ -121,10 +124,23 @@ def parse_header(prefix: bytes, file_size: int, path: str = "<bytes>",
         ):
             raise fail("__metadata__ must map strings to strings")
 
+    def encodable(text: str) -> bool:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+        return True
+
+    if metadata is not None and not all(encodable(k) and encodable(v)
+                                        for k, v in metadata.items()):
+        raise fail("__metadata__ holds a lone surrogate escape (not valid Unicode)")
     tensors: Dict[str, TensorInfo] = {}
     for key, entry in obj.items():
         if not key:
             raise fail("empty tensor name")
+        if not encodable(key):
+            raise fail(f"tensor name {key.encode('utf-8', 'backslashreplace').decode()!r} holds a "
+                       "lone surrogate escape (not valid Unicode)")
         if not isinstance(entry, dict):
             raise fail(f"tensor {key!r}: entry is not an object")
         dtype = entry.get("dtype")
@@ -140,6 +156,13 @@ def parse_header(prefix: bytes, file_size: int, path: str = "<bytes>",
                 or not all(_is_int(o) and o >= 0 for o in offsets)):
             raise fail(f"tensor {key!r}: data_offsets must be [begin, end] non-negative "
                        f"integers, got {offsets!r}")
+        itemsize = DTYPES[dtype].itemsize
+        extent = itemsize
+        for d in shape:  # zero-sized dimensions do not excuse others that overflow
+            extent *= max(d, 1)
+        if any(d > INT64_MAX for d in shape) or extent > INT64_MAX:
+            raise fail(f"tensor {key!r}: shape {shape!r} overflows a 64-bit element count or "
+                       "byte size")
         begin, end = offsets
         if begin > end:
             raise fail(f"tensor {key!r}: data_offsets begin {begin} > end {end}")

@@ -119,7 +119,7 @@ def parse_size(text) -> int:
                 break
         try:
             value = int(float(low) * mult)
-        except ValueError:
+        except (ValueError, OverflowError):
             raise MergeError(f"cannot parse size {text!r} (examples: 5GB, 512MiB, 1000000)") from None
     if value <= 0:
         raise MergeError(f"size must be positive, got {text!r}")
@@ -164,6 +164,11 @@ def build_plan(inputs: Sequence[Layout], *, weights: Optional[Sequence[float]] =
         raise MergeError(f"unknown key policy {keys!r} (choose {', '.join(KEY_POLICIES)})")
     if normalize is None:
         normalize = base is None
+    elif normalize and base is not None:
+        raise MergeError("--normalize with --base: normalised weights sum to 1, so the base's "
+                         "coefficient 1 - sum(weights) would be 0 and the base would be ignored; "
+                         "task arithmetic uses the weights as given (drop --normalize, or "
+                         "divide the weights yourself)")
     if weights is None:
         weights = [1.0] * n if base is None else [1.0 / n] * n
     weights = [float(w) for w in weights]
@@ -178,6 +183,12 @@ def build_plan(inputs: Sequence[Layout], *, weights: Optional[Sequence[float]] =
     base_index = n if base is not None else None
     key_maps = [lay.keys() for lay in layouts]
     first_order: List[str] = []
+    early_warnings: List[str] = []
+    if keys == "union" and not normalize and base is None:
+        early_warnings.append("--keys union without normalisation: a key held by only some "
+                              "inputs gets only their weights, which then sum to less than "
+                              "the total (a scaled-down tensor); use --normalize to renormalise "
+                              "per key")
     seen = set()
     for km in key_maps[:n]:
         for q in km:
@@ -186,7 +197,7 @@ def build_plan(inputs: Sequence[Layout], *, weights: Optional[Sequence[float]] =
                 first_order.append(q)
 
     problems: List[str] = []
-    warnings: List[str] = []
+    warnings: List[str] = list(early_warnings)
     dropped: List[str] = []
     selected: List[str] = []
     for q in first_order:
@@ -309,6 +320,10 @@ def _mirror(layouts, key_maps, out_tensors, order, max_shard_size) -> List[OutCo
             comp_layout[cname] = layouts[k]
         wf = comp.tensors[key][0]
         fk = (cname, wf.name)
+        if _single_file(comp) and comps[cname].files and \
+                _single_file(comp_layout[cname].components[cname]):
+            # single-file inputs (whatever their file names): one output file
+            fk = (cname, comps[cname].files[0].name)
         if fk not in by_file:
             by_file[fk] = OutFile(name=wf.name)
             comps[cname].files.append(by_file[fk])
@@ -327,6 +342,10 @@ def _mirror(layouts, key_maps, out_tensors, order, max_shard_size) -> List[OutCo
         if max_shard_size is None and src_comp.index_name and ".bin.index" in src_comp.index_name:
             oc.index_name = src_comp.index_name.replace(".bin.index", ".safetensors.index")
     return out
+
+
+def _single_file(comp) -> bool:
+    return not comp.index_name and len(comp.files) == 1
 
 
 def _reshard(oc: OutComponent, src_comp, variant: Optional[str], max_bytes: int) -> None:

@@ -101,7 +101,9 @@ void weighted_sum(void* out, int out_dtype, const void* const* ins, const int* i
                   const double* weights, int K, int64_t n, int threads, bool acc64) {
     if (n <= 0) return;
     RangeFn fn = range_fn();
-    if (threads <= 0) threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+    const unsigned hc = std::thread::hardware_concurrency();  // 0: unknown
+    if (threads <= 0) threads = static_cast<int>(std::max(1u, hc));
+    if (hc > 0 && static_cast<unsigned>(threads) > hc) threads = static_cast<int>(hc);
     int64_t by_size = std::max<int64_t>(1, n / MIN_PER_THREAD);
     int nt = static_cast<int>(std::min<int64_t>(threads, by_size));
     if (nt <= 1) {
@@ -113,10 +115,17 @@ void weighted_sum(void* out, int out_dtype, const void* const* ins, const int* i
     int64_t per = (blocks + nt - 1) / nt;
     std::vector<std::thread> pool;
     pool.reserve(nt - 1);
-    for (int t = 1; t < nt; ++t) {
-        int64_t lo = std::min(n, t * per * BLOCK), hi = std::min(n, (t + 1) * per * BLOCK);
-        if (lo >= hi) break;
-        pool.emplace_back(fn, out, out_dtype, ins, in_dtypes, weights, K, lo, hi, acc64);
+    try {
+        for (int t = 1; t < nt; ++t) {
+            int64_t lo = std::min(n, t * per * BLOCK), hi = std::min(n, (t + 1) * per * BLOCK);
+            if (lo >= hi) break;
+            pool.emplace_back(fn, out, out_dtype, ins, in_dtypes, weights, K, lo, hi, acc64);
+        }
+    } catch (...) {
+        // e.g. std::system_error when no thread can be created: never leave a joinable
+        // std::thread to be destroyed (std::terminate); join what started, then report.
+        for (auto& th : pool) th.join();
+        throw;
     }
     fn(out, out_dtype, ins, in_dtypes, weights, K, 0, std::min(n, per * BLOCK), acc64);
     for (auto& th : pool) th.join();

@@ -57,7 +57,7 @@ def _identity(path: str):
     return st.st_dev, st.st_ino
 
 
-def _check_inputs_and_output(layouts: List[Layout], output: str) -> None:
+def _check_inputs_and_output(layouts: List[Layout], output: str, planned: bool = False) -> None:
     problems = []
     seen: Dict[tuple, int] = {}
     for i, lay in enumerate(layouts):
@@ -80,7 +80,7 @@ def _check_inputs_and_output(layouts: List[Layout], output: str) -> None:
                 problems.append(f"the output {output} is the same file as input {i + 1} ({p})")
                 break
     for i, lay in enumerate(layouts):
-        if lay.kind == "file":
+        if lay.kind == "file" or planned:  # planned: a dry run's stand-in output path
             continue
         root = os.path.realpath(lay.path if os.path.isdir(lay.path) else os.path.dirname(lay.path))
         if out != root and out.startswith(root.rstrip(os.sep) + os.sep):
@@ -344,7 +344,8 @@ def merge(inputs: Sequence[PathLike], output: Optional[PathLike],
             on the GPU). "torch:cpu" runs the device path's code on CPU tensors (tests).
         dry_run: plan and validate only: headers are read, and integer/bool tensors
             compared; no floating data is read and nothing is written.
-        overwrite: replace an existing output (only once the new one is complete).
+        overwrite: replace an existing output (only once the new one is complete); a
+            directory is replaced only if it is a previous fastsoup output (has fastsoup.json).
         quiet: no progress bar (default: a bar only when stderr is a terminal).
         hash: "sha256" (default; hashed in a background thread during the merge) or
             "none": the constituents' content hashes in the manifest.
@@ -377,11 +378,12 @@ def merge(inputs: Sequence[PathLike], output: Optional[PathLike],
 
     paths = list(inputs) + ([base] if base is not None else [])
     layouts = _resolve_all(paths, variant, allow_pickle)
+    planned_output = output is None
     if output is None:  # dry run without an output: plan as if writing into the cwd
         output = os.path.join(os.getcwd(), "soup.safetensors" if layouts[0].kind == "file" and
                               max_shard_size is None else "soup")
     output = os.fspath(output)
-    _check_inputs_and_output(layouts, output)
+    _check_inputs_and_output(layouts, output, planned=planned_output)
     constituents = layouts[: len(inputs)]
     base_layout = layouts[len(inputs)] if base is not None else None
     plan = build_plan(constituents, weights=weights, base=base_layout, normalize=normalize,
@@ -390,6 +392,7 @@ def merge(inputs: Sequence[PathLike], output: Optional[PathLike],
         raise MergeError(f"{output}: the output is a single safetensors file; name it *.safetensors")
     report = _make_report(plan, output, dry_run=dry_run, accumulate=accumulate,
                           dtype=out_dtype, device=device, memory=memory_bytes)
+    _raise_fd_limit()  # every input file stays mapped (one descriptor each) for the run
     if dry_run:  # integer/bool tensors are compared too (they are small): a full check
         maps = InputMaps()
         try:
@@ -410,7 +413,6 @@ def merge(inputs: Sequence[PathLike], output: Optional[PathLike],
     maps = InputMaps(drop_cache=drop_cache)
     progress = None
     side_tmp = None
-    _raise_fd_limit()
     _remove_stale_temporaries(output)
     after_commit: List[str] = []
     try:

@@ -52,7 +52,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", action="store_true",
                    help="print the plan, the validation report and estimates; write nothing")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace an existing output (only once the new one is complete)")
+                   help="replace an existing output (only once the new one is complete; a "
+                   "directory only if it is a previous fastsoup output)")
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no summary")
 

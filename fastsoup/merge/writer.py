@@ -2,9 +2,13 @@
 and pre-sized safetensors files written header first.
 
 Nothing is ever written at the final output path until every byte is on disk: files are
-fsynced, the temporary is renamed over the output (``os.replace``), and the parent
-directory is fsynced. :meth:`AtomicOutput.abort` removes the temporary; an existing output
-is left untouched by a failed run.
+fsynced, the temporary is renamed over the output (``os.replace`` for a file; for a
+directory replacing a previous output, an atomic ``renameat2(RENAME_EXCHANGE)`` on Linux,
+else two renames with SIGINT/SIGTERM held back and undone on failure), and the parent
+directory is fsynced. At every instant the final path holds the old or the new output.
+:meth:`AtomicOutput.abort` removes the temporary; an existing output is left untouched by
+a failed run. Only directories that are previous fastsoup outputs (holding
+``fastsoup.json``) are replaced.
 """
 from __future__ import annotations
 

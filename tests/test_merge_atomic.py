@@ -187,3 +187,19 @@ def test_embedded_manifest_wins_over_a_stale_sidecar(tmp_path):
     assert [c["path"] for c in m["constituents"]] == paths[:2]
     os.unlink(tmp_path / "soup.fastsoup.json")
     assert manifest.read(str(out)) == m
+
+
+def test_signal_during_the_exchange_is_reported_as_written(sharded, monkeypatch, capsys):
+    tmp, a, b, out = sharded
+    real = writer.exchange
+
+    def exchange_then_signal(x, y):
+        done = real(x, y)
+        os.kill(os.getpid(), signal.SIGINT)
+        return done
+
+    monkeypatch.setattr(writer, "exchange", exchange_then_signal)
+    code, err = run([a, b, "-o", out, "--overwrite"], capsys)
+    assert out.is_dir() and (out / "fastsoup.json").exists()
+    assert "nothing was written" not in err and code == 0 and "output written" in err
+    assert not leftovers(tmp)

@@ -199,11 +199,12 @@ class AtomicOutput:
                 fsync_dir(root)
         parent = os.path.dirname(self.final)
         if self.is_dir and os.path.isdir(self.final):
-            if exchange(self.tmp, self.final):
-                self.committed = True
-                self.old = self.tmp  # the temporary's name now holds the previous output
-            else:
-                self._commit_two_renames(parent)
+            with _signals_deferred():  # `committed` must be set with the swap
+                if exchange(self.tmp, self.final):
+                    self.committed = True
+                    self.old = self.tmp  # the temporary's name now holds the previous output
+                else:
+                    self._commit_two_renames(parent)
         else:
             os.replace(self.tmp, self.final)
             self.committed = True
@@ -212,15 +213,14 @@ class AtomicOutput:
     def _commit_two_renames(self, parent: str) -> None:
         old = os.path.join(parent, f".{os.path.basename(self.final)}{TMP_MARK}old-"
                                    f"{os.getpid()}-{secrets.token_hex(4)}")
-        with _signals_deferred():
-            os.rename(self.final, old)
-            try:
-                os.rename(self.tmp, self.final)
-            except BaseException:
-                os.rename(old, self.final)
-                raise
-            self.committed = True
-            self.old = old
+        os.rename(self.final, old)  # signals are deferred by the caller
+        try:
+            os.rename(self.tmp, self.final)
+        except BaseException:
+            os.rename(old, self.final)
+            raise
+        self.committed = True
+        self.old = old
 
     def remove_old(self) -> None:
         """Remove the previous output replaced by :meth:`commit` (errors are raised: the

@@ -203,3 +203,21 @@ def test_signal_during_the_exchange_is_reported_as_written(sharded, monkeypatch,
     assert out.is_dir() and (out / "fastsoup.json").exists()
     assert "nothing was written" not in err and code == 0 and "output written" in err
     assert not leftovers(tmp)
+
+
+def test_signal_right_after_a_file_replace_is_reported_as_written(tmp_path, monkeypatch, capsys):
+    paths = [save_file_layout(str(tmp_path / f"m{i}.safetensors"), make_state(i)) for i in range(2)]
+    out = tmp_path / "soup.safetensors"
+    out.write_bytes(b"old")
+    real = os.replace
+
+    def replace_then_signal(src, dst):
+        real(src, dst)
+        if str(dst) == str(out):
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(writer.os, "replace", replace_then_signal)
+    code, err = run([*paths, "-o", out, "--overwrite"], capsys)
+    assert code == 0 and "nothing was written" not in err and "output written" in err
+    assert out.read_bytes() != b"old" and (tmp_path / "soup.fastsoup.json").exists()
+    assert not leftovers(tmp_path)

@@ -206,8 +206,9 @@ class AtomicOutput:
                 else:
                     self._commit_two_renames(parent)
         else:
-            os.replace(self.tmp, self.final)
-            self.committed = True
+            with _signals_deferred():
+                os.replace(self.tmp, self.final)
+                self.committed = True
         fsync_dir(parent)
 
     def _commit_two_renames(self, parent: str) -> None:

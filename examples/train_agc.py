@@ -15,7 +15,6 @@ The image folder is read with Pillow (every .png/.jpg/.jpeg/.webp below it), res
 (``UNet2DModel.from_pretrained`` loads them); the AGC bank is saved beside each model.
 """
 import argparse
-import glob
 import json
 import os
 import time
@@ -23,33 +22,16 @@ import time
 import torch
 
 import fastsoup as fs
-from fastsoup.train.data import shard_datasets
+from fastsoup.train.data import load_image_folder, shard_datasets, small_unet
 from fastsoup.train.iet import IterativeEnsemble
 from fastsoup.train.soup import save_shard_models, soup_shard_models
 
 
 def load_folder(folder: str, resolution: int) -> torch.Tensor:
-    from PIL import Image
-
-    paths = sorted(p for ext in ("png", "jpg", "jpeg", "webp")
-                   for p in glob.glob(os.path.join(folder, "**", f"*.{ext}"), recursive=True))
-    if not paths:
-        raise SystemExit(f"train_agc: no images (.png/.jpg/.jpeg/.webp) found under {folder}")
-    out = torch.empty(len(paths), 3, resolution, resolution)
-    for i, p in enumerate(paths):
-        img = Image.open(p).convert("RGB").resize((resolution, resolution), Image.BICUBIC)
-        x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
-        out[i] = x.view(resolution, resolution, 3).permute(2, 0, 1).float() / 127.5 - 1
-    return out
-
-
-def make_unet(resolution: int, width: int):
-    from diffusers import UNet2DModel
-
-    return UNet2DModel(sample_size=resolution, in_channels=3, out_channels=3, layers_per_block=1,
-                       block_out_channels=(width, 2 * width, 2 * width), norm_num_groups=8,
-                       down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
-                       up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"))
+    try:
+        return load_image_folder(folder, resolution)
+    except ValueError as exc:
+        raise SystemExit(f"train_agc: error: --data: {exc}") from None
 
 
 def main(argv=None) -> int:
@@ -90,10 +72,10 @@ def main(argv=None) -> int:
         raise SystemExit("train_agc: more shards than images")
 
     scheduler = DDPMScheduler(num_train_timesteps=1000)
-    base = make_unet(args.resolution, args.width)
+    base = small_unet(args.resolution, args.width)
     models = []
     for _ in shards:
-        m = make_unet(args.resolution, args.width)
+        m = small_unet(args.resolution, args.width)
         m.load_state_dict(base.state_dict())
         models.append(m.to(device).train())
     opts = [torch.optim.AdamW(m.parameters(), lr=args.lr) for m in models]
@@ -101,7 +83,6 @@ def main(argv=None) -> int:
              for _ in models]
     iet = IterativeEnsemble(models, shard_sizes=[s.shape[0] for s in shards],
                             average_every=args.average_every if len(models) > 1 else 0)
-    alphas_cumprod = scheduler.alphas_cumprod.to(device)
 
     t0 = time.time()
     for step in range(args.steps):

@@ -45,7 +45,6 @@ pre-trained here; ``--pretrained OUT/pretrained`` reuses it), ``knowledge_bank.s
 pre-training and 3 fine-tuning steps, 8 bank samples) and finishes in seconds on a CPU.
 """
 import argparse
-import glob
 import json
 import math
 import os
@@ -54,7 +53,8 @@ import time
 import torch
 
 import fastsoup as fs
-from fastsoup.train.data import STYLES, procedural_images
+from fastsoup.train.data import (STYLES, load_image_folder, procedural_images,
+                                 save_image_grid, small_unet)
 
 PROG = "train_difftuning"
 NUM_TRAIN_TIMESTEPS = 1000
@@ -65,33 +65,14 @@ def fail(msg: str) -> SystemExit:
 
 
 def load_folder(folder: str, resolution: int) -> torch.Tensor:
-    """Every image below ``folder`` as float32 ``[N, 3, resolution, resolution]`` in [-1, 1]."""
-    from PIL import Image
-
-    if not os.path.isdir(folder):
-        raise fail(f"--data {folder!r} is not a directory")
-    paths = sorted(p for ext in ("png", "jpg", "jpeg", "webp")
-                   for p in glob.glob(os.path.join(folder, "**", f"*.{ext}"), recursive=True))
-    if not paths:
-        raise fail(f"no images (.png/.jpg/.jpeg/.webp) found under {folder}")
-    out = torch.empty(len(paths), 3, resolution, resolution)
-    for i, p in enumerate(paths):
-        try:
-            img = Image.open(p).convert("RGB").resize((resolution, resolution), Image.BICUBIC)
-        except Exception as e:  # Pillow raises several types for unreadable files
-            raise fail(f"cannot read image {p}: {e}") from None
-        x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
-        out[i] = x.view(resolution, resolution, 3).permute(2, 0, 1).float() / 127.5 - 1
-    return out
+    try:
+        return load_image_folder(folder, resolution)
+    except ValueError as exc:
+        raise fail(f"--data: {exc}") from None
 
 
 def make_unet(resolution: int, width: int):
-    from diffusers import UNet2DModel
-
-    return UNet2DModel(sample_size=resolution, in_channels=3, out_channels=3, layers_per_block=1,
-                       block_out_channels=(width, 2 * width, 2 * width), norm_num_groups=8,
-                       down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
-                       up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"))
+    return small_unet(resolution, width)
 
 
 def load_pretrained(path: str):
@@ -111,22 +92,6 @@ def load_pretrained(path: str):
                    f"{unet.config.in_channels}/{unet.config.out_channels} (a latent model needs "
                    "its VAE; see fastsoup/train/difftuning.py)")
     return unet
-
-
-def save_grid(rows, path: str, scale: int = 4) -> None:
-    """Save rows of ``[n, 3, H, W]`` images in [-1, 1] as one PNG (rows padded to equal length)."""
-    from PIL import Image
-
-    n = max(r.shape[0] for r in rows)
-    _, _, h, w = rows[0].shape
-    canvas = torch.ones(3, len(rows) * (h + 2) + 2, n * (w + 2) + 2)
-    for i, r in enumerate(rows):
-        for j, img in enumerate(r.detach().float().cpu().clamp(-1, 1)):
-            y, x = 2 + i * (h + 2), 2 + j * (w + 2)
-            canvas[:, y:y + h, x:x + w] = (img + 1) / 2
-    arr = (canvas * 255).round().to(torch.uint8).permute(1, 2, 0).contiguous()
-    arr = arr.repeat_interleave(scale, 0).repeat_interleave(scale, 1)
-    Image.fromarray(arr.numpy()).save(path)
 
 
 def smoke_defaults(ap: argparse.ArgumentParser, args: argparse.Namespace, **values) -> None:
@@ -406,7 +371,7 @@ def main(argv=None) -> int:
     model_dir = os.path.join(args.out, "unet")                               # unet/, scheduler/
     grid = os.path.join(args.out, "grid.png")
     k = args.samples
-    save_grid([target_images[:k], bank_images[:k].cpu(), samples], grid)
+    save_image_grid([target_images[:k], bank_images[:k].cpu(), samples], grid)
     summary.update({
         "source": source,
         "data": args.data or f"built-in:{args.target_style}",

@@ -23,8 +23,8 @@ import os
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional
+from dataclasses import asdict, dataclass
+from typing import Dict, List
 
 import torch
 
@@ -59,30 +59,9 @@ def _require_diffusers():
 
 
 def make_unet(cfg: DemoConfig):
-    from diffusers import UNet2DModel
+    from .train.data import small_unet
 
-    w = cfg.width
-    return UNet2DModel(sample_size=cfg.size, in_channels=3, out_channels=3, layers_per_block=1,
-                       block_out_channels=(w, 2 * w, 2 * w), norm_num_groups=8,
-                       down_block_types=("DownBlock2D",) * 3, up_block_types=("UpBlock2D",) * 3)
-
-
-def _to_uint8_grid(rows: List[torch.Tensor], scale: int = 4):
-    """rows: list of [N, 3, H, W] in [-1, 1] -> HxWx3 uint8 numpy grid (2-px gutters)."""
-    import numpy as np
-
-    n = max(r.shape[0] for r in rows)
-    h, w = rows[0].shape[-2:]
-    H, W = h * scale, w * scale
-    gut = 2
-    grid = np.full((len(rows) * (H + gut) + gut, n * (W + gut) + gut, 3), 255, dtype=np.uint8)
-    for i, row in enumerate(rows):
-        imgs = ((row.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
-        imgs = imgs.repeat_interleave(scale, -1).repeat_interleave(scale, -2)
-        for j in range(row.shape[0]):
-            y0, x0 = gut + i * (H + gut), gut + j * (W + gut)
-            grid[y0:y0 + H, x0:x0 + W] = imgs[j].permute(1, 2, 0).numpy()
-    return grid
+    return small_unet(cfg.size, cfg.width, attention=False)
 
 
 def make_scheduler(cfg: DemoConfig):
@@ -114,7 +93,7 @@ def run(cfg: DemoConfig) -> Dict:
     from diffusers import UNet2DModel
 
     import fastsoup as fs
-    from fastsoup.train.data import nearest_neighbour_rms, shard_datasets
+    from fastsoup.train.data import nearest_neighbour_rms, save_image_grid, shard_datasets
     from fastsoup.train.iet import IterativeEnsemble
     from fastsoup.train.soup import save_shard_models, soup_shard_models
 
@@ -225,12 +204,10 @@ def run(cfg: DemoConfig) -> Dict:
         memo[name] = {"nn_rms_mean": float(d.mean()), "nn_rms_min": float(d.min()),
                       "copies_below_0.05": int((d < 0.05).sum())}
 
-    from PIL import Image
-
     # training rows: the duplicated image once, then unique images
     grid_rows = [torch.cat([imgs[:1], imgs[~dup]])[: cfg.samples] for imgs, dup in data] + rows
     grid_path = os.path.join(out_dir, "grid.png")
-    Image.fromarray(_to_uint8_grid(grid_rows)).save(grid_path)
+    save_image_grid(grid_rows, grid_path)
 
     result = {
         "config": asdict(cfg), "device": str(device),

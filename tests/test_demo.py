@@ -79,3 +79,29 @@ def test_example_tiny_train_step_runs():
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "done in" in res.stdout
+
+
+def test_load_image_folder_and_grid(tmp_path):
+    from fastsoup.train.data import image_grid, load_image_folder
+
+    (tmp_path / "sub").mkdir()
+    Image.new("RGB", (5, 7), (255, 0, 0)).save(tmp_path / "a.png")
+    Image.new("RGB", (9, 3), (0, 0, 255)).save(tmp_path / "sub" / "b.jpg")
+    x = load_image_folder(str(tmp_path), 4)
+    assert x.shape == (2, 3, 4, 4) and x.min() >= -1 and x.max() <= 1
+    assert x[0, 0].mean() > 0.9 and x[0, 2].mean() < -0.9   # red, sorted first
+    grid = image_grid([x, x[:1]], scale=2)
+    assert grid.dtype == torch.uint8 and grid.shape == (2 * 8 + 3 * 2, 2 * 8 + 3 * 2, 3)
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="cannot read image"):
+        load_image_folder(str(tmp_path), 4)
+    with pytest.raises(ValueError, match="not a directory"):
+        load_image_folder(str(tmp_path / "nope"), 4)
+    with pytest.raises(ValueError, match="no images"):
+        load_image_folder(str(_empty(tmp_path)), 4)
+
+
+def _empty(tmp_path):
+    d = tmp_path / "empty"
+    d.mkdir()
+    return d

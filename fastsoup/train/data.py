@@ -98,3 +98,70 @@ def nearest_neighbour_rms(samples: Tensor, train: Tensor, chunk: int = 256) -> T
         d = torch.cdist(s, t[i: i + chunk]).min(dim=1).values
         best = torch.minimum(best, d.cpu())
     return best / math.sqrt(s.shape[1])
+
+
+IMAGE_SUFFIXES = ("png", "jpg", "jpeg", "webp")
+
+
+def load_image_folder(folder: str, resolution: int) -> Tensor:
+    """Every image below ``folder`` (.png/.jpg/.jpeg/.webp, recursively, sorted by path),
+    RGB, resized to ``resolution`` (bicubic): float32 ``[N, 3, resolution, resolution]`` in
+    ``[-1, 1]``. Needs Pillow. Raises ``ValueError`` naming the folder or the bad file."""
+    import glob
+    import os
+
+    from PIL import Image
+
+    if not os.path.isdir(folder):
+        raise ValueError(f"{folder!r} is not a directory")
+    paths = sorted(p for ext in IMAGE_SUFFIXES
+                   for p in glob.glob(os.path.join(folder, "**", f"*.{ext}"), recursive=True))
+    if not paths:
+        raise ValueError(f"no images ({', '.join('.' + e for e in IMAGE_SUFFIXES)}) found under {folder}")
+    out = torch.empty(len(paths), 3, resolution, resolution)
+    for i, p in enumerate(paths):
+        try:
+            img = Image.open(p).convert("RGB").resize((resolution, resolution), Image.BICUBIC)
+        except Exception as exc:  # Pillow raises several types for unreadable files
+            raise ValueError(f"cannot read image {p}: {exc}") from None
+        x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
+        out[i] = x.view(resolution, resolution, 3).permute(2, 0, 1).float() / 127.5 - 1
+    return out
+
+
+def image_grid(rows: List[Tensor], scale: int = 4, gutter: int = 2) -> Tensor:
+    """Rows of ``[n, 3, H, W]`` images in ``[-1, 1]`` as one uint8 ``[rows·H', cols·W', 3]``
+    grid (white gutters, shorter rows padded, each pixel repeated ``scale`` times)."""
+    n = max(r.shape[0] for r in rows)
+    _, _, h, w = rows[0].shape
+    H, W = h * scale, w * scale
+    grid = torch.full((len(rows) * (H + gutter) + gutter, n * (W + gutter) + gutter, 3), 255,
+                      dtype=torch.uint8)
+    for i, row in enumerate(rows):
+        imgs = ((row.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        imgs = imgs.repeat_interleave(scale, -1).repeat_interleave(scale, -2)
+        for j in range(row.shape[0]):
+            y0, x0 = gutter + i * (H + gutter), gutter + j * (W + gutter)
+            grid[y0:y0 + H, x0:x0 + W] = imgs[j].permute(1, 2, 0)
+    return grid
+
+
+def save_image_grid(rows: List[Tensor], path: str, scale: int = 4) -> None:
+    """:func:`image_grid` written as a PNG (needs Pillow)."""
+    from PIL import Image
+
+    Image.fromarray(image_grid(rows, scale).numpy()).save(path)
+
+
+def small_unet(resolution: int, width: int = 32, attention: bool = True):
+    """A small diffusers ``UNet2DModel`` for RGB images (3 levels, one layer each; an
+    attention block at the middle level unless ``attention=False``). ``width`` is the
+    base channel count (a multiple of 8)."""
+    from diffusers import UNet2DModel
+
+    mid_down = "AttnDownBlock2D" if attention else "DownBlock2D"
+    mid_up = "AttnUpBlock2D" if attention else "UpBlock2D"
+    return UNet2DModel(sample_size=resolution, in_channels=3, out_channels=3, layers_per_block=1,
+                       block_out_channels=(width, 2 * width, 2 * width), norm_num_groups=8,
+                       down_block_types=("DownBlock2D", mid_down, "DownBlock2D"),
+                       up_block_types=("UpBlock2D", mid_up, "UpBlock2D"))

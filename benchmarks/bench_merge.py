@@ -137,7 +137,6 @@ def run_fastsoup(inputs, out, hash_mode="sha256", cache=False):
 
 
 def run_naive(inputs, out):
-    import torch
     from safetensors import safe_open
     from safetensors.torch import save_file
 

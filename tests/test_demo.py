@@ -1,5 +1,4 @@
 """`fastsoup demo` at its smallest setting, and the examples' --smoke mode, end to end."""
-import importlib.util
 import json
 import os
 import subprocess

@@ -3,7 +3,6 @@ checkpoints with mixed dtypes (bf16, fp16, fp32, int64, bool), in every layout."
 import json
 import os
 
-import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -112,7 +111,7 @@ def test_mixed_layouts_and_resharding(tmp_path):
     states = [make_state(30 + i, spec) for i in range(3)]
     a = save_file_layout(str(tmp_path / "a.safetensors"), states[0])
     b = save_sharded(str(tmp_path / "b"), states[1], 3)
-    c = save_sharded(str(tmp_path / "c"), states[2], 2)
+    save_sharded(str(tmp_path / "c"), states[2], 2)
     out = tmp_path / "resharded"
     report = fs.merge([a, b, str(tmp_path / "c" / "model.safetensors.index.json")], out,
                       max_shard_size="10kB", quiet=True)

@@ -1,7 +1,6 @@
 """Options and inputs that used to slip through: union of single files, symlinked side
 files, overflowing shapes, surprising weight semantics, and errors that must be
 MergeErrors (clear message, no traceback)."""
-import json
 import os
 
 import pytest

@@ -31,7 +31,7 @@ def _fake_forward(pred, target, sizes, strides, dense, chunk, n_chunks):
 
 
 def _fake_backward(coef, pred, target, gp, gt, sizes, strides, dense, chunk, n_chunks):
-    B, D = pred.shape[0], sizes[0] * sizes[1] * sizes[2]
+    B = pred.shape[0]
     p = _view(pred, sizes, strides[0]).float()
     t = _view(target, sizes, strides[1]).float()
     g = coef.view(B, 1, 1, 1) * (p - t)

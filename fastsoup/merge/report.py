@@ -95,7 +95,7 @@ class MergeReport:
             lines.append(f"  base: {self.base}  coefficient {self.base_coefficient:.6g}")
         lines.append(f"  keys: {self.key_policy}; summed {self.tensors_summed}, copied "
                      f"(integer/bool) {self.tensors_copied}, dropped {len(self.dropped_keys)}")
-        lines.append(f"  dtypes out: " + ", ".join(f"{k} x{v}" for k, v in self.output_dtypes.items())
+        lines.append("  dtypes out: " + ", ".join(f"{k} x{v}" for k, v in self.output_dtypes.items())
                      + f"; accumulate {self.accumulate}; device {self.device}")
         if self.dry_run:
             lines.append("  plan:")

@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from ._checks import as_weight, check_float_tensor, check_per_sample, check_same_shape
+from ._checks import as_weight, check_float_tensor, check_same_shape
 from .mse import per_sample_mse
 
 

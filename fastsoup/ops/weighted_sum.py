@@ -60,7 +60,7 @@ def _fused(backend: str, outs, inputs, weights) -> None:
     device = outs[0].device
     w = torch.tensor([float(x) for x in weights], dtype=torch.float32, device=device)
     for key, ps in _groups(outs, inputs).items():
-        out_dtype, in_dtypes = key[0], key[1:]
+        in_dtypes = key[1:]
         common = in_dtypes[0] if len(set(in_dtypes)) == 1 else torch.float32
         g_outs, copy_back = [], []
         for p in ps:

@@ -38,3 +38,31 @@ from .ambient import (
 from .iet import IterativeEnsemble, average_across_shard_groups, averaged_tensors, shard_weights
 from .soup import save_shard_models, soup_shard_models
 from . import data  # noqa: E402  (fs.train.data: built-in procedural datasets)
+
+__all__ = [
+    "PREDICTION_TYPES",
+    "compute_snr",
+    "diffusion_loss",
+    "diffusion_target",
+    "min_snr_loss_weights",
+    "prediction_type_of",
+    "KNOWLEDGE_BANK_FORMAT",
+    "DiffTuning",
+    "DiffTuningBatch",
+    "KnowledgeBank",
+    "PowerLawTimestepSampler",
+    "power_law_timestep_probs",
+    "split_batch",
+    "AmbientVPBatch",
+    "ambient_vp_batch",
+    "ambient_vp_dataset",
+    "corrupt_batch",
+    "sample_early_stop",
+    "IterativeEnsemble",
+    "average_across_shard_groups",
+    "averaged_tensors",
+    "shard_weights",
+    "save_shard_models",
+    "soup_shard_models",
+    "data",
+]

@@ -303,7 +303,7 @@ def sample_early_stop(model: Callable[[Tensor, Tensor], Any], x: Tensor, noise_s
     acd = ac.to(dtype=torch.float64, device="cpu")
     alpha = acd.sqrt()
     sigma = (1.0 - acd).clamp_min(0).sqrt()
-    B, dtype, device = x.shape[0], x.dtype, x.device
+    dtype, device = x.dtype, x.device
     x = x.float()
     for t, s in zip(path[:-1], path[1:]):
         eps = _model_eps(model, x.to(dtype), t).float()

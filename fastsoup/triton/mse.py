@@ -6,7 +6,7 @@ Accumulation is fp32 whatever the input dtypes; no ``[B, D]`` temporary is creat
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import triton

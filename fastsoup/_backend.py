@@ -75,7 +75,7 @@ def cuda_status() -> tuple:
     """(available: bool, reason: str) for the compiled CUDA extension."""
     if not torch.cuda.is_available():
         return False, "no CUDA device"
-    from . import _ext
+    from .kernels import _ext
 
     if _ext.cuda_ext(warn=True) is None:
         return False, f"fastsoup._cuda not loaded ({_ext.load_error('_cuda')})"

@@ -13,7 +13,8 @@ def _info(args) -> int:
 
     import fastsoup
 
-    from . import _backend, _ext
+    from . import _backend
+    from .kernels import _ext
 
     lines = []
     data = {"fastsoup": fastsoup.__version__, "python": platform.python_version(),

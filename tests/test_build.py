@@ -19,7 +19,7 @@ CU_SOURCES = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
 
 
 def test_cpu_extension_loads():
-    from fastsoup import _ext
+    from fastsoup.kernels import _ext
 
     c = _ext.cpu_ext(warn=False)
     assert c is not None, _ext.load_error("_C")
@@ -77,7 +77,7 @@ def test_torch_binding_file_compiles(tmp_path):
 
 def test_missing_extension_warns_once_and_falls_back(monkeypatch):
     """A broken extension never raises at import: one warning, then None."""
-    from fastsoup import _ext
+    from fastsoup.kernels import _ext
 
     monkeypatch.setattr(_ext, "_cache", {})
     monkeypatch.setattr(_ext, "_errors", {})

@@ -434,7 +434,7 @@ def test_prefetch_paths(tmp_path, monkeypatch, populate):
     states = [make_state(600 + i, spec) for i in range(3)]
     paths = [save_file_layout(str(tmp_path / f"p{i}.safetensors"), s) for i, s in enumerate(states)]
     touched = []
-    from fastsoup import _ext
+    from fastsoup.kernels import _ext
 
     real = _ext.cpu_ext(warn=False)
 

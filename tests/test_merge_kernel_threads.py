@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from fastsoup import _ext
+from fastsoup.kernels import _ext
 from fastsoup.merge.dtypes import DTYPES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import fastsoup as fs
-from fastsoup import _ext
+from fastsoup.kernels import _ext
 from fastsoup.ops import mse as M
 
 pytestmark = pytest.mark.skipif(_ext.cpu_ext(warn=False) is None, reason="fastsoup._C not built")

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import fastsoup as fs
-from fastsoup import _ext
+from fastsoup.kernels import _ext
 from fastsoup.ops import mse as mse_mod
 
 

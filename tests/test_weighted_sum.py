@@ -199,7 +199,7 @@ def test_cuda_weighted_sum_compiles(tmp_path):
 def test_cuda_glue_tables(monkeypatch):
     """ops/weighted_sum.py's CUDA path, with a stand-in for fastsoup._cuda that follows the
     kernel's contract on CPU (reads the pointer table through the tensors' addresses)."""
-    from fastsoup import _ext
+    from fastsoup.kernels import _ext
 
     outs, ins = _lists(torch.float16, torch.float32, K=2, seed=9)
     by_ptr = {t.data_ptr(): t for t in outs + [x for inp in ins for x in inp] if t.numel()}
@@ -229,7 +229,7 @@ def test_cuda_glue_tables(monkeypatch):
 
 def test_cpu_path_uses_the_fused_kernel_bit_exact(monkeypatch):
     """Contiguous, non-aliased CPU lists run fastsoup._C: bit-identical to the fp32 oracle."""
-    from fastsoup import _ext
+    from fastsoup.kernels import _ext
 
     calls = []
     real = _ext.cpu_ext(warn=False)

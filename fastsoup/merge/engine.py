@@ -241,7 +241,7 @@ class CpuSummer:
     """Sums with ``fastsoup._C.weighted_sum`` (fp32/fp64 accumulation)."""
 
     def __init__(self, threads: int, acc64: bool):
-        from .. import _ext
+        from ..kernels import _ext
 
         self.ext = _ext.cpu_ext(warn=True)
         if self.ext is None:
@@ -482,7 +482,7 @@ def _prefetch(maps: InputMaps, win: List[Item]) -> None:
                                  f"be read while merging ({exc.strerror or exc}); nothing was "
                                  "written") from None
             _populate_ok[0] = False  # an older kernel: use the fallback from now on
-    from .. import _ext
+    from ..kernels import _ext
 
     ext = _ext.cpu_ext(warn=False)
     for wf, lo, hi in spans:

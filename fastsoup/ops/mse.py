@@ -80,7 +80,7 @@ def _fused_forward(backend: str, pred: Tensor, target: Tensor) -> Tensor:
         from ..triton import mse as tmse
 
         return tmse.mse_forward(pred, target, layout)
-    from .. import _ext
+    from ..kernels import _ext
 
     chunk, n_chunks = _cuda_chunks(pred, layout)
     partial = _ext.cuda_ext().per_sample_mse_forward(
@@ -125,7 +125,7 @@ def _fused_backward(backend: str, grad: Tensor, pred: Tensor, target: Tensor,
 
         tmse.mse_backward(coef, pred, target, gp, gt, layout)
     else:
-        from .. import _ext
+        from ..kernels import _ext
 
         chunk, n_chunks = _cuda_chunks(pred, layout)
         _ext.cuda_ext().per_sample_mse_backward(
@@ -156,7 +156,7 @@ def _cpu_rows(*tensors: Tensor):
             return None
         if t.dim() > 1 and not t[0].is_contiguous():
             return None
-    from .. import _ext
+    from ..kernels import _ext
 
     return _ext.cpu_ext(warn=False)
 

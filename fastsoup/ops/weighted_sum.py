@@ -103,7 +103,7 @@ CUDA_BLOCK = 2048  # elements per table block of the CUDA kernel (see weighted_s
 
 
 def _cuda_launch(outs, inputs, w) -> None:
-    from .. import _ext
+    from ..kernels import _ext
 
     table, numel, bt, bs = _tables(outs, inputs, CUDA_BLOCK)
     if bt.numel() == 0:
@@ -125,7 +125,7 @@ def _cpu_fused(outs, inputs, weights) -> bool:
     """CPU tensors: ``fastsoup._C.weighted_sum`` per output (fp32 accumulation, same order
     and rounding as the reference, multi-threaded), when every tensor is contiguous, no
     output shares memory with an input, and the extension is loaded. False otherwise."""
-    from .. import _ext
+    from ..kernels import _ext
 
     ext = _ext.cpu_ext(warn=False)
     if ext is None:

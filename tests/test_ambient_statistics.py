@@ -1,7 +1,7 @@
 """The ambient losses learn the *clean* denoiser from noisy data (SPEC §3).
 
 Data: x_0 ~ N(μ, s²) per coordinate, observed only as x_n = α_n x_0 + σ_n η with one fixed
-draw η per example (fastsoup.ambient_data.FixedNoise). For Gaussian data the exact
+draw η per example (fastsoup.train.fixed_noise.FixedNoise). For Gaussian data the exact
 denoiser at every level is linear in x_t with closed-form coefficients, so a per-level
 linear model D(x_t) = w x_t + c fitted by minimising a loss tells which denoiser the loss
 targets:
@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import fastsoup as fs
-from fastsoup.ambient_data import FixedNoise
+from fastsoup.train.fixed_noise import FixedNoise
 
 N_EXAMPLES = 2048     # examples (each with its fixed η)
 DIM = 32              # iid coordinates per example

@@ -4,6 +4,8 @@
   (prediction type, min-SNR-γ, AGC / top-k exclusion);
 * :mod:`~fastsoup.train.difftuning`: Diff-Tuning samplers, knowledge bank, batch mixing;
 * :mod:`~fastsoup.train.ambient`: ambient-diffusion batches and the early-stopped sampler;
+* :mod:`~fastsoup.train.fixed_noise`: one fixed noise draw per example (``FixedNoise``,
+  ``AmbientDataset``), the data the ambient helpers wrap;
 * :mod:`~fastsoup.train.iet`: iterative ensemble training (replica averaging in one
   process or across shard groups of ranks);
 * :mod:`~fastsoup.train.soup`: saving shard models and souping them with ``fs.merge``;

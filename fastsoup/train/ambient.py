@@ -5,7 +5,7 @@ at the data timestep ``t_n`` and **one fixed noise draw** ``η`` per example for
 The pieces a VP (ε-network, diffusers scheduler) training loop needs:
 
 * :func:`ambient_vp_dataset`: wraps a dataset of clean examples so that each one is
-  returned with its fixed noise (a :class:`fastsoup.ambient_data.AmbientDataset` with
+  returned with its fixed noise (a :class:`fastsoup.train.fixed_noise.AmbientDataset` with
   ``α_n, σ_n`` read from the scheduler); :func:`corrupt_batch` does the same for a batch
   already on the GPU (e.g. latents encoded in the loop), given the examples' indices;
 * :func:`ambient_vp_batch`: draws ``t ~ U{t_n, …, T−1}`` and the extra noise ``z`` and
@@ -32,7 +32,7 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from ..ambient_data import AmbientDataset, FixedNoise
+from .fixed_noise import AmbientDataset, FixedNoise
 from ..ops._checks import check_float_tensor, check_same_shape
 from ..ops.ambient import _alphas_cumprod as _ops_alphas_cumprod
 from ..ops.ambient import (
@@ -77,7 +77,7 @@ def ambient_vp_dataset(dataset, noise_scheduler: Any, t_n: int, *, seed: int = 0
     ``result[i] = α_n x_0[i] + σ_n η_i`` with ``α_n = sqrt(ᾱ_{t_n})``, ``σ_n = sqrt(1 − ᾱ_{t_n})``
     from the scheduler and ``η_i`` a pure function of ``(seed, i)`` (the same every epoch,
     in every DataLoader worker and on every rank; cached in memory and, with
-    ``cache_dir``, on disk). See :class:`fastsoup.ambient_data.AmbientDataset` for ``key``
+    ``cache_dir``, on disk). See :class:`fastsoup.train.fixed_noise.AmbientDataset` for ``key``
     (where the image sits in an example) and the caching rules.
 
     Apply it to the exact tensor the model trains on (pixels in ``[-1, 1]`` for a pixel
@@ -98,7 +98,7 @@ def corrupt_batch(x0: Tensor, indices: Union[Tensor, Sequence[int]], noise: Fixe
             by the VAE; they must be the same every epoch for the example, e.g.
             ``latent_dist.mean`` or cached samples, or the clean signal leaks).
         indices: the ``B`` dataset indices of the examples (int tensor or sequence).
-        noise: the run's :class:`fastsoup.ambient_data.FixedNoise`.
+        noise: the run's :class:`fastsoup.train.fixed_noise.FixedNoise`.
         alpha_n, sigma_n: numbers, e.g. from :func:`fastsoup.vp_alpha_sigma` at ``t_n``.
 
     Returns:
@@ -107,7 +107,7 @@ def corrupt_batch(x0: Tensor, indices: Union[Tensor, Sequence[int]], noise: Fixe
     """
     check_float_tensor("x0", x0)
     if not isinstance(noise, FixedNoise):
-        raise TypeError(f"noise must be a fastsoup.ambient_data.FixedNoise, got {type(noise).__name__}")
+        raise TypeError(f"noise must be a fastsoup.train.fixed_noise.FixedNoise, got {type(noise).__name__}")
     idx = indices.tolist() if isinstance(indices, Tensor) else list(indices)
     if len(idx) != x0.shape[0]:
         raise ValueError(f"indices has {len(idx)} entries for a batch of B={x0.shape[0]}")

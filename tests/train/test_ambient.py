@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import fastsoup as fs
-from fastsoup.ambient_data import FixedNoise
+from fastsoup.train.fixed_noise import FixedNoise
 from fastsoup.train import ambient_vp_batch, ambient_vp_dataset, corrupt_batch, sample_early_stop
 
 diffusers = pytest.importorskip("diffusers")

@@ -1,4 +1,4 @@
-"""Training data for ambient diffusion: one fixed noise draw per example (SPEC §3).
+"""Fixed-noise data for ambient diffusion: one noise draw per example, for the whole run (SPEC §3).
 
 Ambient training sees only ``x_n = α_n x_0 + σ_n η`` (VE: ``α_n = 1``). The noise ``η`` of
 an example must be the same every time the example is read, for the whole run: drawing a
@@ -12,6 +12,8 @@ are read in. Draws are cached in memory (bounded) and, with ``cache_dir``, on di
 pins the exact values across library versions and machines; a cache directory records its
 seed and dtype and refuses to be reused with different ones. :class:`AmbientDataset`
 wraps any map-style dataset and returns the noisy example in place of the clean one.
+:mod:`fastsoup.train.ambient` builds both from a diffusers scheduler
+(:func:`~fastsoup.train.ambient.ambient_vp_dataset`, :func:`~fastsoup.train.ambient.corrupt_batch`).
 
 Apply the noise to the exact tensor the model is trained on (pixels, or latents for a
 latent model) and before any random augmentation, so the example's ``x_n`` never changes.

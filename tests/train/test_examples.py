@@ -10,7 +10,7 @@ import torch
 
 import fastsoup as fs
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 AMBIENT = os.path.join(ROOT, "examples", "train_ambient.py")
 DIFFTUNING = os.path.join(ROOT, "examples", "train_difftuning.py")
 

@@ -1,11 +1,11 @@
-"""fastsoup.ambient_data: one fixed noise draw per example, whatever the access pattern."""
+"""fastsoup.train.fixed_noise: one fixed noise draw per example, whatever the access pattern."""
 import json
 import os
 
 import pytest
 import torch
 
-from fastsoup.ambient_data import AmbientDataset, FixedNoise, example_seed
+from fastsoup.train.fixed_noise import AmbientDataset, FixedNoise, example_seed
 
 
 class _Images(torch.utils.data.Dataset):

@@ -34,10 +34,10 @@ from torch import Tensor
 
 from .fixed_noise import AmbientDataset, FixedNoise
 from ..ops._checks import check_float_tensor, check_same_shape
-from ..ops.ambient import _alphas_cumprod as _ops_alphas_cumprod
 from ..ops.ambient import (
     ambient_loss_vp, vp_alpha_sigma, vp_reverse_step_coefficients, vp_reverse_step_from_eps,
 )
+from ._checks import check_timesteps, scheduler_alphas_cumprod
 
 __all__ = [
     "ambient_vp_dataset",
@@ -48,8 +48,8 @@ __all__ = [
 ]
 
 
-def _alphas_cumprod(schedule: Any) -> Tensor:
-    return _ops_alphas_cumprod(schedule, "noise_scheduler")
+def _alphas_cumprod(noise_scheduler: Any) -> Tensor:
+    return scheduler_alphas_cumprod(noise_scheduler, tensor_ok=True)
 
 
 def _check_t_n(t_n: Any, num: int) -> int:
@@ -190,14 +190,7 @@ def ambient_vp_batch(x_n: Tensor, noise_scheduler: Any, t_n: int, *,
             timesteps = torch.randint(t_n, t_max + 1, (B,), generator=generator,
                                       device=generator.device).to(device)
     else:
-        if not isinstance(timesteps, Tensor) or timesteps.dtype.is_floating_point \
-                or timesteps.dtype == torch.bool:
-            raise TypeError("timesteps must be an integer torch.Tensor of shape [B]")
-        if timesteps.shape != (B,):
-            raise ValueError(f"timesteps must have shape [B] = [{B}], got {tuple(timesteps.shape)}")
-        if B and (int(timesteps.min()) < t_n or int(timesteps.max()) >= T):
-            raise ValueError(f"timesteps must lie in [t_n={t_n}, {T - 1}], got values in "
-                             f"[{int(timesteps.min())}, {int(timesteps.max())}]")
+        check_timesteps(timesteps, batch=B, low=t_n, high=T, bounds=f"[t_n={t_n}, {T - 1}]")
         timesteps = timesteps.to(device)
     timesteps = timesteps.long()
     if extra_noise is None:

@@ -29,6 +29,8 @@ from typing import Any, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
+from ._checks import check_int
+
 _MASK64 = (1 << 64) - 1
 _MANIFEST = "fixed_noise.json"
 _FORMAT = 1
@@ -67,8 +69,7 @@ class FixedNoise:
             raise TypeError(f"seed must be an int, got {type(seed).__name__}")
         if not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating dtype, got {dtype}")
-        if isinstance(max_cached, bool) or not isinstance(max_cached, int) or max_cached < 0:
-            raise ValueError(f"max_cached must be an int >= 0, got {max_cached!r}")
+        check_int("max_cached", max_cached, 0)
         self.seed = seed
         self.dtype = dtype
         self.max_cached = max_cached
@@ -119,8 +120,7 @@ class FixedNoise:
         """``η`` of example ``index`` (CPU tensor of ``shape``, ``self.dtype``). Read-only use."""
         if isinstance(index, Tensor):
             index = int(index)
-        if isinstance(index, bool) or not isinstance(index, int) or index < 0:
-            raise ValueError(f"index must be an int >= 0, got {index!r}")
+        check_int("index", index, 0)
         shape = tuple(int(s) for s in shape)
         eta = self._memory.get(index)
         if eta is None and self.cache_dir is not None and os.path.exists(self._file(index)):

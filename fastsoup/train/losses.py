@@ -76,6 +76,7 @@ from torch import Tensor
 
 from ..ops._checks import check_float_tensor, check_same_shape
 from ..ops.agc import AGCMemoryBank, AGCStats, agc_loss
+from ._checks import check_timesteps, scheduler_alphas_cumprod
 
 __all__ = [
     "PREDICTION_TYPES",
@@ -108,33 +109,9 @@ def prediction_type_of(noise_scheduler: Any, prediction_type: Optional[str] = No
     return prediction_type
 
 
-def _alphas_cumprod(noise_scheduler: Any) -> Tensor:
-    ac = getattr(noise_scheduler, "alphas_cumprod", None)
-    if ac is None:
-        raise TypeError("noise_scheduler must have .alphas_cumprod (a diffusers DDPM-family "
-                        f"scheduler), got {type(noise_scheduler).__name__}")
-    if not isinstance(ac, Tensor):
-        ac = torch.as_tensor(ac)
-    if ac.dim() != 1 or not ac.dtype.is_floating_point or ac.numel() == 0:
-        raise ValueError("noise_scheduler.alphas_cumprod must be a non-empty 1-d float tensor, "
-                         f"got {ac.dtype} of shape {tuple(ac.shape)}")
-    return ac
-
-
 def _check_timesteps(timesteps: Any, batch: Optional[int], num: Optional[int]) -> Tensor:
-    if not isinstance(timesteps, Tensor):
-        raise TypeError(f"timesteps must be an integer torch.Tensor, got {type(timesteps).__name__}")
-    if timesteps.dtype.is_floating_point or timesteps.is_complex() or timesteps.dtype == torch.bool:
-        raise TypeError(f"timesteps must be an integer tensor, got {timesteps.dtype}")
-    if timesteps.dim() != 1 or (batch is not None and timesteps.shape[0] != batch):
-        want = f"[B] = [{batch}]" if batch is not None else "[B]"
-        raise ValueError(f"timesteps must have shape {want}, got {tuple(timesteps.shape)}")
-    if num is not None and timesteps.numel():
-        lo, hi = int(timesteps.min()), int(timesteps.max())
-        if lo < 0 or hi >= num:
-            raise ValueError(f"timesteps must lie in [0, {num}) (the scheduler's "
-                             f"alphas_cumprod has {num} entries), got values in [{lo}, {hi}]")
-    return timesteps
+    return check_timesteps(timesteps, batch=batch, high=num,
+                           bounds=f"[0, {num}) (the scheduler's alphas_cumprod has {num} entries)")
 
 
 # ----------------------------------------------------------------------------- SNR
@@ -152,7 +129,7 @@ def compute_snr(noise_scheduler: Any, timesteps: Tensor) -> Tensor:
         float32 ``[B]`` on the device of ``timesteps`` (``inf`` where ``ᾱ_t = 1``, ``0``
         where ``ᾱ_t = 0``).
     """
-    ac = _alphas_cumprod(noise_scheduler)
+    ac = scheduler_alphas_cumprod(noise_scheduler)
     t = _check_timesteps(timesteps, None, ac.numel())
     alpha = (ac ** 0.5).to(device=t.device)[t].float()
     sigma = ((1.0 - ac) ** 0.5).to(device=t.device)[t].float()
@@ -229,7 +206,7 @@ def diffusion_target(noise_scheduler: Any, *, latents: Optional[Tensor] = None,
         return noise
     if ptype == "sample":
         return latents
-    ac = _alphas_cumprod(noise_scheduler)
+    ac = scheduler_alphas_cumprod(noise_scheduler)
     _check_timesteps(timesteps, latents.shape[0], ac.numel())
     get_velocity = getattr(noise_scheduler, "get_velocity", None)
     if callable(get_velocity):
@@ -289,7 +266,7 @@ def diffusion_loss(noise_scheduler: Any, model_pred: Tensor, *, latents: Optiona
     check_same_shape("model_pred", model_pred, "target", target)
     batch = model_pred.shape[0]
     if timesteps is not None:
-        num = (_alphas_cumprod(noise_scheduler).numel()
+        num = (scheduler_alphas_cumprod(noise_scheduler).numel()
                if getattr(noise_scheduler, "alphas_cumprod", None) is not None else None)
         _check_timesteps(timesteps, batch, num)
     w = None

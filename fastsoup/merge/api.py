@@ -25,14 +25,15 @@ import sys
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
-from .dtypes import user_dtype
+from .options import user_dtype
 from .engine import InputMaps, budget_split, check_equal_copies, execute
 from .errors import MergeError, PlanError
 from .formats import WEIGHT_SUFFIXES, Layout, _is_index, resolve
 from .manifest import HASH_MODES, METADATA_KEY, Hasher, build, metadata_entry, read as read_manifest, sidecar_path
 from .plan import Plan, build_plan, parse_size
 from .report import FilePlan, MergeReport
-from .writer import FILE_MODE, TMP_MARK, AtomicOutput, SafetensorsFileWriter, write_small_file
+from ..io.atomic import FILE_MODE, TMP_MARK, write_small_file
+from .writer import AtomicOutput, SafetensorsFileWriter
 
 PathLike = Union[str, os.PathLike]
 DEFAULT_MEMORY = 256 * 2**20

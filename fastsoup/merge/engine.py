@@ -27,7 +27,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from .dtypes import DTYPES
+from ..io.safetensors import DTYPES
 from .errors import MergeError, PlanError
 from .formats import WeightFile
 from .plan import OutTensor, Plan

@@ -3,13 +3,16 @@ from __future__ import annotations
 
 from typing import Iterable, List
 
+from ..io import safetensors
+
 
 class MergeError(ValueError):
     """A merge cannot run (bad input, bad option, refused output). Nothing was written."""
 
 
-class HeaderError(MergeError):
-    """A checkpoint file's header is malformed or inconsistent with the file."""
+class HeaderError(MergeError, safetensors.HeaderError):
+    """A checkpoint file's header is malformed or inconsistent with the file (the
+    :class:`fastsoup.io.safetensors.HeaderError` the reader raised, as a MergeError)."""
 
 
 class PlanError(MergeError):

@@ -21,9 +21,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
-from .dtypes import DTYPES, TORCH_NAMES
-from .errors import MergeError
-from .header import Header, TensorInfo, read_header
+from ..io import safetensors
+from ..io.safetensors import DTYPES, TORCH_NAMES, Header, TensorInfo
+from .errors import HeaderError, MergeError
 
 SAFETENSORS = ".safetensors"
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
@@ -156,7 +156,11 @@ def _load_pickle(path: str) -> dict:
 
 def _weight_file(path: str, name: str, allow_pickle: bool) -> WeightFile:
     if name.endswith(SAFETENSORS):
-        return WeightFile(path=path, name=name, header=read_header(path))
+        try:
+            header = safetensors.read_header(path)
+        except safetensors.HeaderError as exc:
+            raise HeaderError(str(exc)) from None
+        return WeightFile(path=path, name=name, header=header)
     if name.endswith(PICKLE_SUFFIXES):
         if not allow_pickle:
             raise MergeError(

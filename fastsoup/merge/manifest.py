@@ -120,7 +120,7 @@ class HashCache:
         if not (self.path and self.dirty):
             return
         try:
-            from .writer import atomic_write_file
+            from ..io.atomic import atomic_write_file
 
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
             current = HashCache(self.path).entries  # keep what other runs added meanwhile

@@ -12,10 +12,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from .dtypes import DTYPES
+from ..io.safetensors import DTYPES, TensorInfo
 from .errors import MergeError, PlanError
 from .formats import Layout, WeightFile
-from .header import TensorInfo
 
 KEY_POLICIES = ("strict", "intersection", "union")
 

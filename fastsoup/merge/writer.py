@@ -12,140 +12,17 @@ a failed run. Only directories that are previous fastsoup outputs (holding
 """
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import ctypes.util
 import errno
-import json
 import os
 import secrets
-import platform
 import shutil
-import signal
-import sys
-import threading
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
+from ..io import atomic
+from ..io.atomic import DIR_MODE, FILE_MODE, TMP_MARK
+from ..io.safetensors import encode_header, layout_header
 from .errors import MergeError
 from .plan import OutFile
-
-TMP_MARK = ".fastsoup-tmp-"
-
-
-def _umask() -> int:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except OSError:
-        pass
-    return 0o022
-
-
-FILE_MODE = 0o666 & ~_umask()   # what a plain `open(..., "w")` would give, set explicitly
-DIR_MODE = 0o777 & ~_umask()
-
-
-def fsync_dir(path: str) -> None:
-    """fsync a directory (its entries: renames, new files). Only EINVAL (a filesystem that
-    cannot fsync directories) is ignored; other errors are real and raised."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError as exc:
-        if exc.errno == errno.EINVAL:
-            return
-        raise
-    try:
-        os.fsync(fd)
-    except OSError as exc:
-        if exc.errno != errno.EINVAL:
-            raise
-    finally:
-        os.close(fd)
-
-
-AT_FDCWD = -100
-RENAME_EXCHANGE = 2
-_SYS_RENAMEAT2 = {"x86_64": 316, "amd64": 316, "aarch64": 276, "arm64": 276, "riscv64": 276,
-                  "ppc64le": 357, "ppc64": 357, "s390x": 347, "i686": 353, "i386": 353}
-_renameat2_fn = None
-
-
-def _renameat2():
-    """``(fn, via_syscall)`` for Linux ``renameat2``, or None where there is none."""
-    global _renameat2_fn
-    if _renameat2_fn is None:
-        _renameat2_fn = False
-        if sys.platform.startswith("linux"):
-            try:
-                lib = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-            except OSError:
-                lib = None
-            if lib is not None:
-                fn = getattr(lib, "renameat2", None)
-                if fn is not None:
-                    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
-                                   ctypes.c_uint]
-                    fn.restype = ctypes.c_int
-                    _renameat2_fn = (fn, False)
-                else:
-                    nr = _SYS_RENAMEAT2.get(platform.machine().lower())
-                    sc = getattr(lib, "syscall", None)
-                    if nr is not None and sc is not None:
-                        sc.restype = ctypes.c_long
-                        _renameat2_fn = (lambda a, b, c, d, e, _sc=sc, _nr=nr: _sc(
-                            ctypes.c_long(_nr), ctypes.c_int(a), ctypes.c_char_p(b), ctypes.c_int(c),
-                            ctypes.c_char_p(d), ctypes.c_uint(e)), True)
-    return _renameat2_fn or None
-
-
-def exchange(a: str, b: str) -> bool:
-    """Atomically swap paths ``a`` and ``b`` (``renameat2(RENAME_EXCHANGE)``). Returns False
-    where that is not available (not Linux, old kernel, filesystem without support);
-    raises OSError for real failures."""
-    found = _renameat2()
-    if found is None:
-        return False
-    fn, _ = found
-    rc = fn(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE)
-    if rc == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, getattr(errno, "ENOTSUP", -1)):
-        return False
-    raise OSError(err, f"cannot exchange {a} and {b}: {os.strerror(err)}", b)
-
-
-_BLOCKED = {getattr(signal, "SIGINT", None), getattr(signal, "SIGTERM", None)} - {None}
-
-
-@contextlib.contextmanager
-def _signals_deferred():
-    """SIGINT/SIGTERM are held back for the duration: blocked in this thread
-    (``pthread_sigmask``) and, in the main thread, recorded by a temporary handler (another
-    thread may receive a process-directed signal); they are delivered on exit."""
-    main = threading.current_thread() is threading.main_thread()
-    received: List[int] = []
-    previous_handlers = {}
-    if main:
-        for sig in _BLOCKED:
-            try:
-                previous_handlers[sig] = signal.signal(sig, lambda s, f: received.append(s))
-            except (ValueError, OSError):
-                pass
-    can_block = hasattr(signal, "pthread_sigmask") and bool(_BLOCKED)
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, _BLOCKED) if can_block else None
-    try:
-        yield
-    finally:
-        if can_block:
-            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        for sig, handler in previous_handlers.items():
-            signal.signal(sig, handler)
-        for sig in dict.fromkeys(received):
-            signal.raise_signal(sig)
-
 
 class AtomicOutput:
     """The output being built: ``tmp`` is a sibling of ``final`` (same filesystem)."""
@@ -196,20 +73,20 @@ class AtomicOutput:
         :meth:`remove_old`."""
         if self.is_dir:
             for root, dirs, files in os.walk(self.tmp, topdown=False):
-                fsync_dir(root)
+                atomic.fsync_dir(root)
         parent = os.path.dirname(self.final)
         if self.is_dir and os.path.isdir(self.final):
-            with _signals_deferred():  # `committed` must be set with the swap
-                if exchange(self.tmp, self.final):
+            with atomic.signals_deferred():  # `committed` must be set with the swap
+                if atomic.exchange(self.tmp, self.final):
                     self.committed = True
                     self.old = self.tmp  # the temporary's name now holds the previous output
                 else:
                     self._commit_two_renames(parent)
         else:
-            with _signals_deferred():
+            with atomic.signals_deferred():
                 os.replace(self.tmp, self.final)
                 self.committed = True
-        fsync_dir(parent)
+        atomic.fsync_dir(parent)
 
     def _commit_two_renames(self, parent: str) -> None:
         old = os.path.join(parent, f".{os.path.basename(self.final)}{TMP_MARK}old-"
@@ -243,70 +120,14 @@ class AtomicOutput:
             pass
 
 
-def write_small_file(path: str, data: bytes) -> None:
-    """Write ``data`` to a new file with explicit mode, fsynced."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), FILE_MODE)
-    try:
-        os.fchmod(fd, FILE_MODE)
-        view = memoryview(data)
-        while view:
-            n = os.write(fd, view)
-            view = view[n:]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_file(final: str, data: bytes) -> None:
-    """Replace ``final`` with ``data`` through a temporary sibling (for sidecar files)."""
-    tmp = os.path.join(os.path.dirname(os.path.abspath(final)),
-                       f".{os.path.basename(final)}{TMP_MARK}{secrets.token_hex(4)}")
-    try:
-        write_small_file(tmp, data)
-        os.replace(tmp, final)
-    except BaseException:
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 # --------------------------------------------------------------------- safetensors files
 def header_bytes(out_file: OutFile, metadata: Optional[Dict[str, str]],
-                 reserve: int = 0) -> (bytes, Dict[str, int]):
+                 reserve: int = 0) -> Tuple[bytes, Dict[str, int]]:
     """Serialise the header of ``out_file``: returns (8-byte length + JSON, padded to a
     multiple of 8 and to at least ``reserve`` bytes) and each tensor's data offset."""
-    obj: Dict[str, object] = {}
-    if metadata:
-        obj["__metadata__"] = dict(metadata)
-    offsets = {}
-    pos = 0
-    for t in out_file.tensors:
-        obj[t.key] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [pos, pos + t.nbytes]}
-        offsets[t.key] = pos
-        pos += t.nbytes
-    text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    n = max(len(text), reserve - 8)
-    n += (-(8 + n)) % 8
-    text += b" " * (n - len(text))
-    return len(text).to_bytes(8, "little") + text, offsets
-
-
-_libc = None
-
-
-def _sync_file_range(fd: int, offset: int, nbytes: int) -> None:
-    """Start write-back of a range now (Linux), so the final fsync has less to wait for."""
-    global _libc
-    if _libc is None:
-        try:
-            lib = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-            fn = lib.sync_file_range
-            fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-            _libc = fn
-        except (OSError, AttributeError):
-            _libc = False
-    if _libc:
-        _libc(fd, offset, nbytes, 2)  # SYNC_FILE_RANGE_WRITE
+    obj, offsets = layout_header(((t.key, t.dtype, t.shape, t.nbytes) for t in out_file.tensors),
+                                 metadata or None)
+    return encode_header(obj, reserve=reserve), offsets
 
 
 class SafetensorsFileWriter:
@@ -362,7 +183,7 @@ class SafetensorsFileWriter:
             view = view[n:]
             pos += n
         if start_writeback and total:
-            _sync_file_range(self.fd, offset, total)
+            atomic.sync_file_range(self.fd, offset, total)
 
     def rewrite_header(self, metadata: Optional[Dict[str, str]]) -> None:
         """Replace the header with one carrying ``metadata``; it must fit the space the

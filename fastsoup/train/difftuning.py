@@ -51,6 +51,10 @@ from typing import Any, Callable, Dict, Iterator, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
+from ..io.atomic import atomic_write_file
+from ..io.safetensors import serialize as serialize_safetensors
+from ..io.safetensors import tensor_bytes
+
 __all__ = [
     "power_law_timestep_probs",
     "PowerLawTimestepSampler",
@@ -173,50 +177,12 @@ def split_batch(batch_size: int, replay_share: float = 0.2) -> Tuple[int, int]:
 
 
 # ----------------------------------------------------------------------------- knowledge bank
-_ST_DTYPES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
-    torch.uint8: "U8", torch.bool: "BOOL",
-}
-
-
-def _tensor_bytes(t: Tensor) -> bytes:
-    t = t.detach().to("cpu").contiguous()
-    if t.numel() == 0:
-        return b""
-    return t.reshape(-1).view(torch.uint8).numpy().tobytes()
-
-
-def _serialize_safetensors(tensors: Dict[str, Tensor], metadata: Dict[str, str]) -> bytes:
-    """A safetensors file as bytes with a canonical header (sorted keys, no timestamps).
-
-    Tensors are laid out in sorted key order; the header is padded with spaces to a
-    multiple of 8 bytes. Identical inputs give identical bytes (the ``safetensors``
-    package's writer orders ``__metadata__`` entries arbitrarily).
-    """
-    header: Dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))}
-    blobs = []
-    pos = 0
-    for key in sorted(tensors):
-        t = tensors[key]
-        if t.dtype not in _ST_DTYPES:
-            raise TypeError(f"cannot store {key} of dtype {t.dtype} in safetensors")
-        data = _tensor_bytes(t)
-        header[key] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape),
-                       "data_offsets": [pos, pos + len(data)]}
-        blobs.append(data)
-        pos += len(data)
-    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
-    text += b" " * ((-(8 + len(text))) % 8)
-    return len(text).to_bytes(8, "little") + text + b"".join(blobs)
-
-
 def _content_hash(latents: Tensor, labels: Optional[Tensor]) -> str:
     h = hashlib.sha256()
     h.update(str(latents.dtype).encode() + json.dumps(list(latents.shape)).encode())
-    h.update(_tensor_bytes(latents))
+    h.update(tensor_bytes(latents))
     if labels is not None:
-        h.update(b"labels" + _tensor_bytes(labels))
+        h.update(b"labels" + tensor_bytes(labels))
     return h.hexdigest()
 
 
@@ -399,12 +365,10 @@ class KnowledgeBank(torch.utils.data.Dataset):
 
     def save(self, path: Union[str, os.PathLike]) -> None:
         """Write the bank to a safetensors file (atomically: a temporary name, then rename)."""
-        from ..merge.writer import atomic_write_file
-
         tensors = {"latents": self.latents}
         if self.labels is not None:
             tensors["labels"] = self.labels.to(torch.int64)
-        data = _serialize_safetensors(tensors, self._full_metadata())
+        data = serialize_safetensors(tensors, self._full_metadata())
         atomic_write_file(os.fspath(path), data)
 
     @classmethod

@@ -1,7 +1,10 @@
-"""Parsing of safetensors headers, treating every byte as hostile.
+"""The safetensors format: the one dtype table, header reader and header/file writer.
 
-A safetensors file is ``u64 little-endian N`` + ``N`` bytes of JSON + raw tensor data.
-:func:`parse_header` checks, before any tensor data is trusted:
+A safetensors file is ``u64 little-endian N`` + ``N`` bytes of JSON + raw tensor data;
+tensor ``data_offsets`` are relative to the start of the data section (``8 + N``).
+
+Reading (:func:`read_header`, :func:`parse_header`) treats every byte as hostile and
+checks, before any tensor data is trusted:
 
 * the file holds the 8-byte length and the ``N`` header bytes (``N`` ≤ ``max_header``);
 * the header is UTF-8 JSON, an object, without duplicate keys;
@@ -11,7 +14,13 @@ A safetensors file is ``u64 little-endian N`` + ``N`` bytes of JSON + raw tensor
 * ``prod(shape) × itemsize == end − begin`` (the byte length matches dtype × shape);
 * every range lies inside the file's data section and no two ranges overlap.
 
-Offsets are relative to the start of the data section (``8 + N``), as in the format.
+Writing: :func:`layout_header` lays tensors out back to back and :func:`encode_header`
+serialises the JSON padded to a multiple of 8 bytes (the merge engine's pre-sized files
+reserve header space this way); :func:`serialize` builds a whole file from torch tensors
+with a canonical header (sorted keys: identical inputs give identical bytes).
+
+Kernel dtype codes come from :mod:`fastsoup.kernels.abi` (the one copy). Importing this
+module imports neither torch nor numpy.
 """
 from __future__ import annotations
 
@@ -19,11 +28,59 @@ import json
 import os
 import struct
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
 
-from .dtypes import DTYPES
-from .errors import HeaderError
+from ..kernels.abi import DTYPE_CODES
 
+
+class HeaderError(ValueError):
+    """A safetensors header is malformed or inconsistent with its file."""
+
+
+# ------------------------------------------------------------------------- dtype table
+@dataclass(frozen=True)
+class DType:
+    name: str            # safetensors name, e.g. "BF16"
+    itemsize: int        # bytes per element
+    kind: str            # "float", "int", "bool"
+
+    @property
+    def kernel_code(self) -> Optional[int]:
+        """The ``_C``/CUDA kernel code (:mod:`fastsoup.kernels.abi`), None if no kernel
+        averages this dtype."""
+        return DTYPE_CODES.get(self.name)
+
+
+_TABLE = [
+    DType("F64", 8, "float"),
+    DType("F32", 4, "float"),
+    DType("F16", 2, "float"),
+    DType("BF16", 2, "float"),
+    DType("F8_E4M3", 1, "float"),
+    DType("F8_E5M2", 1, "float"),
+    DType("I64", 8, "int"),
+    DType("I32", 4, "int"),
+    DType("I16", 2, "int"),
+    DType("I8", 1, "int"),
+    DType("U64", 8, "int"),
+    DType("U32", 4, "int"),
+    DType("U16", 2, "int"),
+    DType("U8", 1, "int"),
+    DType("BOOL", 1, "bool"),
+]
+DTYPES: Dict[str, DType] = {d.name: d for d in _TABLE}
+
+# torch dtype (by its ``str``) → safetensors name: pickle inputs and :func:`serialize`.
+TORCH_NAMES = {
+    "torch.float64": "F64", "torch.float32": "F32", "torch.float16": "F16",
+    "torch.bfloat16": "BF16", "torch.float8_e4m3fn": "F8_E4M3", "torch.float8_e5m2": "F8_E5M2",
+    "torch.int64": "I64", "torch.int32": "I32", "torch.int16": "I16", "torch.int8": "I8",
+    "torch.uint8": "U8", "torch.uint16": "U16", "torch.uint32": "U32", "torch.uint64": "U64",
+    "torch.bool": "BOOL",
+}
+
+
+# ------------------------------------------------------------------------- reading
 MAX_HEADER_BYTES = 100 * 1000 * 1000  # the limit the safetensors library uses
 
 
@@ -205,3 +262,63 @@ def read_header(path: str, max_header: int = MAX_HEADER_BYTES) -> Header:
     except OSError as exc:
         raise HeaderError(f"{path}: cannot read ({exc.strerror or exc})") from None
     return parse_header(prefix, size, path=path, max_header=max_header)
+
+
+# ------------------------------------------------------------------------- writing
+def layout_header(tensors: Iterable[Tuple[str, str, Tuple[int, ...], int]],
+                  metadata: Optional[Mapping[str, str]]) -> Tuple[Dict[str, Any], Dict[str, int]]:
+    """The header object for ``(key, dtype, shape, nbytes)`` tensors stored back to back in
+    the given order, and each tensor's offset in the data section. ``__metadata__`` is
+    included when ``metadata`` is not None."""
+    obj: Dict[str, Any] = {}
+    if metadata is not None:
+        obj["__metadata__"] = dict(metadata)
+    offsets: Dict[str, int] = {}
+    pos = 0
+    for key, dtype, shape, nbytes in tensors:
+        obj[key] = {"dtype": dtype, "shape": list(shape), "data_offsets": [pos, pos + nbytes]}
+        offsets[key] = pos
+        pos += nbytes
+    return obj, offsets
+
+
+def encode_header(obj: Mapping[str, Any], reserve: int = 0, canonical: bool = False) -> bytes:
+    """8-byte length + JSON of ``obj``, padded with spaces to a multiple of 8 bytes and to
+    at least ``reserve`` bytes in all. ``canonical``: sorted keys, ASCII only (the bytes
+    depend on nothing but the content); else insertion order and UTF-8."""
+    text = json.dumps(obj, separators=(",", ":"), sort_keys=canonical,
+                      ensure_ascii=canonical).encode("utf-8")
+    n = max(len(text), reserve - 8)
+    n += (-(8 + n)) % 8
+    text += b" " * (n - len(text))
+    return len(text).to_bytes(8, "little") + text
+
+
+def tensor_bytes(t) -> bytes:
+    """The raw little-endian bytes of a torch tensor (detached, on the CPU, contiguous)."""
+    import torch
+
+    t = t.detach().to("cpu").contiguous()
+    if t.numel() == 0:
+        return b""
+    return t.reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def serialize(tensors: Mapping[str, Any], metadata: Mapping[str, str]) -> bytes:
+    """A safetensors file of torch tensors as bytes, with a canonical header.
+
+    Tensors are laid out in sorted key order; ``__metadata__`` is written with sorted keys
+    (the ``safetensors`` package's writer orders its entries arbitrarily). Identical
+    inputs give identical bytes. Raises TypeError for a dtype safetensors cannot store.
+    """
+    entries, blobs = [], []
+    for key in sorted(tensors):
+        t = tensors[key]
+        name = TORCH_NAMES.get(str(t.dtype))
+        if name is None:
+            raise TypeError(f"cannot store {key} of dtype {t.dtype} in safetensors")
+        data = tensor_bytes(t)
+        entries.append((key, name, tuple(t.shape), len(data)))
+        blobs.append(data)
+    obj, _ = layout_header(entries, dict(sorted(metadata.items())))
+    return encode_header(obj, canonical=True) + b"".join(blobs)

@@ -8,10 +8,9 @@ import torch
 
 from fastsoup import cli as fastsoup_cli
 from fastsoup.merge import cli
-from test_merge_support import isolated_hash_cache  # noqa: F401  (autouse fixture)
-from test_merge_support import check_merged, load_any, make_state, save_file_layout
+from tests.helpers import check_merged, load_any, make_state, save_file_layout
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def inputs(tmp_path, n=3):

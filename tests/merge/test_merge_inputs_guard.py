@@ -13,8 +13,7 @@ import torch
 import fastsoup as fs
 from fastsoup.merge import MergeError, PlanError, engine
 from fastsoup.merge.formats import resolve
-from test_merge_support import isolated_hash_cache  # noqa: F401  (autouse fixture)
-from test_merge_support import make_state, save_diffusers, save_file_layout, save_sharded
+from tests.helpers import make_state, save_diffusers, save_file_layout, save_sharded
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

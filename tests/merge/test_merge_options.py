@@ -10,10 +10,8 @@ from safetensors.torch import load_file
 import fastsoup as fs
 from fastsoup.merge import MergeError, cli
 from fastsoup.merge.api import _soup_options
-from fastsoup.merge.errors import HeaderError
-from fastsoup.merge.header import parse_header
-from test_merge_support import isolated_hash_cache  # noqa: F401  (autouse fixture)
-from test_merge_support import make_state, raw_safetensors, save_file_layout, save_sharded
+from fastsoup.io.safetensors import HeaderError, parse_header
+from tests.helpers import make_state, raw_safetensors, save_file_layout, save_sharded
 
 
 def parse(blob):

@@ -10,9 +10,9 @@ import pytest
 from safetensors import safe_open
 
 import fastsoup as fs
+from fastsoup.io import atomic
 from fastsoup.merge import MergeError, api, cli, writer
-from test_merge_support import isolated_hash_cache  # noqa: F401  (autouse fixture)
-from test_merge_support import make_state, save_file_layout, save_sharded
+from tests.helpers import make_state, save_file_layout, save_sharded
 
 
 def run(argv, capsys):
@@ -37,18 +37,18 @@ def sharded(tmp_path):
 
 def test_directory_replace_uses_an_atomic_exchange(sharded, monkeypatch):
     tmp, a, b, out = sharded
-    if not writer._renameat2():
+    if not atomic._renameat2():
         pytest.skip("no renameat2 here")
     probe_a, probe_b = tmp / "probe_a", tmp / "probe_b"
     probe_a.mkdir()
     probe_b.mkdir()
-    if not writer.exchange(str(probe_a), str(probe_b)):
+    if not atomic.exchange(str(probe_a), str(probe_b)):
         pytest.skip("this filesystem cannot exchange")
 
     def no_rename(*a, **k):
         raise AssertionError("two renames used instead of an exchange")
 
-    monkeypatch.setattr(writer.os, "rename", no_rename)
+    monkeypatch.setattr(atomic.os, "rename", no_rename)
     fs.merge([a, b], out, weights=[1, 3], hash="none", quiet=True, overwrite=True)
     assert not (out / "marker-of-old-output").exists() and (out / "fastsoup.json").exists()
     assert not leftovers(tmp)
@@ -57,7 +57,7 @@ def test_directory_replace_uses_an_atomic_exchange(sharded, monkeypatch):
 def test_signal_between_the_two_renames_is_deferred(sharded, monkeypatch, capsys):
     """Fallback without renameat2: SIGINT between the renames arrives after both."""
     tmp, a, b, out = sharded
-    monkeypatch.setattr(writer, "exchange", lambda x, y: False)
+    monkeypatch.setattr(atomic, "exchange", lambda x, y: False)
     real_rename = os.rename
     calls = []
 
@@ -67,7 +67,7 @@ def test_signal_between_the_two_renames_is_deferred(sharded, monkeypatch, capsys
         if len(calls) == 1:
             os.kill(os.getpid(), signal.SIGINT)
 
-    monkeypatch.setattr(writer.os, "rename", rename_then_signal)
+    monkeypatch.setattr(atomic.os, "rename", rename_then_signal)
     code, err = run([a, b, "-o", out, "--overwrite"], capsys)
     assert out.is_dir() and (out / "fastsoup.json").exists()
     assert not (out / "marker-of-old-output").exists()
@@ -77,7 +77,7 @@ def test_signal_between_the_two_renames_is_deferred(sharded, monkeypatch, capsys
 
 def test_fallback_second_rename_failure_restores_the_old_output(sharded, monkeypatch):
     tmp, a, b, out = sharded
-    monkeypatch.setattr(writer, "exchange", lambda x, y: False)
+    monkeypatch.setattr(atomic, "exchange", lambda x, y: False)
     real_rename = os.rename
     calls = []
 
@@ -87,7 +87,7 @@ def test_fallback_second_rename_failure_restores_the_old_output(sharded, monkeyp
             raise OSError(errno.EIO, "injected")
         real_rename(src, dst)
 
-    monkeypatch.setattr(writer.os, "rename", flaky)
+    monkeypatch.setattr(atomic.os, "rename", flaky)
     with pytest.raises(OSError):
         fs.merge([a, b], out, weights=[1, 3], hash="none", quiet=True, overwrite=True)
     assert (out / "marker-of-old-output").exists() and not leftovers(tmp)
@@ -149,11 +149,11 @@ def test_fsync_dir_raises_real_errors(tmp_path, monkeypatch):
             raise OSError(code, os.strerror(code))
         return fsync
 
-    monkeypatch.setattr(writer.os, "fsync", fail(errno.EINVAL))
-    writer.fsync_dir(str(tmp_path))  # a filesystem that cannot fsync directories
-    monkeypatch.setattr(writer.os, "fsync", fail(errno.EIO))
+    monkeypatch.setattr(atomic.os, "fsync", fail(errno.EINVAL))
+    atomic.fsync_dir(str(tmp_path))  # a filesystem that cannot fsync directories
+    monkeypatch.setattr(atomic.os, "fsync", fail(errno.EIO))
     with pytest.raises(OSError):
-        writer.fsync_dir(str(tmp_path))
+        atomic.fsync_dir(str(tmp_path))
 
 
 def test_output_metadata_has_format_pt_and_the_first_inputs_metadata(tmp_path):
@@ -191,14 +191,14 @@ def test_embedded_manifest_wins_over_a_stale_sidecar(tmp_path):
 
 def test_signal_during_the_exchange_is_reported_as_written(sharded, monkeypatch, capsys):
     tmp, a, b, out = sharded
-    real = writer.exchange
+    real = atomic.exchange
 
     def exchange_then_signal(x, y):
         done = real(x, y)
         os.kill(os.getpid(), signal.SIGINT)
         return done
 
-    monkeypatch.setattr(writer, "exchange", exchange_then_signal)
+    monkeypatch.setattr(atomic, "exchange", exchange_then_signal)
     code, err = run([a, b, "-o", out, "--overwrite"], capsys)
     assert out.is_dir() and (out / "fastsoup.json").exists()
     assert "nothing was written" not in err and code == 0 and "output written" in err
@@ -216,7 +216,7 @@ def test_signal_right_after_a_file_replace_is_reported_as_written(tmp_path, monk
         if str(dst) == str(out):
             os.kill(os.getpid(), signal.SIGINT)
 
-    monkeypatch.setattr(writer.os, "replace", replace_then_signal)
+    monkeypatch.setattr(atomic.os, "replace", replace_then_signal)
     code, err = run([*paths, "-o", out, "--overwrite"], capsys)
     assert code == 0 and "nothing was written" not in err and "output written" in err
     assert out.read_bytes() != b"old" and (tmp_path / "soup.fastsoup.json").exists()

@@ -9,8 +9,7 @@ from safetensors import safe_open
 
 import fastsoup as fs
 from fastsoup.merge import MergeError, PlanError
-from test_merge_support import isolated_hash_cache  # noqa: F401  (autouse fixture)
-from test_merge_support import (SPEC, bf16_from_f64, check_merged, load_any, make_state, save_diffusers,
+from tests.helpers import (SPEC, bf16_from_f64, check_merged, load_any, make_state, save_diffusers,
                                 save_file_layout, save_sharded)
 
 FLOAT_KEYS = [k for k, (_, d) in SPEC.items() if d.is_floating_point]
@@ -412,7 +411,7 @@ def test_resident_memory_stays_within_the_budget(tmp_path):
         "base = kb('VmRSS:')\n"
         "fs.merge(sys.argv[1:3], sys.argv[3], memory='16MiB', quiet=True, hash='none')\n"
         "print((kb('VmHWM:') - base) * 1024)\n")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     res = subprocess.run([sys.executable, "-c", script, *paths, str(tmp_path / "o.safetensors")],
                          capture_output=True, text=True, env=env, timeout=300)

@@ -6,10 +6,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fastsoup.merge.dtypes import DTYPES
-from fastsoup.merge.errors import HeaderError
-from fastsoup.merge.header import parse_header, read_header
-from test_merge_support import raw_safetensors
+from fastsoup.io.safetensors import DTYPES
+from fastsoup.io.safetensors import HeaderError, parse_header, read_header
+from tests.helpers import raw_safetensors
 
 
 def parse(blob: bytes, **kw):

@@ -9,9 +9,9 @@ import textwrap
 import pytest
 
 from fastsoup.kernels import _ext
-from fastsoup.merge.dtypes import DTYPES
+from fastsoup.io.safetensors import DTYPES
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 SCRIPT = textwrap.dedent("""
     import importlib.machinery, importlib.util, resource, sys

@@ -11,8 +11,7 @@ import torch
 
 import fastsoup as fs
 from fastsoup.merge import cli, engine, writer
-from test_merge_support import isolated_hash_cache  # noqa: F401  (autouse fixture)
-from test_merge_support import make_state, raw_safetensors, save_file_layout, save_sharded
+from tests.helpers import make_state, raw_safetensors, save_file_layout, save_sharded
 
 
 @pytest.fixture

@@ -30,7 +30,7 @@ def cpu_extension():
     return Pybind11Extension(
         "fastsoup._C",
         sources,
-        include_dirs=[os.path.join(ROOT, "csrc", "cpu")],
+        include_dirs=[os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc", "cpu")],
         extra_compile_args=extra,
         extra_link_args=["-pthread"] if sys.platform != "win32" else [],
         cxx_std=17,
@@ -56,7 +56,7 @@ def cuda_extension():
     ext = CUDAExtension(
         "fastsoup._cuda",
         sources,
-        include_dirs=[os.path.join(ROOT, "csrc", "cuda")],
+        include_dirs=[os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc", "cuda")],
         extra_compile_args={
             "cxx": ["-O3"],
             "nvcc": ["-O3", "-lineinfo"] + arch_flags,

@@ -3,6 +3,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <map>
 #include <memory>
 #include <stdexcept>
 #include <string>
@@ -141,6 +142,12 @@ static void mse_backward_py(uintptr_t pred, int pred_dtype, int64_t pred_row_str
 }
 
 PYBIND11_MODULE(_C, m) {
+    m.def("abi", [] {
+        return std::map<std::string, int64_t>{
+            {"F32", FASTSOUP_F32}, {"F16", FASTSOUP_F16}, {"BF16", FASTSOUP_BF16}, {"F64", FASTSOUP_F64},
+            {"WEIGHTED_SUM_CUDA_BLOCK", FASTSOUP_WEIGHTED_SUM_CUDA_BLOCK},
+            {"MSE_CUDA_CHUNK_QUANTUM", FASTSOUP_MSE_CUDA_CHUNK_QUANTUM}};
+    }, "The constants of csrc/include/fastsoup_abi.h this extension was built with");
     m.doc() = "fastsoup CPU kernels";
     m.def("build_info", &build_info, "Compiler and SIMD level this extension was built with");
     m.def("weighted_sum", &weighted_sum_py, py::arg("out"), py::arg("out_dtype"),

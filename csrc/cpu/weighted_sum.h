@@ -10,10 +10,13 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "fastsoup_abi.h"
+
 namespace fastsoup {
 namespace ws {
 
-enum DType : int { F32 = 0, F16 = 1, BF16 = 2, F64 = 3 };
+// The kernel dtype codes of csrc/include/fastsoup_abi.h, in this namespace.
+enum DType : int { F32 = FASTSOUP_F32, F16 = FASTSOUP_F16, BF16 = FASTSOUP_BF16, F64 = FASTSOUP_F64 };
 
 // Size in bytes of one element of `dtype`, or 0 for an unknown code.
 size_t dtype_size(int dtype);

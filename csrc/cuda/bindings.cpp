@@ -6,6 +6,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include <map>
+#include <string>
 #include <vector>
 
 #include "fastsoup_cuda.h"
@@ -18,7 +20,6 @@ cudaError_t fastsoup_weighted_sum(const int64_t* ptrs, const int64_t* numel,
                                   const float* weights, int K, int64_t n_blocks,
                                   int in_dtype, int out_dtype, cudaStream_t stream);
 }
-static constexpr int64_t kWeightedSumBlock = 2048;  // CUDA_BLOCK in ops/weighted_sum.py
 
 namespace {
 
@@ -103,7 +104,7 @@ void per_sample_mse_backward(const at::Tensor& coef, const at::Tensor& pred,
 }
 
 // Multi-tensor weighted sum (csrc/cuda/weighted_sum.cu). The tables are built in
-// fastsoup/ops/weighted_sum.py: ptrs int64 [P, K+1], numel int64 [P], block_tensor int32
+// fastsoup/kernels/layout.py: ptrs int64 [P, K+1], numel int64 [P], block_tensor int32
 // [n_blocks], block_start int64 [n_blocks], weights fp32 [K], all on the outputs' device.
 void weighted_sum(const at::Tensor& ptrs, const at::Tensor& numel, const at::Tensor& block_tensor,
                   const at::Tensor& block_start, const at::Tensor& weights, int64_t K,
@@ -122,7 +123,7 @@ void weighted_sum(const at::Tensor& ptrs, const at::Tensor& numel, const at::Ten
                 "weights must be contiguous float32 [K]");
     for (const at::Tensor* t : {&numel, &block_tensor, &block_start, &weights})
         TORCH_CHECK(t->device() == ptrs.device(), "weighted_sum tables must share one device");
-    TORCH_CHECK(fastsoup_weighted_sum_block_elems() == kWeightedSumBlock,
+    TORCH_CHECK(fastsoup_weighted_sum_block_elems() == FASTSOUP_WEIGHTED_SUM_CUDA_BLOCK,
                 "weighted_sum block size mismatch between the binding and the kernel");
     const c10::cuda::CUDAGuard guard(ptrs.device());
     check_launch(fastsoup_weighted_sum(ptrs.data_ptr<int64_t>(), numel.data_ptr<int64_t>(),
@@ -138,6 +139,12 @@ void weighted_sum(const at::Tensor& ptrs, const at::Tensor& numel, const at::Ten
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.doc() = "fastsoup CUDA kernels";
+    m.def("abi", [] {
+        return std::map<std::string, int64_t>{
+            {"F32", FASTSOUP_F32}, {"F16", FASTSOUP_F16}, {"BF16", FASTSOUP_BF16}, {"F64", FASTSOUP_F64},
+            {"WEIGHTED_SUM_CUDA_BLOCK", FASTSOUP_WEIGHTED_SUM_CUDA_BLOCK},
+            {"MSE_CUDA_CHUNK_QUANTUM", FASTSOUP_MSE_CUDA_CHUNK_QUANTUM}};
+    }, "The constants of csrc/include/fastsoup_abi.h this extension was built with");
     m.def("per_sample_mse_forward", &per_sample_mse_forward,
           "Per-sample MSE partial sums [B, n_chunks] (fp32, scaled by 1/D)");
     m.def("per_sample_mse_backward", &per_sample_mse_backward,

@@ -1,24 +1,26 @@
 // Plain C launchers of fastsoup's CUDA kernels. No torch headers: buffers, sizes,
-// strides (in elements) and a stream in; a cudaError_t out. Dtype codes below.
+// strides (in elements) and a stream in; a cudaError_t out. Dtype codes and block
+// constants: csrc/include/fastsoup_abi.h.
 #pragma once
 #include <cuda_runtime.h>
 #include <stdint.h>
+
+#include "fastsoup_abi.h"
 
 #ifdef __cplusplus
 extern "C" {
 #endif
 
-enum fastsoup_dtype { FASTSOUP_F32 = 0, FASTSOUP_F16 = 1, FASTSOUP_BF16 = 2 };
-
 // Row layout of a [B, ...] tensor: batch stride, then three inner strides; the inner
-// sizes (S1, S2, S3) are shared by all tensors of a call (see fastsoup/ops/_rows.py).
+// sizes (S1, S2, S3) are shared by all tensors of a call (see fastsoup/kernels/layout.py).
 typedef struct {
     int64_t batch_stride;
     int64_t s1, s2, s3;
 } fastsoup_row_strides;
 
 // partial[row * n_chunks + chunk] = inv_d * sum over the chunk of (pred - target)^2,
-// accumulated in fp32. Grid: B * n_chunks blocks. `chunk` must be a multiple of 1024.
+// accumulated in fp32. Grid: B * n_chunks blocks. `chunk` must be a multiple of
+// FASTSOUP_MSE_CUDA_CHUNK_QUANTUM.
 cudaError_t fastsoup_mse_forward(
     const void* pred, int pred_dtype, fastsoup_row_strides pred_strides,
     const void* target, int target_dtype, fastsoup_row_strides target_strides,

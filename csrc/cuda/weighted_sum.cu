@@ -1,6 +1,6 @@
 // Multi-tensor weighted sum: outs[p] = sum_k w_k * inputs[k][p], one launch per list.
 //
-// Tables (device memory, built by fastsoup/ops/weighted_sum.py):
+// Tables (device memory, built by fastsoup/kernels/layout.py):
 //   ptrs         int64 [P, K + 1]: address of outs[p], then of inputs[0..K-1][p]
 //   numel        int64 [P]
 //   block_tensor int32 [n_blocks]: which tensor table block b belongs to
@@ -16,11 +16,12 @@
 #include <stdint.h>
 
 #include "dtype_convert.cuh"
+#include "fastsoup_abi.h"
 
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int64_t kBlockElems = 2048;  // must equal CUDA_BLOCK in ops/weighted_sum.py
+constexpr int64_t kBlockElems = FASTSOUP_WEIGHTED_SUM_CUDA_BLOCK;
 
 using fastsoup_cuda::from_f32;
 using fastsoup_cuda::to_f32;

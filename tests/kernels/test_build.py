@@ -14,7 +14,7 @@ import sysconfig
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CU_SOURCES = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
 
 
@@ -39,7 +39,7 @@ def _nvcc():
 def test_cuda_source_compiles_with_nvcc(source, tmp_path):
     out = tmp_path / (os.path.basename(source) + ".o")
     cmd = [_nvcc(), "-c", "-std=c++17", "-O2", "-arch=sm_90", "-Werror=all-warnings",
-           "-I", os.path.join(ROOT, "csrc", "cuda"), source, "-o", str(out)]
+           "-I", os.path.join(ROOT, "csrc", "include"), "-I", os.path.join(ROOT, "csrc", "cuda"), source, "-o", str(out)]
     res = subprocess.run(cmd, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert out.stat().st_size > 0
@@ -70,7 +70,8 @@ def test_torch_binding_file_compiles(tmp_path):
     cmd = ["g++", "-std=c++20", "-fsyntax-only", "-DTORCH_EXTENSION_NAME=_cuda",
            f"-I{tmp_path}", f"-I{tinc}", f"-I{os.path.join(tinc, 'torch', 'csrc', 'api', 'include')}",
            f"-I{_cuda_include()}", f"-I{sysconfig.get_paths()['include']}",
-           f"-I{os.path.join(ROOT, 'csrc', 'cuda')}", os.path.join(ROOT, "csrc", "cuda", "bindings.cpp")]
+           f"-I{os.path.join(ROOT, 'csrc', 'include')}", f"-I{os.path.join(ROOT, 'csrc', 'cuda')}",
+           os.path.join(ROOT, "csrc", "cuda", "bindings.cpp")]
     res = subprocess.run(cmd, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-4000:]
 

@@ -3,23 +3,22 @@
 Data path, per output file: tensors are split into work items (whole small tensors,
 chunks of large ones) and grouped into windows of about ``window_bytes`` of input.
 While window ``j`` is summed, a prefetch thread maps window ``j + 1`` of every input
-(``MADV_POPULATE_READ``, or read-ahead + one read per page), and a writer thread
-``pwrite``s the previous staging buffer. After window ``j``, its input pages are dropped
-from this process (``MADV_DONTNEED``), so the resident set stays near
+(:func:`.mmap.prefetch_window`), and a writer thread ``pwrite``s the previous staging
+buffer into the pre-sized output file (:mod:`.writer`). After window ``j``, its input
+pages are dropped from this process (:func:`.mmap.release_window`), so the resident set
+stays near
 
     2 × window_bytes (mapped inputs) + 2 × staging_bytes (output buffers)
 
 whatever the model size and the number of inputs. The sum itself is one call per item
-to ``fastsoup._C.weighted_sum`` (fused K-way, fp32 or fp64 accumulation, GIL released),
-which reads each input element once and writes each output element once; or, with a
-torch device, :func:`fastsoup.weighted_sum_` on that device.
+to :func:`fastsoup.kernels.cpu.weighted_sum` (the ``_C`` kernel: fused K-way, fp32 or
+fp64 accumulation, GIL released), which reads each input element once and writes each
+output element once; or, with a torch device, :func:`fastsoup.weighted_sum_` on that
+device. Integer/bool tensors are copied, after :func:`check_equal_copies` has compared
+them across inputs.
 """
 from __future__ import annotations
 
-import errno
-import mmap
-import os
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -27,112 +26,15 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from ..io.safetensors import DTYPES
+from ..io.safetensors import DTYPES, TORCH_NAMES
+from ..kernels import cpu as cpu_kernels
+from . import mmap as input_maps
 from .errors import MergeError, PlanError
-from .formats import WeightFile
+from .mmap import PAGE, InputMaps, align_down
 from .plan import OutTensor, Plan
 from .writer import SafetensorsFileWriter
 
-PAGE = mmap.PAGESIZE
 MIN_BUDGET = 4 << 10
-
-
-def _align_down(x: int) -> int:
-    return x - x % PAGE
-
-
-class InputMaps:
-    """Read-only memory maps of every safetensors input file, opened lazily."""
-
-    def __init__(self, drop_cache: bool = False):
-        self._maps: Dict[str, Tuple[int, mmap.mmap, memoryview]] = {}
-        self.drop_cache = drop_cache
-
-    def _get(self, wf: WeightFile):
-        entry = self._maps.get(wf.path)
-        if entry is None:
-            fd = os.open(wf.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-            try:
-                size = os.fstat(fd).st_size
-                if size != wf.header.file_size:
-                    raise MergeError(f"{wf.path}: changed size since planning "
-                                     f"({wf.header.file_size} -> {size} bytes)")
-                mm = mmap.mmap(fd, size, access=mmap.ACCESS_READ)
-            finally:
-                if not self.drop_cache:  # the map keeps its own descriptor: one fd per file
-                    os.close(fd)
-            entry = (fd if self.drop_cache else -1, mm, memoryview(mm))
-            self._maps[wf.path] = entry
-        return entry
-
-    def check_unchanged(self, wf: WeightFile) -> None:
-        """Raise MergeError if ``wf`` was truncated or extended since it was mapped (reading
-        a mapped page past the end of a truncated file kills the process with SIGBUS)."""
-        if wf.header is None:
-            return
-        mm = self._get(wf)[1]
-        try:
-            size = mm.size()  # fstat of the map's own descriptor
-        except OSError as exc:
-            raise MergeError(f"input {wf.path} cannot be read ({exc.strerror or exc})") from None
-        if size != wf.header.file_size:
-            raise MergeError(f"input {wf.path} changed while merging ({wf.header.file_size} -> "
-                             f"{size} bytes); nothing was written")
-
-    def open_all(self, plan: Plan) -> None:
-        """Map every safetensors file the plan reads (before any thread uses the maps)."""
-        for t in plan.tensors():
-            for s in t.sources:
-                if s.file.header is not None:
-                    self._get(s.file)
-
-    def view(self, wf: WeightFile, key: str, start: int, stop: int) -> memoryview:
-        """Bytes ``[start, stop)`` of tensor ``key``'s data (zero-copy)."""
-        if wf.header is None:  # pickle input: a loaded tensor
-            t = wf.tensors[key]
-            import torch
-
-            flat = t.reshape(-1).view(torch.uint8)
-            return memoryview(flat.numpy())[start:stop]
-        begin = wf.header.data_start + wf.header.tensors[key].begin
-        return self._get(wf)[2][begin + start: begin + stop]
-
-    def absolute_range(self, wf: WeightFile, key: str, start: int, stop: int):
-        begin = wf.header.data_start + wf.header.tensors[key].begin
-        return begin + start, begin + stop
-
-    def advise(self, wf: WeightFile, lo: int, hi: int, advice: int) -> None:
-        if wf.header is None or hi <= lo:
-            return
-        _, mm, _ = self._get(wf)
-        a = _align_down(lo)
-        b = min(len(mm), -(-hi // PAGE) * PAGE)
-        if b > a:
-            try:
-                mm.madvise(advice, a, b - a)
-            except (OSError, ValueError):
-                pass
-
-    def release(self, wf: WeightFile, lo: int, hi: int) -> None:
-        """Drop pages of ``[lo, hi)`` from this process (and, optionally, the page cache)."""
-        self.advise(wf, lo, hi, mmap.MADV_DONTNEED)
-        if self.drop_cache and wf.header is not None and hasattr(os, "posix_fadvise"):
-            fd = self._get(wf)[0]
-            try:
-                os.posix_fadvise(fd, lo, hi - lo, os.POSIX_FADV_DONTNEED)
-            except OSError:
-                pass
-
-    def close(self) -> None:
-        for fd, mm, mv in self._maps.values():
-            mv.release()
-            try:
-                mm.close()
-            except BufferError:  # a view still alive (should not happen); leave it to GC
-                pass
-            if fd >= 0:
-                os.close(fd)
-        self._maps.clear()
 
 
 @dataclass
@@ -241,9 +143,7 @@ class CpuSummer:
     """Sums with ``fastsoup._C.weighted_sum`` (fp32/fp64 accumulation)."""
 
     def __init__(self, threads: int, acc64: bool):
-        from ..kernels import _ext
-
-        self.ext = _ext.cpu_ext(warn=True)
+        self.ext = cpu_kernels.extension(warn=True)
         if self.ext is None:
             raise MergeError("the compiled extension fastsoup._C is not available; rebuild with "
                              "`pip install --no-build-isolation -e .`")
@@ -251,12 +151,12 @@ class CpuSummer:
         self.acc64 = acc64
 
     def __call__(self, dst: memoryview, out_dtype: str, srcs, dtypes, weights, n: int) -> None:
-        self.ext.weighted_sum(dst, DTYPES[out_dtype].kernel_code, srcs,
-                              [DTYPES[d].kernel_code for d in dtypes], weights, n,
-                              self.threads, self.acc64)
+        cpu_kernels.weighted_sum(dst, out_dtype, srcs, dtypes, weights, n, self.threads,
+                                 self.acc64, ext=self.ext)
 
 
-_TORCH = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+# safetensors name -> torch dtype attribute ("BF16" -> "bfloat16")
+_TORCH = {name: torch_name[len("torch."):] for torch_name, name in TORCH_NAMES.items()}
 
 
 class TorchSummer:
@@ -315,7 +215,7 @@ class TorchSummer:
 def _equal_chunked(maps: InputMaps, a, b, nbytes: int, chunk: int) -> bool:
     """Whether two sources' bytes are equal, compared ``chunk`` bytes at a time with each
     chunk's pages released afterwards (the resident set stays within the budget)."""
-    chunk = max(PAGE, _align_down(chunk))
+    chunk = max(PAGE, align_down(chunk))
     for lo in range(0, nbytes, chunk):
         hi = min(nbytes, lo + chunk)
         for s in (a, b):
@@ -394,15 +294,14 @@ def execute(plan: Plan, writers: List[SafetensorsFileWriter], *, memory: int, th
     written = read = 0
     prefetch_wait = sum_time = 0.0
     try:
-        prefetch = reader.submit(_prefetch, maps, windows[0]) if windows else None
+        prefetch = reader.submit(input_maps.prefetch_window, maps, windows[0]) if windows else None
         for j, win in enumerate(windows):
             t_wait = time.perf_counter()
             prefetch.result()
             prefetch_wait += time.perf_counter() - t_wait
-            prefetch = (reader.submit(_prefetch, maps, windows[j + 1])
+            prefetch = (reader.submit(input_maps.prefetch_window, maps, windows[j + 1])
                         if j + 1 < len(windows) else None)
-            for wf in {id(wf): wf for wf, _, _ in _ranges(maps, win)}.values():
-                maps.check_unchanged(wf)
+            input_maps.check_window(maps, win)
             for it in win:
                 t = it.tensor
                 w = writers[it.file_index]
@@ -429,7 +328,7 @@ def execute(plan: Plan, writers: List[SafetensorsFileWriter], *, memory: int, th
                 del dst
                 if progress is not None:
                     progress(t.qualified, it.out_nbytes)
-            _release(maps, win)
+            input_maps.release_window(maps, win)
         staging.drain()
     finally:
         try:
@@ -442,82 +341,3 @@ def execute(plan: Plan, writers: List[SafetensorsFileWriter], *, memory: int, th
                     items=len(items), windows=len(windows), window_bytes=window,
                     staging_bytes=staging_bytes, prefetch_wait_seconds=prefetch_wait,
                     sum_seconds=sum_time, write_wait_seconds=staging.wait_seconds)
-
-
-def _ranges(maps: InputMaps, win: List[Item]):
-    for it in win:
-        for s in it.tensor.sources:
-            if s.file.header is None:
-                continue
-            es = DTYPES[s.dtype].itemsize
-            lo, hi = maps.absolute_range(s.file, s.key, it.lo * es, it.hi * es)
-            yield s.file, lo, hi
-
-
-MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux >= 5.14
-_populate_ok = [sys.platform.startswith("linux")]
-_UNSUPPORTED = {errno.EINVAL, getattr(errno, "ENOSYS", -1), getattr(errno, "EOPNOTSUPP", -1),
-                getattr(errno, "ENOTSUP", -1)}
-
-
-def _prefetch(maps: InputMaps, win: List[Item]) -> None:
-    """Map the next window's input pages ahead of the sum: ``MADV_POPULATE_READ`` (one
-    call per range: reads what is not cached and fills the page tables), or, where the
-    kernel lacks it, ``MADV_WILLNEED`` read-ahead plus one read per page in ``_C``."""
-    spans = list(_ranges(maps, win))
-    for wf in {id(wf): wf for wf, _, _ in spans}.values():
-        maps.check_unchanged(wf)
-    if _populate_ok[0]:
-        wf = None
-        try:
-            for wf, lo, hi in spans:
-                mm = maps._get(wf)[1]
-                a = _align_down(lo)
-                if hi > a:
-                    mm.madvise(MADV_POPULATE_READ, a, hi - a)
-            return
-        except OSError as exc:
-            if exc.errno not in _UNSUPPORTED:  # EFAULT/EIO: truncated or unreadable input
-                raise MergeError(f"input {wf.path if wf is not None else '?'} changed or cannot "
-                                 f"be read while merging ({exc.strerror or exc}); nothing was "
-                                 "written") from None
-            _populate_ok[0] = False  # an older kernel: use the fallback from now on
-    from ..kernels import _ext
-
-    ext = _ext.cpu_ext(warn=False)
-    for wf, lo, hi in spans:
-        maps.advise(wf, lo, hi, mmap.MADV_WILLNEED)
-    if ext is None:
-        return
-    for wf, lo, hi in spans:
-        mv = maps._get(wf)[2][lo:hi]
-        try:
-            ext.prefault(mv, PAGE)
-        finally:
-            mv.release()
-
-
-# Faults may map a whole large folio (page-cache pages can be up to 2 MiB), i.e. bytes
-# on either side of the range that was read; released ranges are widened by this much so
-# such pages do not stay mapped (a page dropped too early is just faulted in again).
-RELEASE_PAD = 2 << 20
-
-
-def _release(maps: InputMaps, win: List[Item]) -> None:
-    """Drop the window's input pages from this process: per file, the union of the ranges
-    read (nearby ranges coalesced), widened by RELEASE_PAD on both sides."""
-    by_file: Dict[str, list] = {}
-    files: Dict[str, WeightFile] = {}
-    for wf, lo, hi in _ranges(maps, win):
-        by_file.setdefault(wf.path, []).append((lo, hi))
-        files[wf.path] = wf
-    for path, spans in by_file.items():
-        spans.sort()
-        merged = [list(spans[0])]
-        for lo, hi in spans[1:]:
-            if lo <= merged[-1][1] + 2 * RELEASE_PAD:
-                merged[-1][1] = max(merged[-1][1], hi)
-            else:
-                merged.append([lo, hi])
-        for lo, hi in merged:
-            maps.release(files[path], max(0, lo - RELEASE_PAD), hi + RELEASE_PAD)

@@ -12,6 +12,7 @@ import torch
 
 import fastsoup as fs
 from fastsoup.merge import MergeError, PlanError, engine
+from fastsoup.merge import mmap as input_maps
 from fastsoup.merge.formats import resolve
 from tests.helpers import make_state, save_diffusers, save_file_layout, save_sharded
 
@@ -46,15 +47,16 @@ def test_input_truncated_while_merging_is_an_error_not_sigbus(tmp_path):
         import os, sys
         sys.path.insert(0, {HERE!r})
         import fastsoup as fs
-        from fastsoup.merge import MergeError, engine
-        real = engine._release
+        from fastsoup.merge import MergeError
+        from fastsoup.merge import mmap as input_maps
+        real = input_maps.release_window
         n = [0]
         def release(maps, win):
             real(maps, win)
             n[0] += 1
             if n[0] == 1:
                 os.truncate({b!r}, 4096)
-        engine._release = release
+        input_maps.release_window = release
         try:
             fs.merge([{a!r}, {b!r}], {str(tmp_path / "out.safetensors")!r}, memory="64KiB",
                      quiet=True, hash="none")
@@ -86,19 +88,19 @@ def test_populate_read_efault_is_an_error_einval_a_fallback(tmp_path, monkeypatc
     wf = resolve(a).files()[0]
     item = engine.Item(0, type("T", (), {"sources": [type("S", (), {
         "file": wf, "key": "w", "dtype": "F32"})()]})(), 0, 4096)
-    maps = engine.InputMaps()
+    maps = input_maps.InputMaps()
     try:
-        monkeypatch.setattr(engine, "_populate_ok", [True])
+        monkeypatch.setattr(input_maps, "_populate_ok", [True])
         monkeypatch.setattr(maps, "check_unchanged", lambda wf: None)
         real_get = maps._get
         monkeypatch.setattr(maps, "_get", lambda w: (-1, _FakeMap(errno.EFAULT), real_get(w)[2]))
         with pytest.raises(MergeError, match="changed or cannot be read"):
-            engine._prefetch(maps, [item])
-        assert engine._populate_ok[0]
+            input_maps.prefetch_window(maps, [item])
+        assert input_maps._populate_ok[0]
         monkeypatch.setattr(maps, "_get", lambda w: (-1, _FakeMap(errno.EINVAL), real_get(w)[2]))
-        monkeypatch.setattr(engine.InputMaps, "advise", lambda *a, **k: None)
-        engine._prefetch(maps, [item])
-        assert not engine._populate_ok[0]
+        monkeypatch.setattr(input_maps.InputMaps, "advise", lambda *a, **k: None)
+        input_maps.prefetch_window(maps, [item])
+        assert not input_maps._populate_ok[0]
     finally:
         monkeypatch.undo()
         maps.close()
@@ -127,8 +129,8 @@ def test_integer_check_is_chunked_and_releases_pages(tmp_path, monkeypatch):
     a = save_file_layout(str(tmp_path / "a.safetensors"), {"ids": x, "w": torch.randn(8)})
     b = save_file_layout(str(tmp_path / "b.safetensors"), {"ids": y, "w": torch.randn(8)})
     released = []
-    real = engine.InputMaps.release
-    monkeypatch.setattr(engine.InputMaps, "release",
+    real = input_maps.InputMaps.release
+    monkeypatch.setattr(input_maps.InputMaps, "release",
                         lambda self, wf, lo, hi: (released.append(hi - lo), real(self, wf, lo, hi)))
     with pytest.raises(PlanError, match="values differ"):
         fs.merge([a, b], tmp_path / "out.safetensors", memory="64KiB", quiet=True, hash="none")
@@ -143,7 +145,7 @@ def _open_fds():
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
 def test_one_descriptor_per_mapped_file_and_raised_fd_limit(tmp_path, monkeypatch):
     paths = [save_file_layout(str(tmp_path / f"m{i}.safetensors"), make_state(i)) for i in range(4)]
-    maps = engine.InputMaps()
+    maps = input_maps.InputMaps()
     before = _open_fds()
     try:
         for p in paths:

@@ -5,9 +5,10 @@
 ``manifest`` (provenance) and ``report`` (what happened). ``api.merge`` ties them
 together; ``cli`` is the ``fastsoup-merge`` command.
 """
-from .api import merge, soup_add, soup_remove
+from .api import merge
 from .errors import HeaderError, MergeError, PlanError
 from .report import FilePlan, MergeReport
+from .soup import soup_add, soup_remove
 
 __all__ = ["merge", "soup_add", "soup_remove", "MergeError", "HeaderError", "PlanError",
            "MergeReport", "FilePlan"]

@@ -18,6 +18,8 @@ import signal
 import sys
 from typing import List, Optional
 
+from .options import ACCUMULATE, DEFAULT_MEMORY_TEXT, DTYPE_NAMES, HASH_MODES, KEY_POLICIES
+
 PROG = "fastsoup-merge"
 
 
@@ -31,21 +33,22 @@ def _weights(text: str) -> List[float]:
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", help="output path (file or directory, mirroring the "
                    "first input's layout); optional with --dry-run")
-    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16", "fp64"],
+    p.add_argument("--dtype", choices=list(DTYPE_NAMES),
                    help="output dtype of floating tensors (default: each tensor's input dtype)")
-    p.add_argument("--accumulate", choices=["fp32", "fp64"], default=None,
+    p.add_argument("--accumulate", choices=list(ACCUMULATE), default=None,
                    help="accumulation precision (default fp32)")
-    p.add_argument("--keys", choices=["strict", "intersection", "union"], default=None,
+    p.add_argument("--keys", choices=list(KEY_POLICIES), default=None,
                    help="key policy (default strict: every input must hold every key)")
     p.add_argument("--variant", help="diffusers weight variant, e.g. fp16")
     p.add_argument("--allow-pickle", action="store_true",
                    help="load .ckpt/.bin/.pt inputs with torch.load(weights_only=True)")
     p.add_argument("--max-shard-size", help="re-shard outputs: 5GB = 5e9 bytes, 5GiB = 5*2^30")
-    p.add_argument("--memory", default="256MiB",
-                   help="streaming buffer budget (default 256MiB; units as --max-shard-size)")
+    p.add_argument("--memory", default=DEFAULT_MEMORY_TEXT,
+                   help=f"streaming buffer budget (default {DEFAULT_MEMORY_TEXT}; units as "
+                   "--max-shard-size)")
     p.add_argument("--threads", type=int, help="CPU threads for the sum (default: all cores)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    p.add_argument("--hash", choices=["sha256", "none"], default="sha256",
+    p.add_argument("--hash", choices=list(HASH_MODES), default=HASH_MODES[0],
                    help="content hashes of the inputs in the manifest (default sha256)")
     p.add_argument("--drop-cache", action="store_true",
                    help="drop consumed input ranges from the page cache (inputs larger than RAM)")
@@ -113,8 +116,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.output is None and not args.dry_run:
         parser.error("the following arguments are required: -o/--output")
 
-    from .api import merge, soup_add, soup_remove
+    from .api import merge
     from .errors import MergeError, PlanError
+    from .soup import soup_add, soup_remove
 
     previous = None
     try:  # SIGTERM cleans up like Ctrl-C (the temporary output is removed)

@@ -37,7 +37,6 @@ from .formats import Layout
 FORMAT = "fastsoup.merge/1"
 METADATA_KEY = "fastsoup"
 PLACEHOLDER = "0" * 64
-HASH_MODES = ("sha256", "none")
 
 
 def file_sha256(path: str, bufsize: int = 8 << 20, stop: Optional[threading.Event] = None) -> str:
@@ -138,8 +137,6 @@ class Hasher:
     digests from the :class:`HashCache` for files that did not change."""
 
     def __init__(self, layouts: List[Layout], mode: str, cache: Optional[HashCache] = None):
-        if mode not in HASH_MODES:
-            raise MergeError(f"unknown hash mode {mode!r} (choose {', '.join(HASH_MODES)})")
         self.layouts = layouts
         self.mode = mode
         self.cache = cache if cache is not None else HashCache(cache_path() if mode != "none" else None)
@@ -219,9 +216,6 @@ def build(plan, *, accumulate: str, dtype: Optional[str], hashes: Optional[Dict[
         operation = "mean"
     else:
         operation = "weighted"
-    counts: Dict[str, int] = {}
-    for t in plan.tensors():
-        counts[t.dtype] = counts.get(t.dtype, 0) + 1
     constituents = []
     for k in range(n):
         entry = describe(plan.inputs[k], hashes)
@@ -238,7 +232,7 @@ def build(plan, *, accumulate: str, dtype: Optional[str], hashes: Optional[Dict[
         "key_policy": plan.key_policy,
         "accumulate": accumulate,
         "dtype": dtype,
-        "output_dtypes": dict(sorted(counts.items())),
+        "output_dtypes": plan.output_dtypes(),
         "constituents": constituents,
         "base": base,
     }
@@ -246,6 +240,23 @@ def build(plan, *, accumulate: str, dtype: Optional[str], hashes: Optional[Dict[
 
 def metadata_entry(manifest: dict) -> Dict[str, str]:
     return {METADATA_KEY: json.dumps(manifest, separators=(",", ":"), sort_keys=False)}
+
+
+def output_metadata(plan, manifest: dict) -> Dict[str, str]:
+    """The ``__metadata__`` of the output files: the first input's string metadata (other
+    than a previous fastsoup manifest), ``"format": "pt"`` (loaders such as transformers'
+    require it when metadata exists) and the ``fastsoup`` manifest."""
+    meta: Dict[str, str] = {}
+    first = plan.inputs[0]
+    for wf in first.files():
+        md = (wf.header.metadata or {}) if getattr(wf, "header", None) is not None else {}
+        for k, v in md.items():
+            if isinstance(k, str) and isinstance(v, str) and k != METADATA_KEY:
+                meta.setdefault(k, v)
+        break
+    meta["format"] = "pt"
+    meta.update(metadata_entry(manifest))
+    return meta
 
 
 def sidecar_path(output: str, is_dir: bool) -> str:

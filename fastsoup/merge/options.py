@@ -1,14 +1,125 @@
-"""Merge options."""
+"""The options of a merge: every choice written once, and the one frozen object
+(:class:`MergeOptions`) that :func:`fastsoup.merge` builds and validates.
+
+``fastsoup-merge`` takes its ``choices=`` from the tuples here and passes its arguments
+to :func:`fastsoup.merge`, so the command line and the Python API accept and refuse the
+same values with the same messages (:class:`~fastsoup.merge.errors.MergeError`).
+"""
 from __future__ import annotations
 
-# Names accepted by --dtype / ``dtype=``.
-USER_NAMES = {"fp32": "F32", "float32": "F32", "fp16": "F16", "float16": "F16", "half": "F16",
-              "bf16": "BF16", "bfloat16": "BF16", "fp64": "F64", "float64": "F64"}
+import os
+from dataclasses import dataclass
+from typing import Optional, Union
+
+from .errors import MergeError
+
+# --dtype / dtype=: user name -> safetensors name (the first four are the CLI choices)
+DTYPE_NAMES = {"fp32": "F32", "fp16": "F16", "bf16": "BF16", "fp64": "F64"}
+_DTYPE_ALIASES = {"float32": "F32", "float16": "F16", "half": "F16", "bfloat16": "BF16",
+                  "float64": "F64"}
+ACCUMULATE = ("fp32", "fp64")                       # --accumulate / accumulate=
+KEY_POLICIES = ("strict", "intersection", "union")  # --keys / keys=
+HASH_MODES = ("sha256", "none")                     # --hash / hash=
+DEFAULT_MEMORY = 256 * 2**20                        # --memory / memory=
+DEFAULT_MEMORY_TEXT = "256MiB"
 
 
 def user_dtype(name: str) -> str:
     """``"bf16"`` → ``"BF16"``; raises ValueError for a name --dtype does not accept."""
     key = name.strip().lower()
-    if key not in USER_NAMES:
+    found = DTYPE_NAMES.get(key) or _DTYPE_ALIASES.get(key)
+    if found is None:
         raise ValueError(f"unknown output dtype {name!r} (choose fp32, fp16, bf16 or fp64)")
-    return USER_NAMES[key]
+    return found
+
+
+def dtype_user_name(name: str) -> str:
+    """``"BF16"`` → ``"bf16"`` (a manifest's recorded dtype back to a ``dtype=`` value);
+    MergeError for a name no merge writes."""
+    for user, st in DTYPE_NAMES.items():
+        if st == name:
+            return user
+    raise MergeError(f"the soup's manifest records an unknown output dtype {name!r} "
+                     f"(known: {', '.join(DTYPE_NAMES.values())})")
+
+
+def parse_size(text) -> int:
+    """``"5GB"`` → 5·10⁹, ``"512MiB"`` → 512·2²⁰, ``"1e9"``/``1000`` → bytes. Decimal units
+    (kB, MB, GB, TB) are powers of 1000, binary units (KiB, MiB, GiB, TiB) of 1024."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        value = text
+    else:
+        s = str(text).strip().replace(" ", "")
+        units = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+                 "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+                 "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+        low = s.lower()
+        mult = 1
+        for u in sorted(units, key=len, reverse=True):
+            if low.endswith(u) and low[: -len(u)]:
+                mult, low = units[u], low[: -len(u)]
+                break
+        try:
+            value = int(float(low) * mult)
+        except (ValueError, OverflowError):
+            raise MergeError(f"cannot parse size {text!r} (examples: 5GB, 512MiB, 1000000)") from None
+    if value <= 0:
+        raise MergeError(f"size must be positive, got {text!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class MergeOptions:
+    """How to merge (not what): validated, with sizes in bytes and ``dtype`` as a
+    safetensors name (``"BF16"``) or None (each tensor keeps its input dtype)."""
+
+    keys: str = "strict"
+    dtype: Optional[str] = None
+    accumulate: str = "fp32"
+    variant: Optional[str] = None
+    allow_pickle: bool = False
+    max_shard_size: Optional[int] = None
+    memory: int = DEFAULT_MEMORY
+    threads: int = 1
+    device: str = "cpu"
+    dry_run: bool = False
+    overwrite: bool = False
+    quiet: Optional[bool] = None
+    hash: str = "sha256"
+    drop_cache: bool = False
+
+    @property
+    def acc64(self) -> bool:
+        return self.accumulate == "fp64"
+
+    @classmethod
+    def validate(cls, *, keys: str = "strict", dtype: Optional[str] = None,
+                 accumulate: str = "fp32", variant: Optional[str] = None,
+                 allow_pickle: bool = False, max_shard_size: Union[None, int, str] = None,
+                 memory: Union[int, str] = DEFAULT_MEMORY, threads: Optional[int] = None,
+                 device: str = "cpu", dry_run: bool = False, overwrite: bool = False,
+                 quiet: Optional[bool] = None, hash: str = "sha256",
+                 drop_cache: bool = False) -> "MergeOptions":
+        """The options of :func:`fastsoup.merge` as given (user names, sizes as text),
+        checked; raises :class:`MergeError` naming the first bad value."""
+        if hash not in HASH_MODES:
+            raise MergeError(f"unknown hash mode {hash!r} (choose {', '.join(HASH_MODES)})")
+        if accumulate not in ACCUMULATE:
+            raise MergeError(f"accumulate must be 'fp32' or 'fp64', got {accumulate!r}")
+        if dtype is not None and not isinstance(dtype, str):
+            raise MergeError(f"dtype must be a name (fp32, fp16, bf16 or fp64), got {dtype!r}")
+        try:
+            out_dtype = user_dtype(dtype) if dtype is not None else None
+        except ValueError as exc:
+            raise MergeError(str(exc)) from None
+        memory_bytes = parse_size(memory)
+        shard_bytes = parse_size(max_shard_size) if max_shard_size is not None else None
+        if device not in ("cpu", "cuda", "torch:cpu") and not device.startswith("cuda:"):
+            raise MergeError(f"device must be 'cpu' or 'cuda', got {device!r}")
+        if keys not in KEY_POLICIES:
+            raise MergeError(f"unknown key policy {keys!r} (choose {', '.join(KEY_POLICIES)})")
+        return cls(keys=keys, dtype=out_dtype, accumulate=accumulate, variant=variant,
+                   allow_pickle=allow_pickle, max_shard_size=shard_bytes, memory=memory_bytes,
+                   threads=threads if threads is not None else (os.cpu_count() or 1),
+                   device=device, dry_run=dry_run, overwrite=overwrite, quiet=quiet, hash=hash,
+                   drop_cache=drop_cache)

@@ -16,8 +16,6 @@ from ..io.safetensors import DTYPES, TensorInfo
 from .errors import MergeError, PlanError
 from .formats import Layout, WeightFile
 
-KEY_POLICIES = ("strict", "intersection", "union")
-
 
 @dataclass
 class Source:
@@ -84,9 +82,21 @@ class Plan:
     warnings: List[str] = field(default_factory=list)
 
     def tensors(self):
+        for _, f in self.output_files():
+            yield from f.tensors
+
+    def output_files(self):
+        """``(component, file)`` for every output file, in writing order."""
         for c in self.components:
             for f in c.files:
-                yield from f.tensors
+                yield c, f
+
+    def output_dtypes(self) -> Dict[str, int]:
+        """Output tensors per dtype name, sorted by name."""
+        counts: Dict[str, int] = {}
+        for t in self.tensors():
+            counts[t.dtype] = counts.get(t.dtype, 0) + 1
+        return dict(sorted(counts.items()))
 
     @property
     def bytes_to_write(self) -> int:
@@ -98,31 +108,6 @@ class Plan:
         for t in self.tensors():
             total += sum(s.info.nbytes for s in t.sources)  # copies compare every input
         return total
-
-
-def parse_size(text) -> int:
-    """``"5GB"`` → 5·10⁹, ``"512MiB"`` → 512·2²⁰, ``"1e9"``/``1000`` → bytes. Decimal units
-    (kB, MB, GB, TB) are powers of 1000, binary units (KiB, MiB, GiB, TiB) of 1024."""
-    if isinstance(text, int) and not isinstance(text, bool):
-        value = text
-    else:
-        s = str(text).strip().replace(" ", "")
-        units = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-                 "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
-                 "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
-        low = s.lower()
-        mult = 1
-        for u in sorted(units, key=len, reverse=True):
-            if low.endswith(u) and low[: -len(u)]:
-                mult, low = units[u], low[: -len(u)]
-                break
-        try:
-            value = int(float(low) * mult)
-        except (ValueError, OverflowError):
-            raise MergeError(f"cannot parse size {text!r} (examples: 5GB, 512MiB, 1000000)") from None
-    if value <= 0:
-        raise MergeError(f"size must be positive, got {text!r}")
-    return value
 
 
 def _coefficients(weights: Sequence[float], present: Sequence[int], base: bool,
@@ -149,7 +134,8 @@ def build_plan(inputs: Sequence[Layout], *, weights: Optional[Sequence[float]] =
         base: θ_0 for task arithmetic: out = θ_0 + Σ c_i (θ_i − θ_0), c = weights.
         normalize: divide the weights by their sum (per key, over the inputs holding the
             key). Default True without a base, False with one.
-        keys: "strict" (every input must have every key), "intersection" or "union".
+        keys: a key policy of :data:`.options.KEY_POLICIES` (checked there): "strict"
+            (every input must have every key), "intersection" or "union".
         dtype: output dtype name for floating tensors ("F32", "F16", "BF16", "F64");
             default: the first holding input's dtype, per tensor.
         max_shard_size: re-shard each component into files of at most this many bytes.
@@ -159,8 +145,6 @@ def build_plan(inputs: Sequence[Layout], *, weights: Optional[Sequence[float]] =
         raise MergeError("no inputs given")
     if n < 2 and base is None:
         raise MergeError("need at least two inputs to merge (or one input and --base)")
-    if keys not in KEY_POLICIES:
-        raise MergeError(f"unknown key policy {keys!r} (choose {', '.join(KEY_POLICIES)})")
     if normalize is None:
         normalize = base is None
     elif normalize and base is not None:

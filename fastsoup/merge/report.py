@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import json
+import os
+import resource
+import shutil
+import sys
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional
 
@@ -118,3 +122,64 @@ class MergeReport:
             more = f" (+{len(self.dropped_keys) - 10} more)" if len(self.dropped_keys) > 10 else ""
             lines.append(f"  dropped keys: {shown}{more}")
         return "\n".join(lines)
+
+
+def peak_rss() -> int:
+    """This process's peak resident set in bytes: ``VmHWM`` on Linux (per address space,
+    so not inherited across exec, unlike ``ru_maxrss``), else ``getrusage``."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return ru if sys.platform == "darwin" else ru * 1024
+
+
+def plan_report(plan, output: str, options) -> MergeReport:
+    """The report of a planned merge (a :class:`.plan.Plan` into ``output`` with
+    :class:`.options.MergeOptions`): what will be read and written; a run fills in the
+    rest with :func:`record_run`."""
+    files = []
+    for comp, f in plan.output_files():
+        name = os.path.basename(output) if plan.kind == "file" else \
+            "/".join(([comp.name] if comp.name else []) + [f.name])
+        files.append(FilePlan(name, len(f.tensors), f.data_bytes))
+    summed = copied = 0
+    for t in plan.tensors():
+        summed += t.op == "sum"
+        copied += t.op == "copy"
+    parent = os.path.dirname(os.path.abspath(output))
+    try:
+        free = shutil.disk_usage(parent).free
+    except OSError:
+        free = None
+    n = len(plan.input_weights)
+    base_coef = 1.0 - sum(plan.coefficients) if plan.base_index is not None else None
+    return MergeReport(
+        output=os.path.abspath(output), kind=plan.kind, dry_run=options.dry_run,
+        inputs=[lay.path for lay in plan.inputs[:n]],
+        base=plan.inputs[plan.base_index].path if plan.base_index is not None else None,
+        weights=list(plan.input_weights), coefficients=list(plan.coefficients),
+        base_coefficient=base_coef, normalize=plan.normalize, key_policy=plan.key_policy,
+        accumulate=options.accumulate, dtype=options.dtype, device=options.device,
+        tensors=summed + copied, tensors_summed=summed, tensors_copied=copied, files=files,
+        bytes_to_read=plan.bytes_to_read, bytes_to_write=plan.bytes_to_write,
+        memory_budget=options.memory, disk_free=free, dropped_keys=list(plan.dropped_keys),
+        warnings=list(plan.warnings), output_dtypes=plan.output_dtypes())
+
+
+def record_run(report: MergeReport, stats, *, seconds: float, write_seconds: float) -> None:
+    """Fill in what a run measured: times, peak RSS and the engine's
+    :class:`.engine.RunStats`."""
+    report.write_seconds = write_seconds
+    report.seconds = seconds
+    report.peak_rss = peak_rss()
+    report.work_items, report.window_bytes = stats.items, stats.window_bytes
+    report.staging_bytes = stats.staging_bytes
+    report.timings = {"stream": stats.seconds, "sum": stats.sum_seconds,
+                      "prefetch_wait": stats.prefetch_wait_seconds,
+                      "write_wait": stats.write_wait_seconds,
+                      "finish": report.write_seconds or 0.0}

@@ -1,126 +1,24 @@
-"""Crash-safe output: a temporary sibling that is renamed into place only when complete,
-and pre-sized safetensors files written header first.
+"""Pre-sized safetensors output files, written header first.
 
-Nothing is ever written at the final output path until every byte is on disk: files are
-fsynced, the temporary is renamed over the output (``os.replace`` for a file; for a
-directory replacing a previous output, an atomic ``renameat2(RENAME_EXCHANGE)`` on Linux,
-else two renames with SIGINT/SIGTERM held back and undone on failure), and the parent
-directory is fsynced. At every instant the final path holds the old or the new output.
-:meth:`AtomicOutput.abort` removes the temporary; an existing output is left untouched by
-a failed run. Only directories that are previous fastsoup outputs (holding
-``fastsoup.json``) are replaced.
+:class:`SafetensorsFileWriter` reserves the header (serialised by
+:mod:`fastsoup.io.safetensors`), allocates the whole file up front and takes tensor data
+with ``pwrite`` at fixed offsets from the engine's writer thread; the header is
+rewritten once the manifest is final (same length: its fields have fixed widths). The
+files live inside the temporary output of :class:`.output.AtomicOutput`.
 """
 from __future__ import annotations
 
 import errno
 import os
-import secrets
-import shutil
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 from ..io import atomic
-from ..io.atomic import DIR_MODE, FILE_MODE, TMP_MARK
+from ..io.atomic import FILE_MODE
 from ..io.safetensors import encode_header, layout_header
 from .errors import MergeError
 from .plan import OutFile
 
-class AtomicOutput:
-    """The output being built: ``tmp`` is a sibling of ``final`` (same filesystem)."""
 
-    def __init__(self, final: str, is_dir: bool, overwrite: bool = False):
-        self.final = os.path.abspath(final)
-        self.is_dir = is_dir
-        parent = os.path.dirname(self.final)
-        if not os.path.isdir(parent):
-            raise MergeError(f"{final}: the parent directory {parent} does not exist")
-        if os.path.lexists(self.final) and not overwrite:
-            raise MergeError(f"{final}: already exists (pass --overwrite to replace it; it is "
-                             "only replaced once the new output is complete)")
-        if os.path.exists(self.final) and os.path.isdir(self.final) != is_dir:
-            raise MergeError(f"{final}: exists and is a {'directory' if not is_dir else 'file'}; "
-                             f"this merge writes a {'directory' if is_dir else 'file'}")
-        if is_dir and os.path.isdir(self.final) and \
-                not os.path.isfile(os.path.join(self.final, "fastsoup.json")):
-            raise MergeError(f"{final}: exists and is not a previous fastsoup output (no "
-                             "fastsoup.json in it); --overwrite only replaces fastsoup outputs. "
-                             "Remove it yourself or choose another output path")
-        self.tmp = os.path.join(parent, f".{os.path.basename(self.final)}{TMP_MARK}"
-                                        f"{os.getpid()}-{secrets.token_hex(4)}")
-        self._extra: List[str] = []
-        self.committed = False
-        self.old: Optional[str] = None
-        if is_dir:
-            os.mkdir(self.tmp, DIR_MODE)
-            os.chmod(self.tmp, DIR_MODE)
-
-    def path(self, *parts: str) -> str:
-        """Where to write ``parts`` (relative to the output root) inside the temporary."""
-        if not self.is_dir:
-            assert not parts
-            return self.tmp
-        p = os.path.join(self.tmp, *parts)
-        d = os.path.dirname(p)
-        if not os.path.isdir(d):
-            os.makedirs(d, DIR_MODE, exist_ok=True)
-        return p
-
-    def commit(self) -> None:
-        """fsync the tree, then put it in place: a file with ``os.replace``; a directory
-        over an existing one with an atomic exchange (Linux ``renameat2``), else two
-        renames with SIGINT/SIGTERM blocked between them (the old one is renamed back if
-        the second fails). At every instant the final path holds the old or the new
-        output. Sets ``committed``; the previous output (if any) is left at ``old`` for
-        :meth:`remove_old`."""
-        if self.is_dir:
-            for root, dirs, files in os.walk(self.tmp, topdown=False):
-                atomic.fsync_dir(root)
-        parent = os.path.dirname(self.final)
-        if self.is_dir and os.path.isdir(self.final):
-            with atomic.signals_deferred():  # `committed` must be set with the swap
-                if atomic.exchange(self.tmp, self.final):
-                    self.committed = True
-                    self.old = self.tmp  # the temporary's name now holds the previous output
-                else:
-                    self._commit_two_renames(parent)
-        else:
-            with atomic.signals_deferred():
-                os.replace(self.tmp, self.final)
-                self.committed = True
-        atomic.fsync_dir(parent)
-
-    def _commit_two_renames(self, parent: str) -> None:
-        old = os.path.join(parent, f".{os.path.basename(self.final)}{TMP_MARK}old-"
-                                   f"{os.getpid()}-{secrets.token_hex(4)}")
-        os.rename(self.final, old)  # signals are deferred by the caller
-        try:
-            os.rename(self.tmp, self.final)
-        except BaseException:
-            os.rename(old, self.final)
-            raise
-        self.committed = True
-        self.old = old
-
-    def remove_old(self) -> None:
-        """Remove the previous output replaced by :meth:`commit` (errors are raised: the
-        new output is in place whatever happens here)."""
-        if self.old is not None and os.path.lexists(self.old):
-            shutil.rmtree(self.old)
-        self.old = None
-
-    def abort(self) -> None:
-        """Remove the temporary (never the final output; nothing once committed)."""
-        if self.committed:
-            return
-        try:
-            if self.is_dir:
-                shutil.rmtree(self.tmp, ignore_errors=True)
-            elif os.path.lexists(self.tmp):
-                os.unlink(self.tmp)
-        except OSError:
-            pass
-
-
-# --------------------------------------------------------------------- safetensors files
 def header_bytes(out_file: OutFile, metadata: Optional[Dict[str, str]],
                  reserve: int = 0) -> Tuple[bytes, Dict[str, int]]:
     """Serialise the header of ``out_file``: returns (8-byte length + JSON, padded to a

@@ -426,9 +426,9 @@ def test_resident_memory_stays_within_the_budget(tmp_path):
 @pytest.mark.parametrize("populate", [True, False])
 def test_prefetch_paths(tmp_path, monkeypatch, populate):
     """MADV_POPULATE_READ prefetch, and the read-ahead + touch fallback (older kernels)."""
-    from fastsoup.merge import engine
+    from fastsoup.merge import mmap as input_maps
 
-    monkeypatch.setattr(engine, "_populate_ok", [populate])
+    monkeypatch.setattr(input_maps, "_populate_ok", [populate])
     spec = {f"w{i}": ((257, 300), torch.bfloat16) for i in range(5)}
     states = [make_state(600 + i, spec) for i in range(3)]
     paths = [save_file_layout(str(tmp_path / f"p{i}.safetensors"), s) for i, s in enumerate(states)]

@@ -11,7 +11,8 @@ from safetensors import safe_open
 
 import fastsoup as fs
 from fastsoup.io import atomic
-from fastsoup.merge import MergeError, api, cli, writer
+from fastsoup.merge import MergeError, api, cli
+from fastsoup.merge import output as merge_output
 from tests.helpers import make_state, save_file_layout, save_sharded
 
 
@@ -99,7 +100,7 @@ def test_interrupted_old_tree_removal_is_reported_as_written(sharded, monkeypatc
     def interrupted(self):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(writer.AtomicOutput, "remove_old", interrupted)
+    monkeypatch.setattr(merge_output.AtomicOutput, "remove_old", interrupted)
     code, err = run([a, b, "-o", out, "--overwrite"], capsys)
     assert code == 0
     assert "output written; cleanup of the previous output failed" in err

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 import fastsoup as fs
 from fastsoup.merge import MergeError, cli
-from fastsoup.merge.api import _soup_options
+from fastsoup.merge.soup import _soup_options
 from fastsoup.io.safetensors import HeaderError, parse_header
 from tests.helpers import make_state, raw_safetensors, save_file_layout, save_sharded
 

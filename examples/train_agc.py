@@ -15,55 +15,42 @@ The image folder is read with Pillow (every .png/.jpg/.jpeg/.webp below it), res
 (``UNet2DModel.from_pretrained`` loads them); the AGC bank is saved beside each model.
 """
 import argparse
-import json
 import os
 import time
 
 import torch
 
 import fastsoup as fs
-from fastsoup.train.data import load_image_folder, shard_datasets, small_unet
+from fastsoup.train.data import shard_datasets, small_unet
 from fastsoup.train.iet import IterativeEnsemble
 from fastsoup.train.soup import save_shard_models, soup_shard_models
 
+from _common import (add_run_args, add_training_args, load_folder, log_step, smoke_defaults,
+                     write_summary)
 
-def load_folder(folder: str, resolution: int) -> torch.Tensor:
-    try:
-        return load_image_folder(folder, resolution)
-    except ValueError as exc:
-        raise SystemExit(f"train_agc: error: --data: {exc}") from None
+PROG = "train_agc"
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", help="image folder (default: built-in procedural images)")
-    ap.add_argument("--resolution", type=int, default=32)
-    ap.add_argument("--steps", type=int, default=1000)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=2e-4)
-    ap.add_argument("--width", type=int, default=32, help="UNet base channels")
+    add_training_args(ap, steps=1000)
     ap.add_argument("--rule", choices=["bank", "topk", "none"], default="bank")
     ap.add_argument("--ratio", type=float, default=2.0, help="AGC bank ratio (2.0 pixel, 1.25 SD)")
     ap.add_argument("--exclude-fraction", type=float, default=0.1, help="for --rule topk")
     ap.add_argument("--shards", type=int, default=1, help="iterative ensemble: shard models")
     ap.add_argument("--average-every", type=int, default=200, help="IET round length in steps")
-    ap.add_argument("--out", default="train-agc-out")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--smoke", action="store_true", help="tiny run on built-in data (CI)")
+    add_run_args(ap, out="train-agc-out")
     args = ap.parse_args(argv)
-    if args.smoke:  # shrink what was left at its default; explicit flags win
-        for name, value in (("steps", 3), ("batch", 4), ("resolution", 16), ("width", 8),
-                            ("average_every", 2)):
-            if getattr(args, name) == ap.get_default(name):
-                setattr(args, name, value)
+    if args.smoke:
+        smoke_defaults(ap, args, steps=3, batch=4, resolution=16, width=8, average_every=2)
 
     from diffusers import DDPMScheduler
 
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
     if args.data:
-        images = load_folder(args.data, args.resolution)
+        images = load_folder(PROG, args.data, args.resolution)
         per = -(-images.shape[0] // args.shards)
         shards = [images[i * per:(i + 1) * per] for i in range(args.shards)]
     else:
@@ -103,7 +90,7 @@ def main(argv=None) -> int:
             loss.backward()
             opt.step()
         averaged = iet.step()
-        if step % max(1, args.steps // 10) == 0 or step == args.steps - 1 or averaged:
+        if log_step(step, args.steps) or averaged:
             d = stats.as_dict()
             print(f"step {step:6d}  loss {loss.item():.4f}  kept {d['kept']}/{d['total']}"
                   f"{'  [shards averaged]' if averaged else ''}  {time.time() - t0:.0f}s", flush=True)
@@ -117,9 +104,7 @@ def main(argv=None) -> int:
         report = soup_shard_models(paths, os.path.join(args.out, "soup"), weights=iet.weights,
                                    overwrite=True, quiet=True)
         result["soup"] = report.output
-    with open(os.path.join(args.out, "train_agc.json"), "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"saved to {os.path.abspath(args.out)}")
+    write_summary(args.out, PROG, result)
     return 0
 
 

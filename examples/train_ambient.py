@@ -38,8 +38,6 @@ used (``--style``). ``--smoke`` shrinks everything (16 px, width 8, 3 steps, 2 s
 steps) and switches the consistency loss on from step 1 (weight 0.01) so that every code
 path runs; it finishes in seconds on a CPU.
 """
-import argparse
-import json
 import math
 import os
 import time
@@ -47,39 +45,18 @@ import time
 import torch
 
 import fastsoup as fs
-from fastsoup.train.data import (STYLES, load_image_folder, nearest_neighbour_rms,
-                                 procedural_images, save_image_grid, small_unet)
+from fastsoup.train.data import STYLES, nearest_neighbour_rms, small_unet
+
+from _common import (NUM_TRAIN_TIMESTEPS, add_run_args, add_training_args, check_at_least_one,
+                     check_device, check_finite, check_model_args, check_style, fail,
+                     folder_or_style, import_diffusers, log_step, make_parser, seed_run,
+                     save_run, smoke_defaults)
 
 PROG = "train_ambient"
-NUM_TRAIN_TIMESTEPS = 1000
 
 
-def fail(msg: str) -> SystemExit:
-    return SystemExit(f"{PROG}: error: {msg}")
-
-
-def load_folder(folder: str, resolution: int) -> torch.Tensor:
-    try:
-        return load_image_folder(folder, resolution)
-    except ValueError as exc:
-        raise fail(f"--data: {exc}") from None
-
-
-def make_unet(resolution: int, width: int):
-    return small_unet(resolution, width)
-
-
-def smoke_defaults(ap: argparse.ArgumentParser, args: argparse.Namespace, **values) -> None:
-    """``--smoke``: replace the options still at their parser default by tiny values."""
-    for name, value in values.items():
-        if getattr(args, name) == ap.get_default(name):
-            setattr(args, name, value)
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog="\n".join(__doc__.split("\n")[1:6]))
+def parse_args(argv=None):
+    ap = make_parser(PROG, __doc__)
     ap.add_argument("--data", help="image folder (default: built-in procedural images)")
     ap.add_argument("--style", default="rings", help=f"built-in style without --data: {', '.join(STYLES)}")
     ap.add_argument("--num-images", type=int, default=64, help="built-in images to generate")
@@ -99,22 +76,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="largest t - s of the consistency loss (in schedule timesteps)")
     ap.add_argument("--anchor-grad", action="store_true",
                     help="let the consistency gradient reach the anchor prediction")
-    ap.add_argument("--steps", type=int, default=2000)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--resolution", type=int, default=32)
-    ap.add_argument("--width", type=int, default=32, help="UNet base channels (multiple of 8)")
-    ap.add_argument("--lr", type=float, default=2e-4)
+    add_training_args(ap, steps=2000)
     ap.add_argument("--samples", type=int, default=16, help="samples in the grid")
     ap.add_argument("--sample-steps", type=int, default=50, help="DDIM steps of the sampler")
     ap.add_argument("--sample-stop", type=int, default=None,
                     help="timestep where sampling stops with a Tweedie step (default t_n)")
     ap.add_argument("--noise-cache", help="directory that pins the fixed noise draws on disk")
-    ap.add_argument("--out", default="train-ambient-out")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--smoke", action="store_true", help="tiny run on built-in data (CI)")
+    add_run_args(ap, out="train-ambient-out")
     args = ap.parse_args(argv)
-    if args.smoke:   # tiny sizes; flags given explicitly (other than their defaults) win
+    if args.smoke:
         smoke_defaults(ap, args, steps=3, batch=4, resolution=16, width=8, num_images=8,
                        samples=4, sample_steps=2)
         if args.consistency_weight is None:
@@ -131,38 +101,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def check_args(args: argparse.Namespace) -> None:
+def check_args(args) -> None:
     T = NUM_TRAIN_TIMESTEPS
     if not 0 <= args.tn < T:
-        raise fail(f"--tn must be in [0, {T - 1}] (a timestep of the {T}-step schedule), got {args.tn}")
+        raise fail(PROG, f"--tn must be in [0, {T - 1}] (a timestep of the {T}-step schedule), "
+                         f"got {args.tn}")
     if not args.tn <= args.max_timestep < T:
-        raise fail(f"--max-timestep must be in [t_n={args.tn}, {T - 1}], got {args.max_timestep}")
+        raise fail(PROG, f"--max-timestep must be in [t_n={args.tn}, {T - 1}], got {args.max_timestep}")
     if not 0 <= args.sample_stop < T:
-        raise fail(f"--sample-stop must be in [0, {T - 1}], got {args.sample_stop}")
-    for name in ("steps", "batch", "samples", "sample_steps", "num_images", "max_steps_diff"):
-        if getattr(args, name) < 1:
-            raise fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.resolution < 8 or args.resolution % 4:
-        raise fail(f"--resolution must be a multiple of 4 and >= 8 (the UNet halves it twice), "
-                   f"got {args.resolution}")
-    if args.width < 8 or args.width % 8:
-        raise fail(f"--width must be a positive multiple of 8 (GroupNorm groups), got {args.width}")
-    if not (args.lr > 0 and math.isfinite(args.lr)):
-        raise fail(f"--lr must be a positive number, got {args.lr}")
+        raise fail(PROG, f"--sample-stop must be in [0, {T - 1}], got {args.sample_stop}")
+    check_at_least_one(PROG, args, ("steps", "batch", "samples", "sample_steps", "num_images",
+                                    "max_steps_diff"))
+    check_model_args(PROG, args)
     if not (args.consistency_weight >= 0 and math.isfinite(args.consistency_weight)):
-        raise fail(f"--consistency-weight must be a finite number >= 0, got {args.consistency_weight}")
+        raise fail(PROG, f"--consistency-weight must be a finite number >= 0, "
+                         f"got {args.consistency_weight}")
     if args.consistency_after < 0:
-        raise fail(f"--consistency-after must be >= 0, got {args.consistency_after}")
+        raise fail(PROG, f"--consistency-after must be >= 0, got {args.consistency_after}")
     if args.consistency_weight > 0 and args.tn == 0:
-        raise fail("the consistency loss acts below t_n: it needs --tn >= 1")
-    if args.data is None and args.style not in STYLES:
-        raise fail(f"--style must be one of {', '.join(STYLES)}, got {args.style!r}")
-    try:
-        device = torch.device(args.device)
-    except RuntimeError as e:
-        raise fail(f"--device {args.device!r}: {e}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise fail("--device cuda but no CUDA GPU is available (use --device cpu)")
+        raise fail(PROG, "the consistency loss acts below t_n: it needs --tn >= 1")
+    if args.data is None:
+        check_style(PROG, "--style", args.style)
+    check_device(PROG, args.device)
 
 
 def consistency_timesteps(B: int, t_n: int, max_diff: int, g: torch.Generator):
@@ -220,19 +180,13 @@ def sampler_timesteps(num_steps: int, stop: int) -> list:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        from diffusers import DDPMPipeline, DDPMScheduler
-    except ImportError:
-        raise fail("this example needs diffusers (pip install diffusers)") from None
+    diffusers = import_diffusers(PROG)
 
     t_start = time.time()
-    torch.manual_seed(args.seed)
-    device = torch.device(args.device)
-    g = torch.Generator().manual_seed(args.seed + 1)     # CPU generator: same run on any device
+    device, g = seed_run(args.seed, args.device)     # g: CPU generator, same run on any device
 
-    clean = (load_folder(args.data, args.resolution) if args.data
-             else procedural_images(args.style, args.num_images, args.resolution, seed=args.seed))
-    scheduler = DDPMScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS)   # epsilon prediction
+    clean = folder_or_style(PROG, args.data, args.style, args.num_images, args.resolution, args.seed)
+    scheduler = diffusers.DDPMScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS)   # epsilon prediction
 
     # ---- the data: each example noised once, at t_n, with its own fixed draw ----
     dataset = fs.train.ambient_vp_dataset(clean, scheduler, args.tn, seed=args.seed,
@@ -243,7 +197,7 @@ def main(argv=None) -> int:
           f"sigma_n={dataset.sigma_n:.4f}), {args.resolution}px, mode={args.mode}, "
           f"consistency weight {args.consistency_weight} from step {args.consistency_after}", flush=True)
 
-    unet = make_unet(args.resolution, args.width).to(device).train()
+    unet = small_unet(args.resolution, args.width).to(device).train()
     opt = torch.optim.AdamW(unet.parameters(), lr=args.lr)
     history = []
     last_cons = None
@@ -264,11 +218,10 @@ def main(argv=None) -> int:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if not math.isfinite(loss.item()):
-            raise SystemExit(f"{PROG}: non-finite loss at step {step}; lower --lr")
+        check_finite(PROG, loss, step, "--lr")
         history.append({"step": step, "ambient": loss_amb.item(),
                         **({"consistency": last_cons} if use_cons else {})})
-        if step % max(1, args.steps // 10) == 0 or step == args.steps - 1:
+        if log_step(step, args.steps):
             extra = f"  consistency {last_cons:+.5f}" if use_cons else ""
             print(f"step {step:6d}  ambient {loss_amb.item():.4f}{extra}  "
                   f"{time.time() - t_start:.0f}s", flush=True)
@@ -283,13 +236,6 @@ def main(argv=None) -> int:
     print(f"sampled {args.samples} images in {len(ts)} model calls, stop at t={args.sample_stop}; "
           f"mean RMS to nearest clean training image {nn_rms.mean().item():.3f}", flush=True)
 
-    os.makedirs(args.out, exist_ok=True)
-    # diffusers pipeline layout (model_index.json, unet/, scheduler/); note that
-    # DDPMPipeline's own sampler runs down to t = 0, past the data noise level
-    DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(args.out)
-    model_dir = os.path.join(args.out, "unet")
-    grid = os.path.join(args.out, "grid.png")
-    save_image_grid([x_n_all[:args.samples], samples], grid)
     summary = {
         "script": PROG,
         "t_n": args.tn,
@@ -314,13 +260,10 @@ def main(argv=None) -> int:
         "sample_stop": args.sample_stop,
         "sampler_timesteps": ts,
         "nearest_clean_rms_mean": nn_rms.mean().item(),
-        "model": os.path.abspath(model_dir),
-        "grid": os.path.abspath(grid),
-        "seconds": round(time.time() - t_start, 2),
     }
-    with open(os.path.join(args.out, f"{PROG}.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    print(f"saved to {os.path.abspath(args.out)}")
+    # a diffusers pipeline folder (model_index.json, unet/, scheduler/); note that
+    # DDPMPipeline's own sampler runs down to t = 0, past the data noise level
+    save_run(PROG, args.out, unet, scheduler, [x_n_all[:args.samples], samples], summary, t_start)
     return 0
 
 

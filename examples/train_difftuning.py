@@ -44,8 +44,6 @@ pre-trained here; ``--pretrained OUT/pretrained`` reuses it), ``knowledge_bank.s
 ``train_difftuning.json`` (summary). ``--smoke`` shrinks everything (16 px, width 8, 3
 pre-training and 3 fine-tuning steps, 8 bank samples) and finishes in seconds on a CPU.
 """
-import argparse
-import json
 import math
 import os
 import time
@@ -53,26 +51,14 @@ import time
 import torch
 
 import fastsoup as fs
-from fastsoup.train.data import (STYLES, load_image_folder, procedural_images,
-                                 save_image_grid, small_unet)
+from fastsoup.train.data import STYLES, procedural_images, small_unet
+
+from _common import (NUM_TRAIN_TIMESTEPS, add_run_args, add_training_args, check_at_least_one,
+                     check_device, check_finite, check_model_args, check_style, fail,
+                     folder_or_style, import_diffusers, log_step, make_parser, seed_run,
+                     save_run, smoke_defaults)
 
 PROG = "train_difftuning"
-NUM_TRAIN_TIMESTEPS = 1000
-
-
-def fail(msg: str) -> SystemExit:
-    return SystemExit(f"{PROG}: error: {msg}")
-
-
-def load_folder(folder: str, resolution: int) -> torch.Tensor:
-    try:
-        return load_image_folder(folder, resolution)
-    except ValueError as exc:
-        raise fail(f"--data: {exc}") from None
-
-
-def make_unet(resolution: int, width: int):
-    return small_unet(resolution, width)
 
 
 def load_pretrained(path: str):
@@ -81,30 +67,21 @@ def load_pretrained(path: str):
     if os.path.isfile(os.path.join(path, "unet", "config.json")):
         path = os.path.join(path, "unet")                 # a pipeline folder
     if not os.path.isfile(os.path.join(path, "config.json")):
-        raise fail(f"--pretrained {path!r} is not a diffusers UNet2DModel folder (no config.json, "
+        raise fail(PROG, f"--pretrained {path!r} is not a diffusers UNet2DModel folder (no config.json, "
                    "and no unet/config.json)")
     try:
         unet = UNet2DModel.from_pretrained(path, low_cpu_mem_usage=False)
     except Exception as e:
-        raise fail(f"cannot load --pretrained {path!r} as a UNet2DModel: {e}") from None
+        raise fail(PROG, f"cannot load --pretrained {path!r} as a UNet2DModel: {e}") from None
     if unet.config.in_channels != 3 or unet.config.out_channels != 3:
-        raise fail(f"--pretrained must be a 3-channel pixel model; {path} has in/out channels "
-                   f"{unet.config.in_channels}/{unet.config.out_channels} (a latent model needs "
-                   "its VAE; see fastsoup/train/difftuning.py)")
+        raise fail(PROG, f"--pretrained must be a 3-channel pixel model; {path} has in/out channels "
+                         f"{unet.config.in_channels}/{unet.config.out_channels} (a latent model "
+                         "needs its VAE; see fastsoup/train/knowledge_bank.py)")
     return unet
 
 
-def smoke_defaults(ap: argparse.ArgumentParser, args: argparse.Namespace, **values) -> None:
-    """``--smoke``: replace the options still at their parser default by tiny values."""
-    for name, value in values.items():
-        if getattr(args, name) == ap.get_default(name):
-            setattr(args, name, value)
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog="\n".join(__doc__.split("\n")[1:6]))
+def parse_args(argv=None):
+    ap = make_parser(PROG, __doc__)
     ap.add_argument("--pretrained", help="diffusers UNet2DModel (or pipeline) folder to start from")
     ap.add_argument("--source-style", default="stripes",
                     help=f"built-in pre-training style without --pretrained: {', '.join(STYLES)}")
@@ -126,63 +103,42 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--loss", choices=["diffusion", "weighted-sum"], default="diffusion",
                     help="fs.train.diffusion_loss with mean_weights, or batch.weighted_sum of "
                          "fs.per_sample_mse")
-    ap.add_argument("--steps", type=int, default=1000, help="fine-tuning steps")
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--resolution", type=int, default=32)
-    ap.add_argument("--width", type=int, default=32, help="UNet base channels (multiple of 8)")
-    ap.add_argument("--lr", type=float, default=2e-4, help="pre-training learning rate")
+    add_training_args(ap, steps=1000, steps_help="fine-tuning steps", lr_help="pre-training learning rate")
     ap.add_argument("--finetune-lr", type=float, default=1e-4)
     ap.add_argument("--samples", type=int, default=8, help="fine-tuned samples in the grid")
-    ap.add_argument("--out", default="train-difftuning-out")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--smoke", action="store_true", help="tiny run on built-in data (CI)")
+    add_run_args(ap, out="train-difftuning-out")
     args = ap.parse_args(argv)
-    if args.smoke:   # tiny sizes; flags given explicitly (other than their defaults) win
+    if args.smoke:
         smoke_defaults(ap, args, pretrain_steps=3, steps=3, batch=10, resolution=16, width=8,
                        num_images=8, bank_size=8, bank_steps=2, samples=4)
     check_args(args)
     return args
 
 
-def check_args(args: argparse.Namespace) -> None:
-    for name in ("pretrain_steps", "steps", "batch", "num_images", "bank_size", "bank_steps", "samples"):
-        if getattr(args, name) < 1:
-            raise fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.resolution < 8 or args.resolution % 4:
-        raise fail(f"--resolution must be a multiple of 4 and >= 8 (the UNet halves it twice), "
-                   f"got {args.resolution}")
-    if args.width < 8 or args.width % 8:
-        raise fail(f"--width must be a positive multiple of 8 (GroupNorm groups), got {args.width}")
-    for name in ("lr", "finetune_lr"):
-        v = getattr(args, name)
-        if not (v > 0 and math.isfinite(v)):
-            raise fail(f"--{name.replace('_', '-')} must be a positive number, got {v}")
+def check_args(args) -> None:
+    check_at_least_one(PROG, args, ("pretrain_steps", "steps", "batch", "num_images", "bank_size",
+                                    "bank_steps", "samples"))
+    check_model_args(PROG, args, rates=("lr", "finetune_lr"))
     for name in ("tau", "retain_tau", "retention_weight"):
         v = getattr(args, name)
         if v is not None and not (v >= 0 and math.isfinite(v)):
-            raise fail(f"--{name.replace('_', '-')} must be a finite number >= 0, got {v}")
+            raise fail(PROG, f"--{name.replace('_', '-')} must be a finite number >= 0, got {v}")
     if not 0 <= args.replay_share < 1:
-        raise fail(f"--replay-share must be in [0, 1), got {args.replay_share}")
+        raise fail(PROG, f"--replay-share must be in [0, 1), got {args.replay_share}")
     try:
         _, n_replay = fs.train.split_batch(args.batch, args.replay_share)
     except ValueError as e:
-        raise fail(f"--batch/--replay-share: {e}") from None
+        raise fail(PROG, f"--batch/--replay-share: {e}") from None
     if n_replay > args.bank_size and not (args.bank and os.path.exists(args.bank)):
-        raise fail(f"--bank-size {args.bank_size} is smaller than the {n_replay} replay rows of a "
-                   f"batch of {args.batch} (replay share {args.replay_share})")
-    if args.pretrained is None and args.source_style not in STYLES:
-        raise fail(f"--source-style must be one of {', '.join(STYLES)}, got {args.source_style!r}")
-    if args.data is None and args.target_style not in STYLES:
-        raise fail(f"--target-style must be one of {', '.join(STYLES)}, got {args.target_style!r}")
+        raise fail(PROG, f"--bank-size {args.bank_size} is smaller than the {n_replay} replay rows "
+                         f"of a batch of {args.batch} (replay share {args.replay_share})")
+    if args.pretrained is None:
+        check_style(PROG, "--source-style", args.source_style)
+    if args.data is None:
+        check_style(PROG, "--target-style", args.target_style)
     if args.pretrained is not None and not os.path.isdir(args.pretrained):
-        raise fail(f"--pretrained {args.pretrained!r} is not a directory")
-    try:
-        device = torch.device(args.device)
-    except RuntimeError as e:
-        raise fail(f"--device {args.device!r}: {e}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise fail("--device cuda but no CUDA GPU is available (use --device cpu)")
+        raise fail(PROG, f"--pretrained {args.pretrained!r} is not a directory")
+    check_device(PROG, args.device)
 
 
 def ddim_sampler(unet, scheduler_config, num_steps: int, resolution: int, device):
@@ -229,31 +185,26 @@ def pretrain(unet, scheduler, images, args, device, g) -> list:
         loss.backward()
         opt.step()
         losses.append(loss.item())
-        if step % max(1, args.pretrain_steps // 5) == 0 or step == args.pretrain_steps - 1:
+        if log_step(step, args.pretrain_steps, times=5):
             print(f"pretrain step {step:6d}  loss {loss.item():.4f}  {time.time() - t0:.0f}s", flush=True)
     return losses
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        from diffusers import DDPMPipeline, DDPMScheduler
-    except ImportError:
-        raise fail("this example needs diffusers (pip install diffusers)") from None
+    diffusers = import_diffusers(PROG)
 
     t_start = time.time()
-    torch.manual_seed(args.seed)
-    device = torch.device(args.device)
-    g = torch.Generator().manual_seed(args.seed + 1)     # CPU generator: same run on any device
+    device, g = seed_run(args.seed, args.device)     # g: CPU generator, same run on any device
     os.makedirs(args.out, exist_ok=True)
-    scheduler = DDPMScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS)   # epsilon prediction
+    scheduler = diffusers.DDPMScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS)   # epsilon prediction
     if args.pretrained and os.path.isfile(os.path.join(args.pretrained, "scheduler",
                                                        "scheduler_config.json")):
         # a pipeline folder: train with its noise schedule (DDPM form of its config)
-        scheduler = DDPMScheduler.from_pretrained(args.pretrained, subfolder="scheduler")
+        scheduler = diffusers.DDPMScheduler.from_pretrained(args.pretrained, subfolder="scheduler")
         if scheduler.config.prediction_type != "epsilon":
-            raise fail(f"--pretrained {args.pretrained}: prediction_type "
-                       f"{scheduler.config.prediction_type!r}; this example handles epsilon models")
+            raise fail(PROG, f"--pretrained {args.pretrained}: prediction_type "
+                             f"{scheduler.config.prediction_type!r}; this example handles epsilon models")
     summary = {"script": PROG, "seed": args.seed, "device": str(device)}
 
     # ---- 1. the pre-trained model ----
@@ -269,17 +220,16 @@ def main(argv=None) -> int:
     else:
         source_images = procedural_images(args.source_style, args.num_images, args.resolution,
                                           seed=args.seed)
-        unet = make_unet(args.resolution, args.width).to(device).train()
+        unet = small_unet(args.resolution, args.width).to(device).train()
         print(f"{PROG}: pre-training on built-in '{args.source_style}' ({args.num_images} images, "
               f"{args.resolution}px) for {args.pretrain_steps} steps", flush=True)
         summary["pretrain_losses"] = pretrain(unet, scheduler, source_images, args, device, g)
         pre_dir = os.path.join(args.out, "pretrained")
-        DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(pre_dir)
+        diffusers.DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(pre_dir)
         source = f"built-in:{args.source_style} ({args.pretrain_steps} steps, seed {args.seed})"
         summary["pretrained"] = os.path.abspath(os.path.join(pre_dir, "unet"))
-    target_images = (load_folder(args.data, args.resolution) if args.data
-                     else procedural_images(args.target_style, args.num_images, args.resolution,
-                                            seed=args.seed + 1))
+    target_images = folder_or_style(PROG, args.data, args.target_style, args.num_images,
+                                    args.resolution, args.seed + 1)
 
     # ---- 2. the knowledge bank: N samples of the pre-trained model, generated once ----
     bank_path = args.bank or os.path.join(args.out, "knowledge_bank.safetensors")
@@ -288,10 +238,10 @@ def main(argv=None) -> int:
         try:
             bank = fs.train.KnowledgeBank.load(bank_path)
         except ValueError as e:
-            raise fail(f"--bank: {e}") from None
+            raise fail(PROG, f"--bank: {e}") from None
         if tuple(bank.latents.shape[1:]) != (3, args.resolution, args.resolution):
-            raise fail(f"--bank {bank_path} holds samples of shape {tuple(bank.latents.shape[1:])}, "
-                       f"the model needs (3, {args.resolution}, {args.resolution})")
+            raise fail(PROG, f"--bank {bank_path} holds samples of shape {tuple(bank.latents.shape[1:])}, "
+                             f"the model needs (3, {args.resolution}, {args.resolution})")
         print(f"{PROG}: loaded {bank!r} from {bank_path}", flush=True)
     else:
         gen = ddim_sampler(unet, scheduler.config, args.bank_steps, args.resolution, device)
@@ -316,8 +266,8 @@ def main(argv=None) -> int:
                              mode=args.timestep_mode)
     n_target, n_replay = dt.split(args.batch)
     if n_replay > len(bank):
-        raise fail(f"the knowledge bank has {len(bank)} samples, fewer than the {n_replay} replay "
-                   f"rows of a batch of {args.batch}")
+        raise fail(PROG, f"the knowledge bank has {len(bank)} samples, fewer than the {n_replay} "
+                         f"replay rows of a batch of {args.batch}")
     replay = bank.stream(n_replay, generator=torch.Generator().manual_seed(args.seed + 3)) \
         if n_replay else None
     before = {"target_loss": eval_loss(unet, scheduler, target_images, device, args.seed + 4),
@@ -349,12 +299,11 @@ def main(argv=None) -> int:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if not math.isfinite(loss.item()):
-            raise SystemExit(f"{PROG}: non-finite loss at step {step}; lower --finetune-lr")
+        check_finite(PROG, loss, step, "--finetune-lr")
         l_t, l_r = b.group_means(per_sample)
         history.append({"step": step, "loss": loss.item(), "target": l_t.item(),
                         "replay": None if n_replay == 0 else l_r.item()})
-        if step % max(1, args.steps // 10) == 0 or step == args.steps - 1:
+        if log_step(step, args.steps):
             rep_txt = f"  replay {l_r.item():.4f}" if n_replay else ""
             print(f"finetune step {step:6d}  loss {loss.item():.4f}  target {l_t.item():.4f}"
                   f"{rep_txt}  {time.time() - t0:.0f}s", flush=True)
@@ -367,11 +316,6 @@ def main(argv=None) -> int:
     gen = ddim_sampler(unet, scheduler.config, args.bank_steps, args.resolution, device)
     samples = gen(args.samples, torch.Generator().manual_seed(args.seed + 6)).cpu()
 
-    DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(args.out)   # model_index.json,
-    model_dir = os.path.join(args.out, "unet")                               # unet/, scheduler/
-    grid = os.path.join(args.out, "grid.png")
-    k = args.samples
-    save_image_grid([target_images[:k], bank_images[:k].cpu(), samples], grid)
     summary.update({
         "source": source,
         "data": args.data or f"built-in:{args.target_style}",
@@ -392,13 +336,10 @@ def main(argv=None) -> int:
         "after": after,
         "final_loss": history[-1]["loss"],
         "losses": history,
-        "model": os.path.abspath(model_dir),
-        "grid": os.path.abspath(grid),
-        "seconds": round(time.time() - t_start, 2),
     })
-    with open(os.path.join(args.out, f"{PROG}.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    print(f"saved to {os.path.abspath(args.out)}")
+    k = args.samples
+    save_run(PROG, args.out, unet, scheduler, [target_images[:k], bank_images[:k].cpu(), samples],
+             summary, t_start)
     return 0
 
 

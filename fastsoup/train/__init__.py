@@ -2,14 +2,18 @@
 
 * :mod:`~fastsoup.train.losses`: the loss from a diffusers scheduler's outputs
   (prediction type, min-SNR-γ, AGC / top-k exclusion);
-* :mod:`~fastsoup.train.difftuning`: Diff-Tuning samplers, knowledge bank, batch mixing;
+* :mod:`~fastsoup.train.difftuning`: Diff-Tuning batch mixing, built on
+  :mod:`~fastsoup.train.timestep_samplers` (the power-law timestep distributions, the
+  batch split) and :mod:`~fastsoup.train.knowledge_bank` (samples of the pre-trained model,
+  stored, loaded and replayed);
 * :mod:`~fastsoup.train.ambient`: ambient-diffusion batches and the early-stopped sampler;
 * :mod:`~fastsoup.train.fixed_noise`: one fixed noise draw per example (``FixedNoise``,
   ``AmbientDataset``), the data the ambient helpers wrap;
 * :mod:`~fastsoup.train.iet`: iterative ensemble training (replica averaging in one
   process or across shard groups of ranks);
 * :mod:`~fastsoup.train.soup`: saving shard models and souping them with ``fs.merge``;
-* :mod:`~fastsoup.train.data`: small built-in procedural datasets (demo, tests).
+* :mod:`~fastsoup.train.data`: small built-in procedural datasets, the image-folder loader,
+  image grids and a small UNet (demo, examples, tests).
 
 The core package never imports diffusers; these helpers duck-type the scheduler.
 """
@@ -21,15 +25,9 @@ from .losses import (
     min_snr_loss_weights,
     prediction_type_of,
 )
-from .difftuning import (
-    KNOWLEDGE_BANK_FORMAT,
-    DiffTuning,
-    DiffTuningBatch,
-    KnowledgeBank,
-    PowerLawTimestepSampler,
-    power_law_timestep_probs,
-    split_batch,
-)
+from .timestep_samplers import PowerLawTimestepSampler, power_law_timestep_probs, split_batch
+from .knowledge_bank import KNOWLEDGE_BANK_FORMAT, KnowledgeBank
+from .difftuning import DiffTuning, DiffTuningBatch
 from .ambient import (
     AmbientVPBatch,
     ambient_vp_batch,

@@ -12,16 +12,17 @@ sub-batches in one forward pass:
 with ``L = mean(ℓ_target) + λ·mean(ℓ_replay)`` (``λ = 0.1``), 26 target + 6 replay samples
 of a batch of 32 (replay share 0.2), ``τ = 1``.
 
-Pieces:
+Pieces, one module each (all re-exported here and as ``fs.train.*``):
 
-* :class:`PowerLawTimestepSampler`: the two timestep distributions, by sampling (the
-  reference code's way, the default) or as equivalent per-sample loss weights;
-* :class:`KnowledgeBank`: generate ``N`` samples once with the pre-trained pipeline, store
-  the latents in a deterministic safetensors file with provenance metadata, load them
-  back, stream shuffled replay batches;
-* :class:`DiffTuning` / :class:`DiffTuningBatch`: build the mixed batch (latents,
-  conditioning with the null condition on the replay rows, timesteps from the two
-  samplers) and the per-sample weights for the fused loss.
+* :mod:`fastsoup.train.timestep_samplers`: :class:`PowerLawTimestepSampler`, the two
+  timestep distributions, by sampling (the reference code's way, the default) or as
+  equivalent per-sample loss weights, and :func:`split_batch`;
+* :mod:`fastsoup.train.knowledge_bank`: :class:`KnowledgeBank`, generate ``N`` samples
+  once with the pre-trained pipeline, store them in a deterministic safetensors file with
+  provenance metadata, load them back, stream shuffled replay batches;
+* this module: :class:`DiffTuning` / :class:`DiffTuningBatch`, the batch mixing: the
+  mixed batch (latents, conditioning with the null condition on the replay rows, timesteps
+  from the two samplers) and the per-sample weights for the fused loss.
 
 A training step (class-conditional model; for text-to-image the conditioning is the prompt
 embedding and ``null_cond`` the empty-prompt embedding)::
@@ -41,19 +42,15 @@ embedding and ``null_cond`` the empty-prompt embedding)::
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import math
-import os
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, Optional, Tuple, Union
+from typing import Any, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from ..io.atomic import atomic_write_file
-from ..io.safetensors import serialize as serialize_safetensors
-from ..io.safetensors import tensor_bytes
+from ._checks import check_int, check_nonnegative
+from .knowledge_bank import KNOWLEDGE_BANK_FORMAT, KnowledgeBank
+from .timestep_samplers import PowerLawTimestepSampler, power_law_timestep_probs, split_batch
 
 __all__ = [
     "power_law_timestep_probs",
@@ -65,383 +62,7 @@ __all__ = [
     "DiffTuning",
 ]
 
-KINDS = ("retain", "adapt")
-KNOWLEDGE_BANK_FORMAT = "fastsoup.knowledge_bank"
-_KB_VERSION = "1"
 
-
-# ----------------------------------------------------------------------------- samplers
-def _check_T(num_train_timesteps: Any) -> int:
-    if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, int) \
-            or num_train_timesteps < 1:
-        raise ValueError(f"num_train_timesteps must be an int >= 1, got {num_train_timesteps!r}")
-    return num_train_timesteps
-
-
-def _check_tau(tau: Any, name: str = "tau") -> float:
-    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not math.isfinite(tau) or tau < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {tau!r}")
-    return float(tau)
-
-
-def power_law_timestep_probs(kind: str, num_train_timesteps: int = 1000, tau: float = 1.0) -> Tensor:
-    """Normalised timestep probabilities of Diff-Tuning, float64 ``[T]``.
-
-    ``kind="retain"``: ``P(t) ∝ (T − t)^τ`` (favours small ``t``: knowledge bank);
-    ``kind="adapt"``: ``P(t) ∝ (t + 1)^τ`` (favours large ``t``: target data);
-    ``t = 0 … T−1``. ``τ = 0`` is the uniform distribution. Every ``t`` has ``P(t) > 0``.
-    """
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    T = _check_T(num_train_timesteps)
-    tau = _check_tau(tau)
-    t = torch.arange(T, dtype=torch.float64)
-    base = (T - t) if kind == "retain" else (t + 1)
-    w = base ** tau
-    return w / w.sum()
-
-
-class PowerLawTimestepSampler:
-    """Draws timesteps from ``P_retain`` or ``P_adapt`` (:func:`power_law_timestep_probs`).
-
-    Args:
-        kind: ``"retain"`` or ``"adapt"``.
-        num_train_timesteps: ``T`` (the scheduler's ``config.num_train_timesteps``).
-        tau: the exponent ``τ ≥ 0`` (default 1).
-
-    Attributes:
-        probs: float64 ``[T]`` probabilities (CPU).
-    """
-
-    def __init__(self, kind: str, num_train_timesteps: int = 1000, tau: float = 1.0) -> None:
-        self.probs = power_law_timestep_probs(kind, num_train_timesteps, tau)
-        self.kind = kind
-        self.num_train_timesteps = num_train_timesteps
-        self.tau = float(tau)
-
-    def __repr__(self) -> str:
-        return (f"PowerLawTimestepSampler(kind={self.kind!r}, "
-                f"num_train_timesteps={self.num_train_timesteps}, tau={self.tau})")
-
-    def sample(self, n: int, generator: Optional[torch.Generator] = None,
-               device: Optional[Union[str, torch.device]] = None) -> Tensor:
-        """``n`` i.i.d. timesteps, int64 ``[n]`` on ``device`` (default CPU).
-
-        Drawn on the CPU with ``torch.multinomial`` (with replacement) from ``generator``
-        (a CPU ``torch.Generator``; the global RNG when ``None``), then moved: the same
-        seed gives the same timesteps on every device.
-        """
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise ValueError(f"n must be an int >= 0, got {n!r}")
-        if generator is not None and generator.device.type != "cpu":
-            raise ValueError(f"generator must be a CPU torch.Generator, got one on {generator.device}")
-        if n == 0:
-            out = torch.empty(0, dtype=torch.int64)
-        else:
-            out = torch.multinomial(self.probs, n, replacement=True, generator=generator)
-        return out if device is None else out.to(device)
-
-    def loss_weights(self, timesteps: Tensor) -> Tensor:
-        """Per-sample weights ``T·P(t)`` realising this distribution on *uniform* timesteps.
-
-        For ``t ~ U{0..T−1}``, ``E[T·P(t)·ℓ(t)] = E_{t~P}[ℓ(t)]``: the weighting mode of
-        Diff-Tuning (sampling is the default; this trades variance for a uniform ``t``).
-        Returns float32 ``[B]`` on the device of ``timesteps`` (mean 1 over all ``t``).
-        """
-        if not isinstance(timesteps, Tensor) or timesteps.dtype.is_floating_point \
-                or timesteps.dtype == torch.bool:
-            raise TypeError("timesteps must be an integer torch.Tensor")
-        if timesteps.numel() and (int(timesteps.min()) < 0
-                                  or int(timesteps.max()) >= self.num_train_timesteps):
-            raise ValueError(f"timesteps must lie in [0, {self.num_train_timesteps}), got values "
-                             f"in [{int(timesteps.min())}, {int(timesteps.max())}]")
-        w = self.probs * self.num_train_timesteps
-        return w.to(timesteps.device)[timesteps.long()].float()
-
-
-def split_batch(batch_size: int, replay_share: float = 0.2) -> Tuple[int, int]:
-    """``(B_target, B_replay)`` with ``B_replay = ⌊replay_share · B⌋`` (32, 0.2 → 26, 6).
-
-    The floor is the reference code's ``int(global_batch_size * LWF_ratio)``.
-    """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-    if isinstance(replay_share, bool) or not isinstance(replay_share, (int, float)) \
-            or not (0.0 <= replay_share < 1.0):
-        raise ValueError(f"replay_share must be in [0, 1), got {replay_share!r}")
-    n_replay = int(math.floor(batch_size * replay_share))
-    if batch_size - n_replay < 1:
-        raise ValueError(f"batch_size={batch_size} with replay_share={replay_share} leaves no "
-                         "target samples")
-    return batch_size - n_replay, n_replay
-
-
-# ----------------------------------------------------------------------------- knowledge bank
-def _content_hash(latents: Tensor, labels: Optional[Tensor]) -> str:
-    h = hashlib.sha256()
-    h.update(str(latents.dtype).encode() + json.dumps(list(latents.shape)).encode())
-    h.update(tensor_bytes(latents))
-    if labels is not None:
-        h.update(b"labels" + tensor_bytes(labels))
-    return h.hexdigest()
-
-
-def _as_tensor_output(out: Any, n: int) -> Tensor:
-    """Normalise what a generate callable returned to a ``[n, ...]`` float tensor."""
-    if hasattr(out, "images") and not isinstance(out, Tensor):
-        out = out.images                       # a diffusers pipeline output
-    elif isinstance(out, (tuple, list)) and out and not isinstance(out[0], (int, float)):
-        out = out[0]                           # return_dict=False
-    if not isinstance(out, Tensor):
-        try:
-            import numpy as np
-
-            if isinstance(out, np.ndarray):
-                out = torch.from_numpy(np.ascontiguousarray(out))
-        except ImportError:  # pragma: no cover - numpy ships with torch wheels
-            pass
-    if not isinstance(out, Tensor):
-        raise TypeError("generate(n, generator) must return a tensor (or a numpy array, or a "
-                        "pipeline output whose .images is one), got "
-                        f"{type(out).__name__}; for PIL images use output_type='latent', 'pt' "
-                        "or 'np'")
-    if not out.dtype.is_floating_point:
-        raise TypeError(f"generate returned a {out.dtype} tensor; the knowledge bank stores "
-                        "float latents")
-    if out.dim() < 2 or out.shape[0] != n:
-        raise ValueError(f"generate(n={n}, ...) returned shape {tuple(out.shape)}; expected "
-                         f"[{n}, ...] (one sample per row)")
-    return out
-
-
-class KnowledgeBank(torch.utils.data.Dataset):
-    """Samples of the pre-trained model, replayed during Diff-Tuning (retention).
-
-    A map-style dataset of ``N`` latents (``bank[i]`` is one ``[C, H, W]`` tensor) with
-    optional integer ``labels`` (the classes the samples were generated for; provenance
-    only: replay trains on the unconditional branch) and string ``metadata``.
-
-    Build it once before fine-tuning with :meth:`generate`, :meth:`save` it, and
-    :meth:`load` it in the training run. The file is a standard safetensors file
-    (``safetensors.torch.load_file`` reads it) holding ``latents`` (and ``labels``) and
-    metadata ``format``, ``version``, ``count``, ``shape`` (per sample, JSON), ``dtype``,
-    ``seed``, ``batch_size``, ``source`` and ``content_sha256``; no timestamp, so the same
-    generation writes the same bytes.
-    """
-
-    def __init__(self, latents: Tensor, labels: Optional[Tensor] = None,
-                 metadata: Optional[Dict[str, str]] = None) -> None:
-        if not isinstance(latents, Tensor) or not latents.dtype.is_floating_point:
-            raise TypeError("latents must be a floating torch.Tensor of shape [N, ...]")
-        if latents.dim() < 2 or latents.shape[0] < 1:
-            raise ValueError(f"latents must have shape [N, ...] with N >= 1, got {tuple(latents.shape)}")
-        if labels is not None:
-            if not isinstance(labels, Tensor) or labels.dtype.is_floating_point \
-                    or labels.dtype == torch.bool:
-                raise TypeError("labels must be an integer torch.Tensor of shape [N]")
-            if labels.shape != (latents.shape[0],):
-                raise ValueError(f"labels must have shape [N] = [{latents.shape[0]}], got "
-                                 f"{tuple(labels.shape)}")
-        self.latents = latents
-        self.labels = labels
-        self.metadata: Dict[str, str] = dict(metadata or {})
-
-    # -------------------------------------------------------------- dataset protocol
-    def __len__(self) -> int:
-        return self.latents.shape[0]
-
-    def __getitem__(self, index: int) -> Tensor:
-        return self.latents[index]
-
-    def __repr__(self) -> str:
-        src = self.metadata.get("source", "")
-        return (f"KnowledgeBank(count={len(self)}, shape={tuple(self.latents.shape[1:])}, "
-                f"dtype={self.latents.dtype}, source={src!r})")
-
-    # -------------------------------------------------------------- generation
-    @classmethod
-    @torch.no_grad()
-    def generate(cls, generate: Callable[[int, torch.Generator], Any], num_samples: int, *,
-                 batch_size: int = 16, seed: int = 0, source: str = "",
-                 dtype: Optional[torch.dtype] = None, generator_device: Union[str, torch.device] = "cpu",
-                 labels: Optional[Tensor] = None, progress: Optional[Callable[[int, int], None]] = None,
-                 ) -> "KnowledgeBank":
-        """Generate ``num_samples`` samples with the pre-trained model, once.
-
-        Args:
-            generate: ``generate(n, generator) -> [n, ...]`` tensor in the model's training
-                space (latents for a latent model, pixels in ``[-1, 1]`` for a pixel
-                model). A numpy array or a diffusers pipeline output (``.images``) is
-                accepted too. Called on chunks of at most ``batch_size``, in order, with
-                one ``torch.Generator`` seeded with ``seed``, so the bank is reproducible.
-            num_samples: ``N``.
-            batch_size: samples per call.
-            seed: seed of the generator passed to every call.
-            source: free-text provenance (model id, revision, sampler settings).
-            dtype: storage dtype (default: what ``generate`` returns).
-            generator_device: device of the generator (``"cpu"`` is reproducible across
-                machines; diffusers pipelines accept a CPU generator on any device).
-            labels: optional integer ``[N]`` classes to generate (class-conditional
-                models). ``generate`` is then called as ``generate(n, generator,
-                labels_chunk)`` with the chunk's ``[n]`` labels, and the labels are stored
-                with the samples.
-            progress: optional ``progress(done, total)`` callback.
-
-        Examples (diffusers)::
-
-            # latent model (Stable Diffusion): latents as the UNet sees them
-            pipe = StableDiffusionPipeline.from_pretrained(model_id).to("cuda")
-            gen = lambda n, g: pipe([""] * n, generator=g, num_inference_steps=50,
-                                    output_type="latent").images
-            bank = KnowledgeBank.generate(gen, 1000, batch_size=16, source=model_id)
-
-            # pixel model (DDPMPipeline returns NHWC numpy in [0, 1])
-            gen = lambda n, g: torch.from_numpy(pipe(batch_size=n, generator=g,
-                               output_type="np").images).permute(0, 3, 1, 2) * 2 - 1
-
-            # class-conditional latent model (DiTPipeline decodes; encode back to latents)
-            classes = torch.arange(100).repeat_interleave(10)      # 10 samples per class
-            def gen(n, g, y):
-                images = pipe(class_labels=y.tolist(), generator=g, output_type="pt").images
-                latents = pipe.vae.encode(images * 2 - 1).latent_dist.mean
-                return latents * pipe.vae.config.scaling_factor
-            bank = KnowledgeBank.generate(gen, 1000, labels=classes, source=model_id)
-        """
-        if not callable(generate):
-            raise TypeError(f"generate must be callable as generate(n, generator), got "
-                            f"{type(generate).__name__}")
-        for name, v in (("num_samples", num_samples), ("batch_size", batch_size)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-        if not isinstance(source, str):
-            raise TypeError(f"source must be a str, got {type(source).__name__}")
-        if labels is not None:
-            if not isinstance(labels, Tensor) or labels.dtype.is_floating_point \
-                    or labels.dtype == torch.bool or labels.shape != (num_samples,):
-                raise ValueError(f"labels must be an integer tensor of shape [num_samples] = "
-                                 f"[{num_samples}], got {getattr(labels, 'shape', type(labels).__name__)}")
-        generator = torch.Generator(device=generator_device)
-        generator.manual_seed(seed)
-        chunks = []
-        done = 0
-        while done < num_samples:
-            n = min(batch_size, num_samples - done)
-            if labels is None:
-                raw = generate(n, generator)
-            else:
-                raw = generate(n, generator, labels[done:done + n])
-            out = _as_tensor_output(raw, n).detach().to("cpu")
-            if chunks and out.shape[1:] != chunks[0].shape[1:]:
-                raise ValueError(f"generate returned samples of shape {tuple(out.shape[1:])} after "
-                                 f"{tuple(chunks[0].shape[1:])}")
-            chunks.append(out if dtype is None else out.to(dtype))
-            done += n
-            if progress is not None:
-                progress(done, num_samples)
-        latents = torch.cat(chunks).contiguous()
-        if not torch.isfinite(latents).all():
-            raise ValueError("generate returned non-finite values (NaN/inf)")
-        meta = {"seed": str(seed), "batch_size": str(batch_size), "source": source}
-        return cls(latents, labels, meta)
-
-    # -------------------------------------------------------------- storage
-    def _full_metadata(self) -> Dict[str, str]:
-        meta = {k: v for k, v in self.metadata.items()
-                if k not in ("format", "version", "count", "shape", "dtype", "content_sha256")}
-        for k, v in meta.items():
-            if not isinstance(k, str) or not isinstance(v, str):
-                raise TypeError(f"metadata must map str to str, got {k!r}: {type(v).__name__}")
-        meta.update({
-            "format": KNOWLEDGE_BANK_FORMAT,
-            "version": _KB_VERSION,
-            "count": str(len(self)),
-            "shape": json.dumps(list(self.latents.shape[1:])),
-            "dtype": str(self.latents.dtype).replace("torch.", ""),
-            "content_sha256": _content_hash(self.latents, self.labels),
-        })
-        return meta
-
-    def save(self, path: Union[str, os.PathLike]) -> None:
-        """Write the bank to a safetensors file (atomically: a temporary name, then rename)."""
-        tensors = {"latents": self.latents}
-        if self.labels is not None:
-            tensors["labels"] = self.labels.to(torch.int64)
-        data = serialize_safetensors(tensors, self._full_metadata())
-        atomic_write_file(os.fspath(path), data)
-
-    @classmethod
-    def load(cls, path: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu",
-             verify: bool = True) -> "KnowledgeBank":
-        """Read a bank written by :meth:`save`.
-
-        Checks the format marker, ``count``/``shape``/``dtype`` against the tensors and,
-        with ``verify=True``, the content hash; raises ``ValueError`` naming the problem.
-        """
-        from safetensors import safe_open
-
-        path = os.fspath(path)
-        try:
-            with safe_open(path, framework="pt", device="cpu") as f:
-                meta = dict(f.metadata() or {})
-                keys = set(f.keys())
-                if meta.get("format") != KNOWLEDGE_BANK_FORMAT:
-                    raise ValueError(f"{path} is not a fastsoup knowledge bank (metadata format="
-                                     f"{meta.get('format')!r})")
-                if "latents" not in keys:
-                    raise ValueError(f"{path} has no 'latents' tensor")
-                latents = f.get_tensor("latents")
-                labels = f.get_tensor("labels") if "labels" in keys else None
-        except ValueError:
-            raise
-        except Exception as e:  # safetensors raises its own error types for broken files
-            raise ValueError(f"cannot read knowledge bank {path}: {e}") from e
-        if meta.get("version") != _KB_VERSION:
-            raise ValueError(f"{path}: unsupported knowledge bank version {meta.get('version')!r}")
-        if meta.get("count") != str(latents.shape[0]) \
-                or meta.get("shape") != json.dumps(list(latents.shape[1:])) \
-                or meta.get("dtype") != str(latents.dtype).replace("torch.", ""):
-            raise ValueError(f"{path}: metadata (count={meta.get('count')}, shape={meta.get('shape')}, "
-                             f"dtype={meta.get('dtype')}) does not match the stored latents "
-                             f"{tuple(latents.shape)} {latents.dtype}")
-        if verify and meta.get("content_sha256") != _content_hash(latents, labels):
-            raise ValueError(f"{path}: content hash mismatch (the file was modified or truncated)")
-        bank = cls(latents.to(device), None if labels is None else labels.to(device), meta)
-        return bank
-
-    # -------------------------------------------------------------- replay
-    def sample(self, n: int, generator: Optional[torch.Generator] = None) -> Tensor:
-        """``n`` latents drawn uniformly with replacement (on the bank's device)."""
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise ValueError(f"n must be an int >= 0, got {n!r}")
-        idx = torch.randint(0, len(self), (n,), generator=generator)
-        return self.latents[idx.to(self.latents.device)]
-
-    def stream(self, batch_size: int, generator: Optional[torch.Generator] = None,
-               ) -> Iterator[Tensor]:
-        """Endless replay batches of ``batch_size`` latents.
-
-        Each pass over the bank is a fresh random permutation (from ``generator``, a CPU
-        generator); a pass ends when fewer than ``batch_size`` unused samples remain (the
-        reference code's ``DataLoader(shuffle=True, drop_last=True)``, restarted when
-        exhausted). Needs ``batch_size <= len(bank)``.
-        """
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-        if batch_size > len(self):
-            raise ValueError(f"batch_size={batch_size} exceeds the bank's {len(self)} samples")
-        return self._stream(batch_size, generator)
-
-    def _stream(self, batch_size: int, generator: Optional[torch.Generator]) -> Iterator[Tensor]:
-        n = len(self)
-        while True:
-            perm = torch.randperm(n, generator=generator)
-            for start in range(0, n - batch_size + 1, batch_size):
-                yield self.latents[perm[start:start + batch_size].to(self.latents.device)]
-
-
-# ----------------------------------------------------------------------------- batch mixing
 @dataclass
 class DiffTuningBatch:
     """One mixed Diff-Tuning batch: ``B = B_target + B_replay`` rows, target rows first.
@@ -526,14 +147,12 @@ class DiffTuning:
                  retention_weight: float = 0.1, mode: str = "sample") -> None:
         if mode not in ("sample", "weight"):
             raise ValueError(f"mode must be 'sample' or 'weight', got {mode!r}")
-        if isinstance(retention_weight, bool) or not isinstance(retention_weight, (int, float)) \
-                or not math.isfinite(retention_weight) or retention_weight < 0:
-            raise ValueError(f"retention_weight must be a finite number >= 0, got {retention_weight!r}")
+        check_nonnegative("retention_weight", retention_weight)
         split_batch(32, replay_share)  # validates replay_share
-        self.num_train_timesteps = _check_T(num_train_timesteps)
+        self.num_train_timesteps = check_int("num_train_timesteps", num_train_timesteps, 1)
         self.adapt = PowerLawTimestepSampler("adapt", num_train_timesteps, tau)
         self.retain = PowerLawTimestepSampler(
-            "retain", num_train_timesteps, tau if retain_tau is None else _check_tau(retain_tau, "retain_tau"))
+            "retain", num_train_timesteps, tau if retain_tau is None else check_nonnegative("retain_tau", retain_tau))
         self.replay_share = float(replay_share)
         self.retention_weight = float(retention_weight)
         self.mode = mode

@@ -1,9 +1,12 @@
 """fastsoup.merge: streaming, memory-mapped averaging of large checkpoints.
 
-``formats`` (resolve inputs from headers) → ``plan`` (validate, mirror the layout) →
-``engine`` (stream the fused weighted sum) → ``writer`` (crash-safe output), with
-``manifest`` (provenance) and ``report`` (what happened). ``api.merge`` ties them
-together; ``cli`` is the ``fastsoup-merge`` command.
+``options`` (every choice, validated once) → ``formats`` (resolve inputs from headers,
+read with :mod:`fastsoup.io.safetensors`) → ``plan`` (validate, mirror the layout) →
+``engine`` (stream the fused weighted sum over ``mmap`` windows) → ``writer`` (pre-sized
+files) inside ``output`` (the temporary output, side files, indexes, the commit), with
+``manifest`` (provenance) and ``report`` (what happened). ``api.merge`` is the
+transaction that ties them together; ``soup`` adds and removes constituents; ``cli`` is
+the ``fastsoup-merge`` command.
 """
 from .api import merge
 from .errors import HeaderError, MergeError, PlanError

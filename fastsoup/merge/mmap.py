@@ -16,7 +16,7 @@ import errno
 import mmap
 import os
 import sys
-from typing import Dict, List, Tuple
+from typing import Dict, Tuple
 
 from ..io.safetensors import DTYPES
 from ..kernels import cpu as cpu_kernels

@@ -1,11 +1,13 @@
 """Argument validation shared by the ops: clear errors that name the argument."""
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+Scalar = Union[float, torch.Tensor]
+Tensor = torch.Tensor
 
 
 def check_float_tensor(name: str, t, min_dim: int = 1) -> None:
@@ -56,3 +58,51 @@ def as_weight(weight: Optional[Union[float, torch.Tensor]], batch: int,
         return weight.to(device).expand(batch)
     check_per_sample("weight", weight, batch, device)
     return weight
+
+
+def check_data(names: Sequence[str], tensors: Sequence[Tensor]) -> None:
+    """Float tensors of one shape ``[B, ...]`` with at least one element per sample."""
+    for name, t in zip(names, tensors):
+        check_float_tensor(name, t)
+    for name, t in zip(names[1:], tensors[1:]):
+        check_same_shape(names[0], tensors[0], name, t)
+    first = tensors[0]
+    if first.shape[0] > 0 and first[0].numel() == 0:
+        raise ValueError(f"{names[0]} has no elements per sample (shape {tuple(first.shape)})")
+
+
+def per_sample_scalar(name: str, value: Scalar, batch: int, device: torch.device) -> Tensor:
+    """A schedule scalar as a contiguous float ``[B]`` tensor on ``device``.
+
+    Accepts a Python number (made float64), a 0-d float tensor (any device) or a ``[B]``
+    float tensor on ``device`` (kept in its dtype; the coefficient tables are computed in float64 from it). Integer
+    and bool tensors, tensors that require grad and wrong shapes or devices are refused.
+    """
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be a number or a float tensor, got bool")
+    if isinstance(value, (int, float)):
+        return torch.full((batch,), float(value), dtype=torch.float64, device=device)
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a number or a float tensor of shape [B], "
+                        f"got {type(value).__name__}")
+    if not value.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating tensor, got {value.dtype} "
+                        "(convert integer timesteps with vp_alpha_sigma first)")
+    if value.requires_grad:
+        raise ValueError(f"{name} requires grad, but noise-schedule scalars are constants "
+                         f"here (no gradient flows to them): pass {name}.detach()")
+    if value.dim() == 0:  # a 0-d tensor is a number: any device
+        return value.to(device).expand(batch).contiguous()
+    if value.device != device:
+        raise ValueError(f"{name} is on {value.device} but the batch is on {device}")
+    if value.dim() != 1 or value.shape[0] != batch:
+        raise ValueError(f"{name} must have shape [B] = [{batch}], got {tuple(value.shape)}")
+    return value.contiguous()
+
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def check_reduction(reduction: str) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")

@@ -5,7 +5,7 @@ t)`` for ``s < t``. With two independent reverse samples ``x_s⁽¹⁾``, ``x_s�
 same ``x_t`` (:func:`fastsoup.vp_reverse_step`), the unbiased estimator of the squared
 violation is ``L_c = mean[(h_1 − h_t)(h_2 − h_t)]`` (elementwise products; it can be
 negative). Both ops below are one fused row reduction
-(:func:`fastsoup.ops.ambient.row_bilinear`): inputs are read once in the forward pass and
+(:func:`fastsoup.ops.rows.row_bilinear`): inputs are read once in the forward pass and
 once in the backward pass, which writes the gradients directly.
 """
 from __future__ import annotations
@@ -13,10 +13,13 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .ambient import (
-    OP_CONSISTENCY, Scalar, _acc_dtype, _check_reduction, check_data, coefficient_table,
-    consistency_table, per_sample_scalar, row_bilinear,
-)
+from .. import _backend
+from ._checks import Scalar, check_data, check_reduction, per_sample_scalar
+from .ambient_coefficients import coefficient_table, consistency_table
+from .rows import acc_dtype, row_bilinear
+
+OP_CONSISTENCY = "consistency_loss"
+_backend.register_op(OP_CONSISTENCY, ("reference", "triton"), default_gpu="triton")
 
 
 def _reduce(per_sample: Tensor, reduction: str) -> Tensor:
@@ -46,13 +49,13 @@ def consistency_loss(h_anchor: Tensor, h1: Tensor, h2: Tensor, stop_anchor_grad:
         ``∂L/∂h_1 = (h_2 − h_t)/N``, ``∂L/∂h_2 = (h_1 − h_t)/N`` and, only when
         ``stop_anchor_grad=False``, ``∂L/∂h_t = (2h_t − h_1 − h_2)/N``.
     """
-    _check_reduction(reduction)
+    check_reduction(reduction)
     check_data(("h_anchor", "h1", "h2"), (h_anchor, h1, h2))
     if not isinstance(stop_anchor_grad, bool):
         raise TypeError(f"stop_anchor_grad must be a bool, got {type(stop_anchor_grad).__name__}")
     if stop_anchor_grad:
         h_anchor = h_anchor.detach()
-    coef = consistency_table(h1.shape[0], h1.device, _acc_dtype((h_anchor, h1, h2)))
+    coef = consistency_table(h1.shape[0], h1.device, acc_dtype((h_anchor, h1, h2)))
     per_sample = row_bilinear(OP_CONSISTENCY, [h_anchor, h1, h2], coef, square=False)
     return _reduce(per_sample, reduction)
 
@@ -81,7 +84,7 @@ def consistency_loss_eps(x_t: Tensor, eps_t: Tensor, alpha_t: Scalar, sigma_t: S
     (as in the reference code); if ``x_s⁽ⁱ⁾`` depends on ``ε̂_t`` with grad enabled, autograd
     also follows that path whatever ``stop_anchor_grad`` says.
     """
-    _check_reduction(reduction)
+    check_reduction(reduction)
     names = ("x_t", "eps_t", "x_s1", "eps_s1", "x_s2", "eps_s2")
     xs = [x_t, eps_t, x_s1, eps_s1, x_s2, eps_s2]
     check_data(names, xs)
@@ -93,6 +96,6 @@ def consistency_loss_eps(x_t: Tensor, eps_t: Tensor, alpha_t: Scalar, sigma_t: S
     scalars = [per_sample_scalar(n, v, B, dev) for n, v in (
         ("alpha_t", alpha_t), ("sigma_t", sigma_t), ("alpha_s", alpha_s), ("sigma_s", sigma_s))]
     # u = h_1 − h_t, v = h_2 − h_t with h = (x − σ ε̂)/α per input pair
-    coef = coefficient_table(OP_CONSISTENCY, "consistency_eps", scalars, _acc_dtype(xs))
+    coef = coefficient_table(OP_CONSISTENCY, "consistency_eps", scalars, acc_dtype(xs))
     per_sample = row_bilinear(OP_CONSISTENCY, xs, coef, square=False)
     return _reduce(per_sample, reduction)

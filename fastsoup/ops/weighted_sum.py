@@ -6,11 +6,10 @@ launch for the list (not one per tensor per input), reading every input element 
 writing every output element once, accumulating in fp32 and rounding once.
 
 Layers: the PyTorch reference below (the oracle, and the CPU path for fp64, strided or
-in-place lists), the fused ``fastsoup._C`` kernel (the CPU path otherwise), the Triton
-launcher in
-``fastsoup.triton.weighted_sum``, the CUDA kernel in ``csrc/cuda/weighted_sum.cu``
-(``fastsoup._cuda.weighted_sum``), behind the ``torch.library.custom_op``
-``fastsoup::weighted_sum_`` (mutates ``outs``; a fake implementation is registered).
+in-place lists), the backend table (the fused ``fastsoup._C`` kernel for the CPU
+otherwise; the one-launch Triton and CUDA launchers of :mod:`fastsoup.kernels`, which
+share one signature), behind the ``torch.library.custom_op`` ``fastsoup::weighted_sum_``
+(mutates ``outs``; a fake implementation is registered).
 ``outs[p]`` may be one of the ``inputs[k][p]`` (in-place averaging into a replica): every
 backend reads all K inputs of an element before writing it.
 """
@@ -23,13 +22,13 @@ import torch
 from torch import Tensor
 
 from .. import _backend
+from ..kernels import cpu as cpu_kernels
 
 OP = "weighted_sum"
 _backend.register_op(OP, ("reference", "triton", "cuda"), default_gpu="triton",
                      cpu_note="the fastsoup._C kernel (contiguous lists; else the PyTorch reference)")
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_CUDA_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
 # ----------------------------------------------------------------------------- reference
@@ -46,7 +45,16 @@ def reference_weighted_sum_(outs: Sequence[Tensor], inputs: Sequence[Sequence[Te
         out.copy_(acc)
 
 
-# ------------------------------------------------------------------------ fused backends
+# ------------------------------------------------------------------------ backend table
+def _gpu_launch(backend: str):
+    """``weighted_sum_multi(outs, inputs, weights)`` of a GPU backend (one signature)."""
+    if backend == "triton":
+        from ..kernels.triton.weighted_sum import weighted_sum_multi
+    else:
+        from ..kernels.cuda import weighted_sum_multi
+    return weighted_sum_multi
+
+
 def _groups(outs, inputs) -> Dict[Tuple, List[int]]:
     groups: Dict[Tuple, List[int]] = {}
     for p, o in enumerate(outs):
@@ -59,6 +67,7 @@ def _fused(backend: str, outs, inputs, weights) -> None:
     """Run ``backend`` over the lists, one launch per dtype signature (normally one)."""
     device = outs[0].device
     w = torch.tensor([float(x) for x in weights], dtype=torch.float32, device=device)
+    launch = _gpu_launch(backend)
     for key, ps in _groups(outs, inputs).items():
         in_dtypes = key[1:]
         common = in_dtypes[0] if len(set(in_dtypes)) == 1 else torch.float32
@@ -73,46 +82,9 @@ def _fused(backend: str, outs, inputs, weights) -> None:
                 copy_back.append((o, tmp))
         g_inputs = [[(inp[p] if inp[p].dtype == common else inp[p].to(common)).contiguous()
                      for p in ps] for inp in inputs]
-        if backend == "triton":
-            from ..triton.weighted_sum import weighted_sum_multi
-
-            weighted_sum_multi(g_outs, g_inputs, w)
-        else:
-            _cuda_launch(g_outs, g_inputs, w)
+        launch(g_outs, g_inputs, w)
         for o, tmp in copy_back:
             o.copy_(tmp)
-
-
-def _tables(outs, inputs, block: int):
-    device = outs[0].device
-    K = len(inputs)
-    numels = [o.numel() for o in outs]
-    table = torch.tensor([[outs[p].data_ptr()] + [inputs[k][p].data_ptr() for k in range(K)]
-                          for p in range(len(outs))], dtype=torch.int64, device=device)
-    ids, starts = [], []
-    for p, n in enumerate(numels):
-        nb = -(-n // block)
-        ids.extend([p] * nb)
-        starts.extend(range(0, nb * block, block))
-    return (table, torch.tensor(numels, dtype=torch.int64, device=device),
-            torch.tensor(ids, dtype=torch.int32, device=device),
-            torch.tensor(starts, dtype=torch.int64, device=device))
-
-
-CUDA_BLOCK = 2048  # elements per table block of the CUDA kernel (see weighted_sum.cu)
-
-
-def _cuda_launch(outs, inputs, w) -> None:
-    from ..kernels import _ext
-
-    table, numel, bt, bs = _tables(outs, inputs, CUDA_BLOCK)
-    if bt.numel() == 0:
-        return
-    _ext.cuda_ext().weighted_sum(table, numel, bt, bs, w, len(inputs),
-                                 _CUDA_CODES[inputs[0][0].dtype], _CUDA_CODES[outs[0].dtype])
-
-
-_C_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 
 
 def _as_buffer(t: Tensor):
@@ -122,16 +94,14 @@ def _as_buffer(t: Tensor):
 
 
 def _cpu_fused(outs, inputs, weights) -> bool:
-    """CPU tensors: ``fastsoup._C.weighted_sum`` per output (fp32 accumulation, same order
+    """CPU tensors: the ``fastsoup._C`` kernel per output (fp32 accumulation, same order
     and rounding as the reference, multi-threaded), when every tensor is contiguous, no
     output shares memory with an input, and the extension is loaded. False otherwise."""
-    from ..kernels import _ext
-
-    ext = _ext.cpu_ext(warn=False)
+    ext = cpu_kernels.extension()
     if ext is None:
         return False
     tensors = list(outs) + [t for inp in inputs for t in inp]
-    if any(t.device.type != "cpu" or not t.is_contiguous() or t.dtype not in _C_CODES
+    if any(t.device.type != "cpu" or not t.is_contiguous() or t.dtype not in _CPU_DTYPES
            or t.requires_grad for t in tensors):
         return False
     if any(t.dtype == torch.float64 for t in tensors):
@@ -153,10 +123,12 @@ def _cpu_fused(outs, inputs, weights) -> bool:
     for p, o in enumerate(outs):
         if o.numel() == 0:
             continue
-        ext.weighted_sum(_as_buffer(o), _C_CODES[o.dtype],
-                         [_as_buffer(inp[p]) for inp in inputs],
-                         [_C_CODES[inp[p].dtype] for inp in inputs], weights, o.numel())
+        cpu_kernels.weighted_sum(_as_buffer(o), o.dtype, [_as_buffer(inp[p]) for inp in inputs],
+                                 [inp[p].dtype for inp in inputs], weights, o.numel(), ext=ext)
     return True
+
+
+_CPU_DTYPES = _KERNEL_DTYPES + (torch.float64,)
 
 
 def _backend_for(outs: Sequence[Tensor], inputs) -> str:

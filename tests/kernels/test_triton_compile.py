@@ -19,7 +19,7 @@ SCRIPT = textwrap.dedent('''
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from fastsoup.triton import ambient as A
+    from fastsoup.kernels.triton import ambient as A
 
     target = GPUTarget("cuda", 90, 32)
     failures = []
@@ -74,7 +74,7 @@ def test_kernels_compile_for_sm90():
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=root, env=env,
                           capture_output=True, text=True, timeout=300)
     out = proc.stdout.strip()

@@ -12,16 +12,19 @@ dtype); tensors are contiguous. Offsets are int64.
 """
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import Sequence
 
 import torch
 import triton
 import triton.language as tl
 
-from ._util import on_device_of
+from ..layout import on_device_of, weighted_sum_tables
 
 BLOCK = 1024
 NUM_WARPS = 4
+# FMA contraction: off. ``acc + w*x`` then rounds exactly as the PyTorch reference and the
+# CPU kernel do, so a soup summed on the GPU is bit-identical to one summed on the CPU.
+FP_FUSION = False
 
 _TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
@@ -48,19 +51,6 @@ def _weighted_sum_kernel(
     tl.store(dst + offs, acc.to(OUT_T), mask=mask)
 
 
-def block_tables(numels: Sequence[int], block: int, device) -> tuple:
-    """(block_tensor int32 [nb], block_start int64 [nb]) covering every tensor in BLOCKs."""
-    tensor_ids: List[int] = []
-    starts: List[int] = []
-    for p, n in enumerate(numels):
-        nb = -(-n // block)
-        tensor_ids.extend([p] * nb)
-        starts.extend(range(0, nb * block, block))
-    bt = torch.tensor(tensor_ids, dtype=torch.int32, device=device)
-    bs = torch.tensor(starts, dtype=torch.int64, device=device)
-    return bt, bs
-
-
 @on_device_of(lambda outs, *a: outs[0])
 def weighted_sum_multi(outs: Sequence[torch.Tensor], inputs: Sequence[Sequence[torch.Tensor]],
                        weights: torch.Tensor) -> None:
@@ -72,18 +62,13 @@ def weighted_sum_multi(outs: Sequence[torch.Tensor], inputs: Sequence[Sequence[t
             ``outs[p].numel()`` elements.
         weights: fp32 ``[K]`` on the tensors' device.
     """
-    K, P = len(inputs), len(outs)
-    device = outs[0].device
-    numels = [o.numel() for o in outs]
-    table = torch.tensor([[outs[p].data_ptr()] + [inputs[k][p].data_ptr() for k in range(K)]
-                          for p in range(P)], dtype=torch.int64, device=device)
-    numel_t = torch.tensor(numels, dtype=torch.int64, device=device)
-    bt, bs = block_tables(numels, BLOCK, device)
+    K = len(inputs)
+    table, numel_t, bt, bs = weighted_sum_tables(outs, inputs, BLOCK)
     nb = bt.numel()
     if nb == 0:
         return
     _weighted_sum_kernel[(nb,)](
         table, numel_t, bt, bs, weights,
         K=K, IN_T=_TL[inputs[0][0].dtype], OUT_T=_TL[outs[0].dtype], BLOCK=BLOCK,
-        num_warps=NUM_WARPS,
+        num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION,
     )

@@ -19,7 +19,7 @@ flag at 13; row-linear ``C_mk`` at ``4m + k``. :func:`coefficients` fills the ta
 the raw schedule scalars in one launch (float64 arithmetic), so an op costs a handful of
 launches in total, not one per ``[B]``-sized formula.
 
-Kernels walk a :class:`fastsoup.ops._rows.RowLayout` (program ``(row, chunk)`` handles
+Kernels walk a :class:`fastsoup.kernels.layout.RowLayout` (program ``(row, chunk)`` handles
 ``CHUNK`` consecutive elements of one sample), offsets are int64, arithmetic is fp32
 whatever the storage dtypes, and no ``[B, D]`` temporary is allocated: inputs are read
 once per pass, the per-sample reduction goes through fp32 ``[B, n_chunks]`` partial sums
@@ -33,26 +33,25 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops._rows import RowLayout, plan_chunks
-from ._util import on_device_of, target_programs
-from .mse import _inner_offsets
+from ..abi import (COEF_COLS, COEF_KINDS, COL_SCALE, COL_VALID, MAX_BILINEAR_INPUTS,
+                   MAX_LINEAR_INPUTS, MAX_LINEAR_OUTPUTS)
+from ..layout import RowLayout, on_device_of, row_chunks
+from .rows import load_f32 as _ld
+from .rows import row_offsets as _offs
 
 BLOCK = 1024
 NUM_WARPS = 4
-MAX_BILINEAR_INPUTS = 6
-MAX_LINEAR_INPUTS = 4
-MAX_LINEAR_OUTPUTS = 4
-
-
-@triton.jit
-def _offs(row, sb, s1, s2, s3, j, S2, S3, DENSE: tl.constexpr):
-    return row * sb + _inner_offsets(j, s1, s2, s3, S2, S3, DENSE)
-
-
-@triton.jit
-def _ld(ptr, row, sb, s1, s2, s3, j, mask, S2, S3, DENSE: tl.constexpr):
-    return tl.load(ptr + _offs(row, sb, s1, s2, s3, j, S2, S3, DENSE),
-                   mask=mask, other=0.0).to(tl.float32)
+# FMA contraction. Row kernels: on (fp32 sums of products; fused is at least as exact).
+# Coefficient kernel: off, so that the float64 formulas round exactly as the reference and
+# the interpreter do; the one expression that cancels (σ_t² − a²σ_n²) is also written in
+# a form that stays exact when fused. Set on every launch (the default may change).
+FP_FUSION_ROWS = True
+FP_FUSION_COEFFICIENTS = False
+BLOCK_B = 128  # samples per program of the coefficient kernel
+# The table layout (kernels/abi.py) as kernel constants.
+_COLS = tl.constexpr(COEF_COLS)
+_SCALE = tl.constexpr(COL_SCALE)
+_VALID = tl.constexpr(COL_VALID)
 
 
 @triton.jit
@@ -118,7 +117,7 @@ def _bilinear_partial_kernel(
     b3 = tl.load(cb + 9)
     b4 = tl.load(cb + 10)
     b5 = tl.load(cb + 11)
-    scale = tl.load(cb + 12)
+    scale = tl.load(cb + _SCALE)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for off in range(0, CHUNK, BLOCK):
         j = start + off + tl.arange(0, BLOCK).to(tl.int64)
@@ -174,7 +173,7 @@ def _bilinear_grad_kernel(
     b3 = tl.load(cb + 9)
     b4 = tl.load(cb + 10)
     b5 = tl.load(cb + 11)
-    s = tl.load(grad_ptr + row).to(tl.float32) * tl.load(cb + 12) * inv_D  # g_i c_i / D
+    s = tl.load(grad_ptr + row).to(tl.float32) * tl.load(cb + _SCALE) * inv_D  # g_i c_i / D
     for off in range(0, CHUNK, BLOCK):
         j = start + off + tl.arange(0, BLOCK).to(tl.int64)
         mask = j < D
@@ -276,8 +275,7 @@ def _linear_kernel(
 
 
 # ---------------------------------------------------------------------- coefficient table
-KIND_VP_X0, KIND_VP_EPS, KIND_VE, KIND_CONSISTENCY_EPS, KIND_STEP, KIND_STEP_EPS = range(6)
-COEF_COLS = 16
+KIND_VE = COEF_KINDS.index("ve")
 
 
 @triton.jit
@@ -303,7 +301,7 @@ def _coefficient_kernel(
     pid = tl.program_id(0)
     offs = pid * BLOCK_B + tl.arange(0, BLOCK_B)
     mask = offs < B
-    row = out_ptr + offs.to(tl.int64) * 16
+    row = out_ptr + offs.to(tl.int64) * _COLS
     zero = tl.zeros([BLOCK_B], dtype=tl.float64)
     one = zero + 1.0  # columns not written below stay 0 (the table is zero-initialised)
     if KIND <= 1:  # VP: p = (α_t, σ_t, α_n, σ_n)
@@ -313,7 +311,10 @@ def _coefficient_kernel(
         sn = _ld64(p3, offs, mask)
         valid = st >= sn
         a = at / an
-        b = tl.sqrt(tl.maximum(st * st - a * a * sn * sn, 0.0))
+        # σ_t² − a²σ_n² as a product: exact 0 at t = t_n (a = 1, σ_t = σ_n) even when
+        # contracted into an FMA, where st*st - (a*sn)*(a*sn) leaves a rounding residual.
+        asn = a * sn
+        b = tl.sqrt(tl.maximum((st - asn) * (st + asn), 0.0))
         live = valid & (b > 0.0)
         k = tl.where(live, b / tl.where(live, st, one), zero)
         if KIND == 0:
@@ -325,8 +326,8 @@ def _coefficient_kernel(
         _st(row, 1, lv, mask)
         _st(row, 6, -k, mask)
         _st(row, 7, lv, mask)
-        _st(row, 12, c, mask)
-        _st(row, 13, tl.where(valid, one, zero), mask)
+        _st(row, _SCALE, c, mask)
+        _st(row, _VALID, tl.where(valid, one, zero), mask)
     if KIND == 2:  # VE: p = (σ_t, σ_n), param = σ_data² (a float32 kernel argument)
         st = _ld64(p0, offs, mask)
         sn = _ld64(p1, offs, mask)
@@ -345,8 +346,8 @@ def _coefficient_kernel(
         _st(row, 6, lv, mask)
         _st(row, 7, -p, mask)
         _st(row, 8, -q, mask)
-        _st(row, 12, lam, mask)
-        _st(row, 13, lv, mask)
+        _st(row, _SCALE, lam, mask)
+        _st(row, _VALID, lv, mask)
     if KIND == 3:  # consistency, ε form: p = (α_t, σ_t, α_s, σ_s)
         at = _ld64(p0, offs, mask)
         st = _ld64(p1, offs, mask)
@@ -360,8 +361,8 @@ def _coefficient_kernel(
         _st(row, 7, st / at, mask)
         _st(row, 10, 1.0 / as_, mask)
         _st(row, 11, -ss / as_, mask)
-        _st(row, 12, one, mask)
-        _st(row, 13, one, mask)
+        _st(row, _SCALE, one, mask)
+        _st(row, _VALID, one, mask)
     if KIND >= 4:  # reverse step
         if KIND == 4:  # p = (α_s, c_o, c_f): inputs (ĥ, ε̂, ξ...)
             cx = _ld64(p0, offs, mask)
@@ -389,9 +390,10 @@ def coefficients(kind: int, scalars: Sequence[torch.Tensor], batch: int, param: 
     """fp32 ``[B, 16]`` coefficient table of ``kind`` from ``[B]`` float scalars (any dtype)."""
     out = torch.zeros((batch, COEF_COLS), dtype=torch.float32, device=scalars[0].device)
     ptrs = _pad(scalars, 5, scalars[0])
-    BLOCK_B = 128
+    param = float(param) ** 2 if kind == KIND_VE else float(param)
     _coefficient_kernel[(triton.cdiv(batch, BLOCK_B),)](
-        out, *ptrs, batch, float(param) ** 2 if kind == KIND_VE else float(param), KIND=kind, N_OUT=n_out, BLOCK_B=BLOCK_B, num_warps=4,
+        out, *ptrs, batch, param, KIND=kind, N_OUT=n_out, BLOCK_B=BLOCK_B, num_warps=4,
+        enable_fp_fusion=FP_FUSION_COEFFICIENTS,
     )
     return out
 
@@ -409,10 +411,7 @@ def _flat_strides(layout: RowLayout, first: int, count: int, n: int):
 
 
 def _chunks(layout: RowLayout, device: torch.device, chunk: Optional[int]):
-    B, D = layout.batch, layout.row_numel
-    if chunk is None:
-        return plan_chunks(B, D, BLOCK, target_programs(device))
-    return chunk, -(-D // chunk)
+    return row_chunks(layout, device, BLOCK, chunk)
 
 
 def _check_coef(coef: torch.Tensor, batch: int) -> None:
@@ -439,7 +438,7 @@ def bilinear_forward(xs: Sequence[torch.Tensor], coef: torch.Tensor, square: boo
         *_pad(xs, MAX_BILINEAR_INPUTS, xs[0]), coef, partial,
         *_flat_strides(layout, 0, n, MAX_BILINEAR_INPUTS),
         coef.stride(0), D, S2, S3, chunk, n_chunks, 1.0 / D,
-        N_IN=n, SQUARE=square, BLOCK=BLOCK, DENSE=layout.dense, num_warps=NUM_WARPS,
+        N_IN=n, SQUARE=square, BLOCK=BLOCK, DENSE=layout.dense, num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION_ROWS,
     )
     return partial.view(B) if n_chunks == 1 else partial.sum(dim=1)
 
@@ -470,7 +469,7 @@ def bilinear_backward(xs: Sequence[torch.Tensor], coef: torch.Tensor, grad: torc
         coef.stride(0), layout.row_numel, S2, S3, chunk, 1.0 / layout.row_numel,
         N_IN=n, SQUARE=square, BLOCK=BLOCK, DENSE=layout.dense,
         W0=flags[0], W1=flags[1], W2=flags[2], W3=flags[3], W4=flags[4], W5=flags[5],
-        num_warps=NUM_WARPS,
+        num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION_ROWS,
     )
 
 
@@ -494,5 +493,5 @@ def linear_forward(xs: Sequence[torch.Tensor], coef: torch.Tensor,
         *_flat_strides(layout, 0, n_in, MAX_LINEAR_INPUTS),
         *_flat_strides(layout, n_in, n_out, MAX_LINEAR_OUTPUTS),
         coef.stride(0), layout.row_numel, S2, S3, chunk,
-        N_IN=n_in, N_OUT=n_out, BLOCK=BLOCK, DENSE=layout.dense, num_warps=NUM_WARPS,
+        N_IN=n_in, N_OUT=n_out, BLOCK=BLOCK, DENSE=layout.dense, num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION_ROWS,
     )

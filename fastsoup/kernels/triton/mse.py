@@ -1,6 +1,6 @@
 """Per-sample mean squared error: forward partial sums and the backward gradient.
 
-Both kernels walk a :class:`fastsoup.ops._rows.RowLayout`: program ``(row, chunk)``
+Both kernels walk a :class:`fastsoup.kernels.layout.RowLayout`: program ``(row, chunk)``
 handles ``CHUNK`` consecutive elements of one sample. Offsets are int64 throughout.
 Accumulation is fp32 whatever the input dtypes; no ``[B, D]`` temporary is created.
 """
@@ -12,23 +12,14 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops._rows import RowLayout, plan_chunks
-from ._util import device_guard as _device_guard
-from ._util import target_programs
+from ..layout import RowLayout, on_device_of, row_chunks
+from .rows import inner_offsets as _inner_offsets
 
 BLOCK = 1024
 NUM_WARPS = 4
-
-
-@triton.jit
-def _inner_offsets(j, s1, s2, s3, S2, S3, DENSE: tl.constexpr):
-    if DENSE:
-        return j * s3
-    i3 = j % S3
-    q = j // S3
-    i2 = q % S2
-    i1 = q // S2
-    return i1 * s1 + i2 * s2 + i3 * s3
+# FMA contraction: on. ``acc += d * d`` fused rounds once (at least as exact as unfused);
+# no expression here needs unfused rounding. Set on every launch (the default may change).
+FP_FUSION = True
 
 
 @triton.jit
@@ -85,27 +76,25 @@ def _mse_grad_kernel(
             tl.store(gt, (-g).to(gtarget_ptr.dtype.element_ty), mask=mask)
 
 
+@on_device_of(lambda pred, *a, **k: pred)
 def mse_forward(pred: torch.Tensor, target: torch.Tensor, layout: RowLayout,
                 chunk: Optional[int] = None) -> torch.Tensor:
     """fp32 ``[B]`` per-sample MSE. ``chunk`` (a multiple of BLOCK) overrides the split."""
     B, D = layout.batch, layout.row_numel
-    if chunk is None:
-        chunk, n_chunks = plan_chunks(B, D, BLOCK, target_programs(pred.device))
-    else:
-        n_chunks = -(-D // chunk)
+    chunk, n_chunks = row_chunks(layout, pred.device, BLOCK, chunk)
     partial = torch.empty((B, n_chunks), dtype=torch.float32, device=pred.device)
     ps, ts = layout.strides[0], layout.strides[1]
     _, S2, S3 = layout.sizes
-    with _device_guard(pred):
-        _mse_partial_kernel[(B, n_chunks)](
-            pred, target, partial,
-            *ps, *ts,
-            D, S2, S3, chunk, n_chunks, 1.0 / D,
-            BLOCK=BLOCK, DENSE=layout.dense, num_warps=NUM_WARPS,
-        )
+    _mse_partial_kernel[(B, n_chunks)](
+        pred, target, partial,
+        *ps, *ts,
+        D, S2, S3, chunk, n_chunks, 1.0 / D,
+        BLOCK=BLOCK, DENSE=layout.dense, num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION,
+    )
     return partial.view(B) if n_chunks == 1 else partial.sum(dim=1)
 
 
+@on_device_of(lambda coef, pred, *a, **k: pred)
 def mse_backward(coef: torch.Tensor, pred: torch.Tensor, target: torch.Tensor,
                  grad_pred: Optional[torch.Tensor], grad_target: Optional[torch.Tensor],
                  layout: RowLayout, chunk: Optional[int] = None) -> None:
@@ -115,19 +104,15 @@ def mse_backward(coef: torch.Tensor, pred: torch.Tensor, target: torch.Tensor,
     ``[pred, target, grad_pred or pred, grad_target or target]``.
     """
     B, D = layout.batch, layout.row_numel
-    if chunk is None:
-        chunk, n_chunks = plan_chunks(B, D, BLOCK, target_programs(pred.device))
-    else:
-        n_chunks = -(-D // chunk)
+    chunk, n_chunks = row_chunks(layout, pred.device, BLOCK, chunk)
     _, S2, S3 = layout.sizes
     gp = grad_pred if grad_pred is not None else pred
     gt = grad_target if grad_target is not None else target
-    with _device_guard(pred):
-        _mse_grad_kernel[(B, n_chunks)](
-            pred, target, coef, gp, gt,
-            *layout.strides[0], *layout.strides[1], *layout.strides[2], *layout.strides[3],
-            D, S2, S3, chunk,
-            BLOCK=BLOCK, DENSE=layout.dense,
-            WRITE_PRED=grad_pred is not None, WRITE_TARGET=grad_target is not None,
-            num_warps=NUM_WARPS,
-        )
+    _mse_grad_kernel[(B, n_chunks)](
+        pred, target, coef, gp, gt,
+        *layout.strides[0], *layout.strides[1], *layout.strides[2], *layout.strides[3],
+        D, S2, S3, chunk,
+        BLOCK=BLOCK, DENSE=layout.dense,
+        WRITE_PRED=grad_pred is not None, WRITE_TARGET=grad_target is not None,
+        num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION,
+    )

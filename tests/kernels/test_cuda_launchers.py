@@ -2,7 +2,7 @@
 
 A stand-in for ``fastsoup._cuda`` implements the binding's contract (partial sums
 ``[B, n_chunks]`` scaled by 1/D; gradients written through the given strides) with
-``torch.as_strided`` from the layout it receives. If ops/mse.py passed wrong strides,
+``torch.as_strided`` from the layout it receives. If the launchers passed wrong strides,
 sizes or chunking, or summed the partials wrongly, these tests fail.
 """
 import types
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import fastsoup as fs
-from fastsoup.kernels import _ext
+from fastsoup.kernels import _ext, abi
 from fastsoup.ops import mse as mse_mod
 
 
@@ -21,7 +21,7 @@ def _view(t, sizes, strides):
 
 
 def _fake_forward(pred, target, sizes, strides, dense, chunk, n_chunks):
-    assert chunk % mse_mod.CUDA_CHUNK_QUANTUM == 0 and chunk * n_chunks >= sizes[0] * sizes[1] * sizes[2]
+    assert chunk % abi.MSE_CUDA_CHUNK_QUANTUM == 0 and chunk * n_chunks >= sizes[0] * sizes[1] * sizes[2]
     B, D = pred.shape[0], sizes[0] * sizes[1] * sizes[2]
     p = _view(pred, sizes, strides[0]).reshape(B, D).float()
     t = _view(target, sizes, strides[1]).reshape(B, D).float()

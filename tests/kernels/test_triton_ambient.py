@@ -9,8 +9,10 @@ import pytest
 import torch
 
 import fastsoup as fs
-from fastsoup.ops import ambient as amb
-from fastsoup.ops._rows import row_layout
+from fastsoup.kernels import abi
+from fastsoup.kernels.layout import row_layout
+from fastsoup.ops import ambient_coefficients as coefs
+from fastsoup.ops import rows
 
 triton = pytest.importorskip("triton")
 
@@ -147,21 +149,21 @@ def test_channels_last_slices_and_fallback(triton_device):
 
 
 def test_long_rows_split_across_programs(triton_device):
-    from fastsoup.triton import ambient as tamb
+    from fastsoup.kernels.triton import ambient as tamb
 
     torch.manual_seed(7)
     xs = [torch.randn(1, 3 * 4096 + 17, device=triton_device) for _ in range(3)]
-    coef = torch.randn(1, amb.COEF_COLS, device=triton_device)
+    coef = torch.randn(1, abi.COEF_COLS, device=triton_device)
     layout = row_layout(xs)
     out = tamb.bilinear_forward(xs, coef, False, layout, chunk=tamb.BLOCK)
-    torch.testing.assert_close(out, amb.reference_bilinear(xs, coef, False), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, rows.reference_bilinear(xs, coef, False), rtol=1e-5, atol=1e-5)
     _compare(lambda a, b, c: fs.consistency_loss(a, b, c, stop_anchor_grad=False, reduction="none"),
              xs, 1e-5)
 
 
 @pytest.mark.parametrize("kind", ["vp_x0", "vp_eps", "ve", "consistency_eps", "step", "step_eps"])
 def test_coefficient_kernel_matches_reference(triton_device, kind):
-    from fastsoup.triton import ambient as tamb
+    from fastsoup.kernels.triton import ambient as tamb
 
     B = 300  # more than one block of the coefficient kernel
     g = torch.Generator().manual_seed(10)
@@ -175,8 +177,8 @@ def test_coefficient_kernel_matches_reference(triton_device, kind):
                "step": [at, st, an], "step_eps": [at, st, an, sn, st * 0.5]}[kind]
     scalars = [x.to(triton_device) for x in scalars]
     for n_out in ((1, 2) if kind.startswith("step") else (1,)):
-        got = tamb.coefficients(amb.KINDS.index(kind), scalars, B, 0.7, n_out)
-        want = amb.reference_coefficients(kind, scalars, 0.7, n_out, torch.float32)
+        got = tamb.coefficients(coefs.KINDS.index(kind), scalars, B, 0.7, n_out)
+        want = coefs.reference_coefficients(kind, scalars, 0.7, n_out, torch.float32)
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
         assert torch.isfinite(got).all()
 
@@ -199,7 +201,7 @@ def test_masked_rows_with_nan_give_exact_zero_gradients(triton_device):
 
 def test_triton_kernels_actually_run(triton_device, monkeypatch):
     """Guard against the comparisons above passing because both sides ran the reference."""
-    from fastsoup.triton import ambient as tamb
+    from fastsoup.kernels.triton import ambient as tamb
 
     calls = []
     for name in ("bilinear_forward", "bilinear_backward", "linear_forward", "coefficients"):
@@ -260,7 +262,7 @@ def test_cuda_long_row_and_no_row_sized_temporaries():
 def test_backward_uses_the_backend_chosen_in_forward(triton_device, monkeypatch):
     """Autograd runs CUDA backwards on its own thread, where a thread-local
     fs.use_backend() is not visible: the forward's choice must travel with the graph."""
-    from fastsoup.triton import ambient as tamb
+    from fastsoup.kernels.triton import ambient as tamb
 
     calls = []
     real_bw, real_lin = tamb.bilinear_backward, tamb.linear_forward

@@ -10,10 +10,11 @@ import torch
 
 import fastsoup as fs
 from fastsoup import _C
+from fastsoup.kernels import abi
 from fastsoup.ops import weighted_sum as ws_mod
-from test_merge_support import bf16_from_f64, bf16_round
+from tests.helpers import bf16_from_f64, bf16_round
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 SHAPES = [(3, 5), (1000,), (2, 3, 7), (0,), (4097,), (1,)]
 
@@ -144,7 +145,7 @@ def test_custom_op_registration():
                                                  (torch.float16, torch.float32),
                                                  (torch.float32, torch.float16)])
 def test_triton_matches_reference(triton_device, in_dtype, out_dtype, monkeypatch):
-    from fastsoup.triton import weighted_sum as tws
+    from fastsoup.kernels.triton import weighted_sum as tws
 
     launches = []
     orig = tws.weighted_sum_multi
@@ -178,9 +179,10 @@ def test_triton_mixed_dtypes_and_non_contiguous(triton_device):
 
 
 def test_triton_block_tables():
-    from fastsoup.triton.weighted_sum import block_tables
+    from fastsoup.kernels.layout import weighted_sum_tables
 
-    bt, bs = block_tables([0, 5, 2048, 1], 1024, "cpu")
+    outs = [torch.empty(n) for n in (0, 5, 2048, 1)]
+    _, _, bt, bs = weighted_sum_tables(outs, [outs], 1024)
     assert bt.tolist() == [1, 2, 2, 3] and bs.tolist() == [0, 0, 1024, 0]
 
 
@@ -190,6 +192,7 @@ def test_cuda_weighted_sum_compiles(tmp_path):
     src = os.path.join(ROOT, "csrc", "cuda", "weighted_sum.cu")
     out = tmp_path / "weighted_sum.o"
     res = subprocess.run(["nvcc", "-c", "-std=c++17", "-O2", "-arch=sm_90", "-Werror=all-warnings",
+                          "-I", os.path.join(ROOT, "csrc", "include"),
                           src, "-o", str(out)], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     sym = subprocess.run(["nm", str(out)], capture_output=True, text=True).stdout
@@ -211,7 +214,7 @@ def test_cuda_glue_tables(monkeypatch):
             n = int(numel[p])
             if n == 0:
                 continue
-            end = min(n, start + ws_mod.CUDA_BLOCK)
+            end = min(n, start + abi.WEIGHTED_SUM_CUDA_BLOCK)
             o = by_ptr[int(table[p, 0])].view(-1)
             acc = sum(float(w[k]) * by_ptr[int(table[p, 1 + k])].view(-1)[start:end].float()
                       for k in range(K))

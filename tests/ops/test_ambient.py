@@ -7,7 +7,11 @@ import pytest
 import torch
 
 import fastsoup as fs
+from fastsoup.kernels import abi
 from fastsoup.ops import ambient as amb
+from fastsoup.ops import ambient_coefficients as coefs
+from fastsoup.ops import rows
+from fastsoup.ops.reverse_step import OP_STEP
 
 
 # --------------------------------------------------------------------- transcriptions
@@ -311,15 +315,15 @@ def test_errors_name_the_argument():
 def test_opcheck_custom_ops():
     torch.manual_seed(0)
     xs = [torch.randn(3, 4, 5, requires_grad=True) for _ in range(3)]
-    coef = torch.randn(3, amb.COEF_COLS)
+    coef = torch.randn(3, abi.COEF_COLS)
     for square in (True, False):
-        torch.library.opcheck(amb._bilinear_op, (amb.OP_VE, xs, coef, square))
+        torch.library.opcheck(rows.BILINEAR.op, (amb.OP_VE, xs, coef, square))
     plain = [x.detach() for x in xs]  # the backward op itself is not differentiable
-    torch.library.opcheck(amb._bilinear_backward_op,
+    torch.library.opcheck(rows.BILINEAR.backward_op,
                           (amb.OP_VE, torch.randn(3), plain, coef, False, [True, False, True]))
-    torch.library.opcheck(amb._linear_op, (amb.OP_STEP, xs, coef, 2, torch.float32, ""))
+    torch.library.opcheck(rows.LINEAR.op, (OP_STEP, xs, coef, 2, torch.float32, ""))
     scalars = [torch.rand(3) + 0.5 for _ in range(4)]
-    torch.library.opcheck(amb._coefficients_op,
+    torch.library.opcheck(coefs._coefficients_op,
                           (amb.OP_VP, "vp_x0", scalars, 0.0, 1, torch.float32))
 
 
@@ -329,14 +333,14 @@ def test_coefficient_table_layout():
     st = (1 - at**2).sqrt()
     an = torch.full((3,), math.sqrt(0.7), dtype=torch.float64)
     sn = (1 - an**2).sqrt()
-    T = amb.reference_coefficients("vp_x0", [at, st, an, sn], 0.0, 1, torch.float64)
+    T = coefs.reference_coefficients("vp_x0", [at, st, an, sn], 0.0, 1, torch.float64)
     a = at / an
     b = (st**2 - a**2 * sn**2).clamp_min(0).sqrt()
     assert T[0, 0].item() == pytest.approx(-(b[0] / st[0]).item())
-    assert T[0, amb.COL_SCALE].item() == pytest.approx(((b[0] / a[0]) ** 2).item())
-    assert T[:, amb.COL_VALID].tolist() == [1.0, 0.0, 1.0]   # σ_t < σ_n in row 1
+    assert T[0, abi.COL_SCALE].item() == pytest.approx(((b[0] / a[0]) ** 2).item())
+    assert T[:, abi.COL_VALID].tolist() == [1.0, 0.0, 1.0]   # σ_t < σ_n in row 1
     assert T[1].abs().sum().item() == 0.0                   # masked: all zero
-    assert T[2, amb.COL_SCALE].item() == 0.0 and T[2, amb.COL_VALID].item() == 1.0  # b = 0
+    assert T[2, abi.COL_SCALE].item() == 0.0 and T[2, abi.COL_VALID].item() == 1.0  # b = 0
 
 
 def test_torch_compile_fullgraph():

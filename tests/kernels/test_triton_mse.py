@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fastsoup as fs
-from fastsoup.ops._rows import plan_chunks, row_layout
+from fastsoup.kernels.layout import plan_chunks, row_layout
 from fastsoup.ops.mse import reference_backward, reference_forward
 
 triton = pytest.importorskip("triton")
@@ -82,7 +82,7 @@ def test_expanded_target_and_many_dims(triton_device):
 
 def test_long_rows_split_across_programs(triton_device):
     """B = 1 with a long row: many chunks, partial sums combined deterministically."""
-    from fastsoup.triton import mse as tmse
+    from fastsoup.kernels.triton import mse as tmse
 
     torch.manual_seed(4)
     pred = torch.randn(1, 3 * 4096 + 17, device=triton_device)
@@ -118,7 +118,7 @@ def test_plan_chunks_covers_rows():
 def test_backward_uses_the_backend_chosen_in_forward(triton_device, monkeypatch):
     """The backward of CUDA tensors runs on autograd's own thread, which does not see a
     thread-local use_backend(): the forward's choice must travel with the graph."""
-    from fastsoup.triton import mse as tmse
+    from fastsoup.kernels.triton import mse as tmse
 
     calls = []
     real = tmse.mse_backward

@@ -245,7 +245,7 @@ def test_empty_batch_gives_zero_not_nan():
 
 def test_torch_compile_h_form_then_eager():
     """Tracing must not leave a traced tensor in the constant-table cache."""
-    from fastsoup.ops import ambient as amb
+    from fastsoup.ops import ambient_coefficients as amb
 
     amb._CONSTANT_TABLES.clear()
     h = [t.float().requires_grad_() for t in _h(shape=(2, 5), seed=8)]

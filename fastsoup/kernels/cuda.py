@@ -1,0 +1,55 @@
+"""Launchers of the ``fastsoup._cuda`` kernels, with the signatures of the Triton
+launchers in :mod:`fastsoup.kernels.triton` (so ``ops`` picks either from one table).
+
+The extension's one torch-aware file (``csrc/cuda/bindings.cpp``) checks the tensors and
+calls the plain C launchers on the current stream; layouts, chunks and block tables are
+planned here, in Python, with :mod:`fastsoup.kernels.layout`.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from . import _ext
+from .abi import MSE_CUDA_CHUNK_QUANTUM, WEIGHTED_SUM_CUDA_BLOCK, dtype_code
+from .layout import RowLayout, row_chunks, weighted_sum_tables
+
+
+def _extension():
+    ext = _ext.cuda_ext()
+    if ext is None:
+        raise RuntimeError(f"fastsoup._cuda is not available ({_ext.load_error('_cuda')})")
+    return ext
+
+
+def mse_forward(pred: torch.Tensor, target: torch.Tensor, layout: RowLayout,
+                chunk: Optional[int] = None) -> torch.Tensor:
+    """fp32 ``[B]`` per-sample MSE (see :func:`fastsoup.kernels.triton.mse.mse_forward`)."""
+    chunk, n_chunks = row_chunks(layout, pred.device, MSE_CUDA_CHUNK_QUANTUM, chunk)
+    partial = _extension().per_sample_mse_forward(
+        pred, target, list(layout.sizes), [list(st) for st in layout.strides[:2]],
+        layout.dense, chunk, n_chunks)
+    return partial.view(-1) if n_chunks == 1 else partial.sum(dim=1)
+
+
+def mse_backward(coef: torch.Tensor, pred: torch.Tensor, target: torch.Tensor,
+                 grad_pred: Optional[torch.Tensor], grad_target: Optional[torch.Tensor],
+                 layout: RowLayout, chunk: Optional[int] = None) -> None:
+    """Write ``grad_pred = coef_i (pred − target)`` and/or ``grad_target = −grad_pred``
+    (see :func:`fastsoup.kernels.triton.mse.mse_backward`)."""
+    chunk, n_chunks = row_chunks(layout, pred.device, MSE_CUDA_CHUNK_QUANTUM, chunk)
+    _extension().per_sample_mse_backward(
+        coef, pred, target, grad_pred, grad_target, list(layout.sizes),
+        [list(st) for st in layout.strides], layout.dense, chunk, n_chunks)
+
+
+def weighted_sum_multi(outs: Sequence[torch.Tensor], inputs: Sequence[Sequence[torch.Tensor]],
+                       weights: torch.Tensor) -> None:
+    """One launch: ``outs[p] = Σ_k weights[k] · inputs[k][p]`` (see
+    :func:`fastsoup.kernels.triton.weighted_sum.weighted_sum_multi`)."""
+    table, numel, bt, bs = weighted_sum_tables(outs, inputs, WEIGHTED_SUM_CUDA_BLOCK)
+    if bt.numel() == 0:
+        return
+    _extension().weighted_sum(table, numel, bt, bs, weights, len(inputs),
+                              dtype_code(inputs[0][0].dtype), dtype_code(outs[0].dtype))

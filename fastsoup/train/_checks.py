@@ -20,7 +20,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from ..ops.ambient import _alphas_cumprod as _ops_alphas_cumprod
+from ..ops.schedule import alphas_cumprod as _ops_alphas_cumprod
 
 
 def check_int(name: str, value: Any, minimum: int) -> int:

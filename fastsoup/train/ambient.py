@@ -34,7 +34,7 @@ from torch import Tensor
 
 from .fixed_noise import AmbientDataset, FixedNoise
 from ..ops._checks import check_float_tensor, check_same_shape
-from ..ops.ambient import (
+from ..ops import (
     ambient_loss_vp, vp_alpha_sigma, vp_reverse_step_coefficients, vp_reverse_step_from_eps,
 )
 from ._checks import check_timesteps, scheduler_alphas_cumprod

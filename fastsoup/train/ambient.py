@@ -32,12 +32,12 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from .fixed_noise import AmbientDataset, FixedNoise
-from ..ops._checks import check_float_tensor, check_same_shape
 from ..ops import (
     ambient_loss_vp, vp_alpha_sigma, vp_reverse_step_coefficients, vp_reverse_step_from_eps,
 )
+from ..ops._checks import check_float_tensor, check_same_shape
 from ._checks import check_timesteps, scheduler_alphas_cumprod
+from .fixed_noise import AmbientDataset, FixedNoise
 
 __all__ = [
     "ambient_vp_dataset",

@@ -4,12 +4,18 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test test-cuda bench clean
+.PHONY: install install-demo demo test test-cuda bench clean
 
+# Everything `make test` needs (fastsoup, diffusers, pytest, hypothesis, triton).
 install:
-	VENV=$(VENV) bash scripts/bootstrap.sh
+	VENV=$(VENV) bash scripts/bootstrap.sh test
 
-demo: install
+# Only what the demo needs: torch (CPU build on machines without an NVIDIA GPU),
+# fastsoup and diffusers.
+install-demo:
+	VENV=$(VENV) bash scripts/bootstrap.sh demo
+
+demo: install-demo
 	$(PY) -m fastsoup info
 	$(PY) -m fastsoup demo --out fastsoup-demo-out
 

@@ -28,7 +28,12 @@ def _info(args) -> int:
     data["cuda_available"] = torch.cuda.is_available()
     data["devices"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     c = _ext.cpu_ext(warn=False)
-    data["_C"] = c.build_info() if c is not None else f"not loaded ({_ext.load_error('_C')})"
+    if c is not None:
+        data["_C"] = dict(c.build_info())
+        if hasattr(c, "weighted_sum_simd"):  # the variant the merge kernel dispatches to
+            data["_C"]["weighted_sum_simd"] = c.weighted_sum_simd()
+    else:
+        data["_C"] = f"not loaded ({_ext.load_error('_C')})"
     cu = _ext.cuda_ext(warn=False)
     data["_cuda"] = "loaded" if cu is not None else f"not loaded ({_ext.load_error('_cuda')})"
     data["FASTSOUP_BACKEND"] = __import__("os").environ.get("FASTSOUP_BACKEND", "")
@@ -41,22 +46,47 @@ def _info(args) -> int:
     with warnings.catch_warnings():  # the reasons are printed below instead
         warnings.simplefilter("ignore", RuntimeWarning)
         data["backends"] = {
-            dev: {op: {"backend": ch.backend, "why": ch.reason}
+            dev: {op: _what_runs(dev, op, ch, c is not None)
                   for op, ch in _backend.explain(dev).items()}
             for dev in devices
         }
     if args.json:
         print(json.dumps(data, indent=2))
         return 0
+    shown = dict(data)
+    if isinstance(data["_C"], dict):
+        b = data["_C"]
+        simd = f"compiled for {b.get('simd')}"
+        if b.get("weighted_sum_simd"):
+            simd = (f"weighted_sum (merge) runs {b['weighted_sum_simd']} (chosen at run time), "
+                    f"per_sample_mse runs the {b.get('simd')} build")
+        shown["_C"] = (f"loaded ({b.get('compiler')}, {b.get('hardware_threads')} hardware threads); "
+                       f"SIMD: {simd}")
     for key in ("fastsoup", "python", "torch", "torch_cuda", "triton", "cuda_available",
                 "devices", "_C", "_cuda", "FASTSOUP_BACKEND"):
-        lines.append(f"{key:>16}: {data[key]}")
+        lines.append(f"{key:>16}: {shown[key]}")
     for dev, ops in data["backends"].items():
-        lines.append(f"backends for {dev} tensors:")
+        lines.append(f"backends for {dev} tensors (what runs, and why):")
         for op, ch in ops.items():
-            lines.append(f"  {op:<22} {ch['backend']:<10} {ch['why']}")
+            lines.append(f"  {op:<22} {ch['runs']:<10} {ch['why']}")
     print("\n".join(lines))
     return 0
+
+
+def _what_runs(device: str, op: str, choice, c_loaded: bool) -> dict:
+    """``{"backend", "runs", "why"}`` for ``fastsoup info``: ``backend`` is the policy's
+    choice; ``runs`` names the code that executes, which on CPU is the ``fastsoup._C``
+    kernel inside the "reference" backend for the ops that have one."""
+    from . import _backend
+
+    runs, why = choice.backend, choice.reason
+    note = _backend.CPU_NOTE.get(op, "")
+    if device == "cpu" and choice.backend == "reference" and "fastsoup._C" in note:
+        if c_loaded:
+            runs = "_C"
+        else:
+            why = why.replace(note, "the PyTorch reference (fastsoup._C is not loaded)")
+    return {"backend": choice.backend, "runs": runs, "why": why}
 
 
 def _demo(args) -> int:

@@ -106,3 +106,37 @@ REDUCTIONS = ("mean", "sum", "none")
 def check_reduction(reduction: str) -> None:
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+# ---------------------------------------------------------------------------- timesteps
+def check_timestep_tensor(name: str, t, batch: Optional[int] = None,
+                          one_dim: bool = True) -> Tensor:
+    """``t`` must be an integer (not bool, float or complex) ``torch.Tensor``; with
+    ``one_dim``, of shape ``[B]`` (``[batch]`` when ``batch`` is given). No host sync:
+    the range is checked by the caller, batched with its other data-dependent checks
+    (see :func:`timestep_range_error`)."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be an integer torch.Tensor, got {type(t).__name__}")
+    if t.dtype.is_floating_point or t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor, got {t.dtype}")
+    if one_dim and (t.dim() != 1 or (batch is not None and t.shape[0] != batch)):
+        want = f"[B] = [{batch}]" if batch is not None else "[B]"
+        raise ValueError(f"{name} must have shape {want}, got {tuple(t.shape)}")
+    return t
+
+
+def timestep_range_error(name: str, lo: int, hi: int, low: int, high: int,
+                         bounds: Optional[str] = None) -> Optional[ValueError]:
+    """The error for timesteps with values in ``[lo, hi]`` outside ``[low, high)``
+    (``None`` when they are inside); ``bounds`` is how the message writes the range."""
+    if lo >= low and hi < high:
+        return None
+    where = bounds if bounds is not None else f"[{low}, {high})"
+    return ValueError(f"{name} must lie in {where}, got values in [{lo}, {hi}]")
+
+
+def is_compiling() -> bool:
+    """True while torch.compile traces: data-dependent checks (which need a host sync
+    and would break the graph) are skipped then; shape, dtype and type checks still run
+    at trace time."""
+    return torch.compiler.is_compiling()

@@ -18,13 +18,16 @@ from __future__ import annotations
 import math
 import numbers
 import operator
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
-from ._checks import as_weight, check_float_tensor, check_same_shape
+from ._checks import (as_weight, check_float_tensor, check_same_shape, check_timestep_tensor,
+                      is_compiling, timestep_range_error)
+from ._distributed import comm_device, exchange_header, resolve_group
 from .mse import per_sample_mse
 
 
@@ -33,29 +36,40 @@ class NonFiniteLossError(FloatingPointError, ValueError):
 
 
 # ---------------------------------------------------------------------------- top-k rule
-def _num_excluded(batch: int, k: Optional[int], fraction: Optional[float]) -> int:
+def _num_excluded(batch: int, k: Optional[int], fraction: Optional[float],
+                 k_name: str = "k", fraction_name: str = "fraction") -> int:
+    """How many samples the top-k rule drops from a batch of ``batch``; errors name the
+    caller's arguments (``k_name``, ``fraction_name``)."""
     if k is not None and fraction is not None:
-        raise ValueError("give either k or fraction, not both")
+        raise ValueError(f"give either {k_name} or {fraction_name}, not both")
     if k is not None:
         if isinstance(k, bool):
-            raise TypeError("k must be an int, got bool")
+            raise TypeError(f"{k_name} must be an int, got bool")
         try:
             k = operator.index(k)  # int, numpy integers, 0-d integer tensors
         except TypeError:
-            raise TypeError(f"k must be an int, got {type(k).__name__}") from None
+            raise TypeError(f"{k_name} must be an int, got {type(k).__name__}") from None
         if k < 0:
-            raise ValueError(f"k must be >= 0, got {k}")
+            raise ValueError(f"{k_name} must be >= 0, got {k}")
         if batch > 0 and k >= batch:
             raise ValueError(
-                f"k={k} would exclude the whole batch of B={batch} samples (need k < B)"
+                f"{k_name}={k} would exclude the whole batch of B={batch} samples "
+                f"(need {k_name} < B)"
             )
         return k
     if fraction is not None:
-        fraction = float(fraction)
+        if isinstance(fraction, bool):
+            raise TypeError(f"{fraction_name} must be a number in [0, 1), got bool")
+        try:
+            fraction = float(fraction)
+        except (TypeError, ValueError):
+            raise TypeError(f"{fraction_name} must be a number in [0, 1), got "
+                            f"{type(fraction).__name__}") from None
         if not (0.0 <= fraction < 1.0) or math.isnan(fraction):
-            raise ValueError(f"fraction must be in [0, 1), got {fraction}")
-        # floor(fraction·B), robust to binary rounding (0.29·100 is 28.999…98 in floats)
-        return int(math.floor(fraction * batch + 1e-9))
+            raise ValueError(f"{fraction_name} must be in [0, 1), got {fraction}")
+        # floor(fraction·B), robust to binary rounding (0.29·100 is 28.999…98 in floats,
+        # 1/3·3 is 0.99…9); the allowance must never reach B: fraction < 1 means k < B.
+        return min(int(math.floor(fraction * batch + 1e-9)), max(batch - 1, 0))
     return 0
 
 
@@ -78,7 +92,7 @@ def low_loss_keep_mask(losses: Tensor, k: Optional[int] = None,
     keep = torch.ones(batch, dtype=torch.bool, device=losses.device)
     if n_drop == 0:
         return keep
-    if torch.isnan(losses).any():
+    if not is_compiling() and torch.isnan(losses).any():  # NaN sorts last while compiling
         raise NonFiniteLossError("losses contain NaN: cannot rank them")
     order = torch.sort(losses.detach(), stable=True).indices  # ties keep index order
     keep[order[:n_drop]] = False
@@ -100,6 +114,9 @@ def _rank_within_timestep(timesteps: Tensor) -> Tensor:
     return rank
 
 
+BANK_DTYPES = (torch.float32, torch.float64)
+
+
 class AGCMemoryBank(torch.nn.Module):
     """Per-timestep running loss bank of anti-gradient control (the reference rule).
 
@@ -112,6 +129,14 @@ class AGCMemoryBank(torch.nn.Module):
 
     The bank is a registered buffer: it follows ``.to(device)`` and is saved by
     ``state_dict()``. It belongs to one model; keep one per shard in ensemble training.
+    Its dtype is float32 (or float64) whatever the losses' dtype: a float16 bank would
+    overflow to inf above 65504 and then keep nothing, so a module-wide ``.half()`` or
+    ``.to(torch.bfloat16)`` leaves it in float32. ``load_state_dict`` refuses a state that
+    is not finite and non-negative (``bank``) or not non-negative integers (``count``),
+    or has the wrong shape: such a bank would silently exclude every later sample.
+
+    Timesteps are integers in ``[0, num_timesteps)``. For continuous timesteps (flow
+    matching), bin them first (:func:`fastsoup.train.flow_matching_bank_timesteps`).
     """
 
     def __init__(self, num_timesteps: int = 1000, ratio: float = 2.0, decay: float = 0.8,
@@ -125,6 +150,12 @@ class AGCMemoryBank(torch.nn.Module):
             raise ValueError(f"ratio must be positive and finite, got {ratio}")
         if not (0.0 <= decay < 1.0):
             raise ValueError(f"decay must be in [0, 1), got {decay}")
+        if dtype not in BANK_DTYPES:
+            raise TypeError(
+                f"dtype must be torch.float32 or torch.float64 for an AGC bank, got {dtype} "
+                "(float16/bfloat16 overflow or round away the running losses, integers "
+                "cannot hold them); the losses may have any float dtype"
+            )
         self.num_timesteps = int(num_timesteps)
         self.ratio = float(ratio)
         self.decay = float(decay)
@@ -134,41 +165,87 @@ class AGCMemoryBank(torch.nn.Module):
     def extra_repr(self) -> str:
         return f"num_timesteps={self.num_timesteps}, ratio={self.ratio}, decay={self.decay}"
 
-    def _check(self, losses: Tensor, timesteps: Tensor) -> Tuple[Tensor, Tensor]:
+    def _apply(self, fn, *args, **kwargs):
+        # Module-wide casts (model.half(), model.to(torch.bfloat16)) reach this buffer too;
+        # keep it in a dtype that can hold it, on whatever device fn chose.
+        before = self.bank
+        out = super()._apply(fn, *args, **kwargs)
+        if self.bank.dtype not in BANK_DTYPES:  # the values before the cast, on the new device
+            self.bank = before.to(device=self.bank.device)
+        return out
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
+                              missing_keys, unexpected_keys, error_msgs):
+        for name, floating in (("bank", True), ("count", False)):
+            key = prefix + name
+            if key in state_dict:
+                self._check_state(key, state_dict[key], floating)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
+                                      missing_keys, unexpected_keys, error_msgs)
+
+    def _check_state(self, key: str, value: Any, floating: bool) -> None:
+        if not isinstance(value, Tensor):
+            raise TypeError(f"{key} must be a torch.Tensor, got {type(value).__name__}")
+        if value.shape != (self.num_timesteps,):
+            return  # torch reports the size mismatch (RuntimeError, every key at once)
+        if floating:
+            if not value.dtype.is_floating_point:
+                raise TypeError(f"{key} must be a float tensor, got {value.dtype}")
+            v = value.detach().double()
+            if not bool(torch.isfinite(v).all()):
+                raise ValueError(f"{key} must be finite, got NaN or infinity at timesteps "
+                                 f"{(~torch.isfinite(v)).nonzero().flatten().tolist()[:16]}: "
+                                 "such a bank keeps no sample at those timesteps ever again")
+            if bool((v < 0).any()):
+                raise ValueError(f"{key} must be non-negative (it averages losses), got "
+                                 f"{float(v.min())}")
+            if self.bank.dtype != torch.float64 and float(v.max()) > torch.finfo(self.bank.dtype).max:
+                raise ValueError(f"{key} has values above the range of {self.bank.dtype}")
+        else:
+            if value.dtype.is_floating_point or value.is_complex() or value.dtype == torch.bool:
+                raise TypeError(f"{key} must be an integer tensor, got {value.dtype}")
+            if bool((value < 0).any()):
+                raise ValueError(f"{key} must be non-negative (it counts updates), got "
+                                 f"{int(value.min())}")
+
+    def _check(self, losses: Tensor, timesteps: Tensor,
+               rounds: bool = False) -> Tuple[Tensor, Tensor, int]:
+        """Checked ``(losses, timesteps, rounds)`` on the bank's device; one host sync for
+        every data-dependent check (finite losses, timesteps in range, and with
+        ``rounds`` the number of update rounds)."""
         if not isinstance(losses, Tensor) or losses.dim() != 1:
             raise ValueError("losses must be a [B] tensor")
         if not losses.dtype.is_floating_point:
             raise TypeError(f"losses must be a floating tensor, got {losses.dtype}")
-        if not isinstance(timesteps, Tensor):
-            raise TypeError(f"timesteps must be a torch.Tensor, got {type(timesteps).__name__}")
-        if timesteps.dtype.is_floating_point or timesteps.dtype == torch.bool or timesteps.is_complex():
-            raise TypeError(f"timesteps must be an integer tensor, got {timesteps.dtype}")
-        if timesteps.dim() != 1 or timesteps.shape[0] != losses.shape[0]:
-            raise ValueError(
-                f"timesteps must have shape [B] = [{losses.shape[0]}], got {tuple(timesteps.shape)}"
-            )
-        timesteps = timesteps.to(self.bank.device)
+        check_timestep_tensor("timesteps", timesteps, losses.shape[0])
+        timesteps = timesteps.to(self.bank.device).long()
         losses = losses.detach().to(device=self.bank.device, dtype=self.bank.dtype)
-        if timesteps.numel():
-            # one device sync for all three checks
-            finite, lo, hi = torch.stack([torch.isfinite(losses).all().to(torch.int64),
-                                          timesteps.min().long(), timesteps.max().long()]).tolist()
-            if lo < 0 or hi >= self.num_timesteps:
-                raise ValueError(
-                    f"timesteps must lie in [0, {self.num_timesteps}) for this bank, "
-                    f"got values in [{lo}, {hi}]"
-                )
-            if not finite:
+        n_rounds = 1
+        if timesteps.numel() and not is_compiling():
+            checks = [torch.isfinite(losses).all().to(torch.int64), timesteps.min(),
+                      timesteps.max()]
+            if rounds:
+                checks.append(_rank_within_timestep(timesteps).max() + 1)
+            values = torch.stack(checks).tolist()  # the one device sync
+            err = timestep_range_error("timesteps", values[1], values[2], 0,
+                                       self.num_timesteps, f"[0, {self.num_timesteps}) for this bank")
+            if err is not None:
+                raise err
+            if not values[0]:
                 raise NonFiniteLossError(
                     "losses contain NaN or infinity: they would poison the bank for their "
                     "timesteps (drop them first; agc_loss(nonfinite='exclude') does)"
                 )
-        return losses, timesteps.long()
+            if rounds:
+                n_rounds = values[3]
+        elif timesteps.numel():
+            n_rounds = timesteps.numel()  # traced: a static bound (extra rounds are no-ops)
+        return losses, timesteps, n_rounds
 
     @torch.no_grad()
     def keep_mask(self, losses: Tensor, timesteps: Tensor) -> Tensor:
         """Boolean ``[B]``: ``ratio·ℓ_i ≥ bank[t_i]`` with the current (pre-update) bank."""
-        l, t = self._check(losses, timesteps)
+        l, t, _ = self._check(losses, timesteps)
         return self._keep_mask(l, t).to(losses.device)
 
     def _keep_mask(self, l: Tensor, t: Tensor) -> Tensor:
@@ -178,38 +255,57 @@ class AGCMemoryBank(torch.nn.Module):
     @torch.no_grad()
     def update(self, losses: Tensor, timesteps: Tensor) -> None:
         """Sequential-in-batch-order exponential update of the bank."""
-        l, t = self._check(losses, timesteps)
-        self._update(l, t)
+        l, t, rounds = self._check(losses, timesteps, rounds=True)
+        self._update(l, t, rounds)
 
-    def _update(self, l: Tensor, t: Tensor) -> None:
+    def _update(self, l: Tensor, t: Tensor, rounds: int, valid: Optional[Tensor] = None) -> None:
+        """Update from ``l``/``t`` (bank dtype and device, checked); ``rounds`` bounds the
+        number of samples sharing a timestep (from the caller's one sync, or the batch
+        size while compiling); samples where ``valid`` is False are skipped."""
         if t.numel() == 0:
             return
-        rank = _rank_within_timestep(t)
-        rounds = int(rank.max()) + 1  # the one device sync of an update
         beta = self.decay
-        if rounds == 1:  # all timesteps distinct: one vectorised step
+        if rounds == 1 and valid is None:  # all timesteps distinct: one vectorised step
             self.bank[t] = beta * self.bank[t] + (1.0 - beta) * l
-        else:
-            # Round r updates the r-th occurrence of every timestep; samples of other
-            # rounds are pointed at a scratch slot, so no data-dependent shapes (no sync).
-            ext = torch.cat([self.bank, self.bank.new_zeros(1)])
-            scratch = self.num_timesteps
-            for r in range(rounds):
-                idx = torch.where(rank == r, t, torch.full_like(t, scratch))
-                ext[idx] = beta * ext[idx] + (1.0 - beta) * l
-            self.bank.copy_(ext[:-1])
-        self.count.index_add_(0, t, torch.ones_like(t))
+            self.count.index_add_(0, t, torch.ones_like(t))
+            return
+        # Round r updates the r-th occurrence of every timestep; samples of other rounds
+        # (and skipped ones) are pointed at a scratch slot: no data-dependent shapes.
+        scratch = self.num_timesteps
+        if valid is not None:
+            t = torch.where(valid, t, torch.full_like(t, scratch))
+        rank = _rank_within_timestep(t)
+        ext = torch.cat([self.bank, self.bank.new_zeros(1)])
+        for r in range(rounds):
+            idx = torch.where(rank == r, t, torch.full_like(t, scratch))
+            ext[idx] = beta * ext[idx] + (1.0 - beta) * l
+        self.bank.copy_(ext[:-1])
+        counts = torch.zeros(scratch + 1, dtype=self.count.dtype, device=self.count.device)
+        counts.index_add_(0, t, torch.ones_like(t))
+        self.count.add_(counts[:-1])
 
     @torch.no_grad()
     def step(self, losses: Tensor, timesteps: Tensor) -> Tensor:
-        """``keep_mask`` then ``update``; returns the mask."""
-        keep = self.keep_mask(losses, timesteps)
-        self.update(losses, timesteps)
+        """``keep_mask`` then ``update``; returns the mask (one host sync)."""
+        l, t, rounds = self._check(losses, timesteps, rounds=True)
+        keep = self._keep_mask(l, t).to(losses.device)
+        self._update(l, t, rounds)
         return keep
 
     def threshold(self, timesteps: Tensor) -> Tensor:
-        """The loss each sample must reach to be kept: ``bank[t] / ratio``."""
-        return self.bank[timesteps.to(self.bank.device).long()] / self.ratio
+        """The loss each sample must reach to be kept: ``bank[t] / ratio``.
+
+        ``timesteps``: integer ``[B]`` tensor in ``[0, num_timesteps)`` (checked as
+        :func:`agc_loss` checks them: one host sync)."""
+        check_timestep_tensor("timesteps", timesteps)
+        t = timesteps.to(self.bank.device).long()
+        if t.numel() and not is_compiling():
+            lo, hi = torch.stack([t.min(), t.max()]).tolist()
+            err = timestep_range_error("timesteps", lo, hi, 0, self.num_timesteps,
+                                       f"[0, {self.num_timesteps}) for this bank")
+            if err is not None:
+                raise err
+        return self.bank[t] / self.ratio
 
 
 # ---------------------------------------------------------------------------- loss
@@ -221,7 +317,9 @@ class AGCStats:
     ``threshold`` is the largest excluded loss for the top-k rule, and the mean bank
     threshold ``bank[t]/ratio`` over the batch for the bank rule (NaN when not defined).
     ``excluded`` counts every sample not kept, the ``nonfinite`` ones included;
-    ``mean_excluded_loss`` averages the finite excluded losses (NaN when there are none).
+    ``mean_excluded_loss`` averages the finite excluded losses (NaN when there are none;
+    :meth:`as_dict` logs 0 then, next to the counts). ``nonfinite`` is an int (a 0-d
+    tensor under ``torch.compile``).
     """
 
     kept: Tensor
@@ -229,7 +327,7 @@ class AGCStats:
     threshold: Tensor
     mean_kept_loss: Tensor
     mean_excluded_loss: Tensor
-    nonfinite: int = 0
+    nonfinite: Union[int, Tensor] = 0
     keep_mask: Optional[Tensor] = field(default=None, repr=False)
 
     @property
@@ -237,16 +335,23 @@ class AGCStats:
         return self.total - self.kept
 
     def as_dict(self) -> Dict[str, float]:
-        kept = int(self.kept)
+        """Python numbers for a logger (one device sync). Means and thresholds that are
+        undefined (no sample excluded, none kept, no rule) are logged as ``0.0``, never
+        NaN: the ``kept``/``excluded`` counts say which were empty."""
+        values = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=self.kept.device)
+                              for v in (self.kept, self.threshold, self.mean_kept_loss,
+                                        self.mean_excluded_loss, self.nonfinite)]).tolist()
+        kept = int(values[0])
+        clean = [0.0 if math.isnan(v) else v for v in values[1:4]]
         return {
             "kept": kept,
             "excluded": self.total - kept,
             "total": self.total,
             "exclusion_rate": (self.total - kept) / self.total if self.total else 0.0,
-            "threshold": float(self.threshold),
-            "mean_kept_loss": float(self.mean_kept_loss),
-            "mean_excluded_loss": float(self.mean_excluded_loss),
-            "nonfinite": self.nonfinite,
+            "threshold": clean[0],
+            "mean_kept_loss": clean[1],
+            "mean_excluded_loss": clean[2],
+            "nonfinite": int(values[4]),
         }
 
 
@@ -256,29 +361,84 @@ def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
     return torch.where(n > 0, s / n.clamp(min=1), torch.full_like(s, float("nan")))
 
 
-def _gather(process_group, *tensors: Tensor) -> Tuple[List[Tensor], int, int]:
-    """All-gather ``[B_local]`` tensors of possibly different lengths, in rank order.
-
-    Returns (gathered tensors, this rank's offset in the global batch, world size).
-    """
+def _gather(group, sizes: List[int], *tensors: Tensor) -> List[Tensor]:
+    """All-gather ``[B_local]`` tensors of the ranks' ``sizes``, in rank order."""
     import torch.distributed as dist
 
-    world = dist.get_world_size(process_group)
-    rank = dist.get_rank(process_group)
-    device = tensors[0].device
-    n_local = torch.tensor([tensors[0].shape[0]], dtype=torch.int64, device=device)
-    sizes = [torch.zeros_like(n_local) for _ in range(world)]
-    dist.all_gather(sizes, n_local, group=process_group)
-    sizes_l = [int(s) for s in sizes]
-    n_max = max(sizes_l)
+    n_max = max(sizes)
     out = []
     for t in tensors:
         padded = t.new_zeros((n_max,))
         padded[: t.shape[0]] = t
-        parts = [torch.empty_like(padded) for _ in range(world)]
-        dist.all_gather(parts, padded, group=process_group)
-        out.append(torch.cat([p[:n] for p, n in zip(parts, sizes_l)]))
-    return out, sum(sizes_l[:rank]), world
+        parts = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(parts, padded, group=group)
+        out.append(torch.cat([p[:n] for p, n in zip(parts, sizes)]))
+    return out
+
+
+_WARNED_SMALL_BATCH = False
+
+SMALL_BATCH_ADVICE = (
+    "exclude_fraction={fraction} of a batch of B={batch} excludes nothing "
+    "(floor({fraction}·{batch}) = 0). At small per-device batches, select on the global "
+    "batch (process_group=True under DDP/accelerate: the fraction then applies to all "
+    "ranks' samples together) or use the AGC memory bank (bank=fs.AGCMemoryBank(...), "
+    "the reference rule, which works at any batch size). This warning is shown once."
+)
+
+
+def _warn_small_batch(fraction: float, batch: int) -> None:
+    global _WARNED_SMALL_BATCH
+    if not _WARNED_SMALL_BATCH:
+        _WARNED_SMALL_BATCH = True
+        warnings.warn(SMALL_BATCH_ADVICE.format(fraction=fraction, batch=batch), UserWarning,
+                      stacklevel=3)
+
+
+# configuration bits of the distributed header: ranks must agree on them
+_SIG_BANK, _SIG_TOPK, _SIG_TIMESTEPS = 1, 2, 4
+
+
+def _check_agc_args(pred, target, timesteps, bank, exclude_k, exclude_fraction, weight,
+                    nonfinite) -> Optional[Tensor]:
+    """Every check of :func:`agc_loss` that needs no data (shapes, types, arguments);
+    returns the per-sample weight. Runs before any collective."""
+    check_float_tensor("pred", pred)
+    check_float_tensor("target", target)
+    check_same_shape("pred", pred, "target", target)
+    if nonfinite not in ("raise", "exclude"):
+        raise ValueError(f"nonfinite must be 'raise' or 'exclude', got {nonfinite!r}")
+    batch = pred.shape[0]
+    if batch == 0:
+        raise ValueError("pred has an empty batch (B = 0)")
+    use_topk = exclude_k is not None or exclude_fraction is not None
+    if bank is not None and use_topk:
+        raise ValueError("give either bank= or exclude_k/exclude_fraction, not both")
+    if use_topk:  # types and ranges of the arguments (k < B is checked on the global batch)
+        _num_excluded(0, exclude_k, exclude_fraction, "exclude_k", "exclude_fraction")
+    if bank is not None:
+        if not isinstance(bank, AGCMemoryBank):
+            raise TypeError(f"bank must be an AGCMemoryBank, got {type(bank).__name__}")
+        if timesteps is None:
+            raise ValueError("bank= needs timesteps= (one integer timestep per sample)")
+    if timesteps is not None:
+        check_timestep_tensor("timesteps", timesteps, batch)
+    return as_weight(weight, batch, pred.device)
+
+
+def fail_on_every_rank(process_group: Any, error: BaseException, like: Any = None,
+                       op: str = "agc_loss") -> None:
+    """Report ``error`` to the ranks of ``process_group`` that are entering
+    :func:`agc_loss` in this step, and raise it here: every rank raises it in the same step.
+
+    For a caller that validates its own arguments before calling ``agc_loss`` with
+    ``process_group`` (as :func:`fastsoup.train.diffusion_loss` does): on an error, call
+    this instead of raising, so the other ranks are not left waiting in the collective.
+    ``like``: a tensor on the device the collectives use (default: CPU/NCCL's device).
+    """
+    group = resolve_group(process_group)
+    exchange_header(group, comm_device(group, like), (), error, op)
+    raise error  # not reached: exchange_header raises on every rank
 
 
 def agc_loss(pred: Tensor, target: Tensor, *, timesteps: Optional[Tensor] = None,
@@ -291,8 +451,10 @@ def agc_loss(pred: Tensor, target: Tensor, *, timesteps: Optional[Tensor] = None
 
     ``ℓ_i = w_i · mean((pred_i − target_i)²)``; keep mask ``m`` from the bank rule (when
     ``bank`` is given; needs ``timesteps``), the top-k rule (``exclude_k`` or
-    ``exclude_fraction``) or none; ``L = Σ m_i ℓ_i / K`` with ``K = Σ m_i``. Excluded
-    samples get exactly zero gradient; ``K = 0`` gives ``L = 0`` and zero gradients.
+    ``exclude_fraction``: ``floor(exclude_fraction·B)``, which is 0 at small batches, e.g.
+    0.1 of 4: a warning says so once; see ``process_group`` or use the bank) or none;
+    ``L = Σ m_i ℓ_i / K`` with ``K = Σ m_i``. Excluded samples get exactly zero
+    gradient; ``K = 0`` gives ``L = 0`` and zero gradients.
 
     The bank is fed the *unweighted* MSE (as in the reference code, which has no weights)
     and is updated after the mask is read, unless ``update_bank=False``.
@@ -301,38 +463,60 @@ def agc_loss(pred: Tensor, target: Tensor, *, timesteps: Optional[Tensor] = None
     selection on the global batch (losses and timesteps all-gathered in rank order), the
     bank updated identically on every rank, and the local loss scaled as
     ``world · Σ_local m_i ℓ_i / K_global`` so that DDP's gradient averaging yields the
-    global reduction.
+    global reduction. Every check whose outcome can differ between ranks (an empty batch,
+    shapes, a missing ``timesteps``, the configuration itself, non-finite losses,
+    timesteps outside the bank) is agreed across ranks first: all ranks raise the same
+    error in the same step, none is left waiting in a collective.
 
     ``nonfinite``: ``"raise"`` (default) raises :class:`NonFiniteLossError` naming the
     samples; ``"exclude"`` drops them from the batch and counts them in the stats.
 
+    Host syncs: one per call (the finiteness and timestep-range checks and the bank's
+    update rounds, in one transfer); under ``process_group`` one more for the agreement
+    header. Under ``torch.compile`` the loss compiles in one graph (``fullgraph=True``):
+    the data-dependent checks are skipped while tracing (they need a host sync); shapes,
+    dtypes and arguments are still checked at trace time, non-finite losses never reach
+    the bank, and with ``nonfinite="raise"`` they stay in the loss (a NaN/inf loss, as
+    ``F.mse_loss`` would give) instead of raising. ``process_group`` is not traceable.
+
     Returns ``(loss, stats)``: a 0-d fp32 loss and :class:`AGCStats`.
     """
-    check_float_tensor("pred", pred)
-    check_float_tensor("target", target)
-    check_same_shape("pred", pred, "target", target)
-    if nonfinite not in ("raise", "exclude"):
-        raise ValueError(f"nonfinite must be 'raise' or 'exclude', got {nonfinite!r}")
-    batch = pred.shape[0]
-    if batch == 0:
-        raise ValueError("pred has an empty batch (B = 0)")
     use_bank = bank is not None
     use_topk = exclude_k is not None or exclude_fraction is not None
-    if use_bank and use_topk:
-        raise ValueError("give either bank= or exclude_k/exclude_fraction, not both")
-    if use_bank:
-        if not isinstance(bank, AGCMemoryBank):
-            raise TypeError(f"bank must be an AGCMemoryBank, got {type(bank).__name__}")
-        if timesteps is None:
-            raise ValueError("bank= needs timesteps= (one integer timestep per sample)")
-    if timesteps is not None:
-        if not isinstance(timesteps, Tensor):
-            raise TypeError(f"timesteps must be a torch.Tensor, got {type(timesteps).__name__}")
-        if timesteps.dtype.is_floating_point or timesteps.dtype == torch.bool:
-            raise TypeError(f"timesteps must be an integer tensor, got {timesteps.dtype}")
-        if timesteps.dim() != 1 or timesteps.shape[0] != batch:
-            raise ValueError(f"timesteps must have shape [B] = [{batch}], got {tuple(timesteps.shape)}")
-    w = as_weight(weight, batch, pred.device)
+    group = resolve_group(process_group) if process_group is not None else None
+    if process_group is None:
+        w = _check_agc_args(pred, target, timesteps, bank, exclude_k, exclude_fraction,
+                            weight, nonfinite)
+        sizes, offset, world = [pred.shape[0]], 0, 1
+    else:
+        # Nothing may raise on one rank alone: the others would wait in the collective.
+        error, w = None, None
+        try:
+            w = _check_agc_args(pred, target, timesteps, bank, exclude_k, exclude_fraction,
+                                weight, nonfinite)
+        except (TypeError, ValueError) as exc:
+            error = exc
+        signature = (_SIG_BANK * use_bank + _SIG_TOPK * use_topk
+                     + _SIG_TIMESTEPS * (timesteps is not None))
+        n_local = pred.shape[0] if error is None else 0
+        rows = exchange_header(group, comm_device(group, pred),
+                               (n_local, signature, bank.num_timesteps if use_bank else 0),
+                               error, "agc_loss")
+        if len({(r[2], r[3]) for r in rows}) > 1:
+            raise ValueError(
+                "the ranks of process_group called agc_loss with different rules: "
+                + "; ".join(f"rank {i}: bank={'yes' if r[2] & _SIG_BANK else 'no'}"
+                            f"{f' ({r[3]} timesteps)' if r[2] & _SIG_BANK else ''}, "
+                            f"exclude_k/exclude_fraction={'yes' if r[2] & _SIG_TOPK else 'no'}, "
+                            f"timesteps={'yes' if r[2] & _SIG_TIMESTEPS else 'no'}"
+                            for i, r in enumerate(rows)))
+        import torch.distributed as dist
+
+        sizes = [r[1] for r in rows]
+        rank = dist.get_rank(group)
+        offset, world = sum(sizes[:rank]), len(sizes)
+    batch = pred.shape[0]
+    compiling = is_compiling()
 
     mse = per_sample_mse(pred, target)               # fp32 [B], differentiable
     losses = mse if w is None else mse * w.to(mse.dtype)  # ℓ
@@ -342,57 +526,63 @@ def agc_loss(pred: Tensor, target: Tensor, *, timesteps: Optional[Tensor] = None
     finite_local = torch.isfinite(l_det) & torch.isfinite(mse_det)
 
     # ------------------------------------------------------------- global view of the batch
-    # Under data parallelism nothing may raise before the collective: a rank that raised
-    # alone would leave the others blocked in all_gather. Checks run on the gathered batch,
-    # identically on every rank.
+    # Checks on data run on the gathered batch, identically on every rank.
     if process_group is not None:
-        group = None if process_group is True else process_group
         fields = [l_det, mse_det, finite_local]
         if t_local is not None:
             fields.append(t_local.long())
-        gathered, offset, world = _gather(group, *fields)
+        gathered = _gather(group, sizes, *fields)
         g_l, g_mse, g_finite = gathered[0], gathered[1], gathered[2]
         g_t = gathered[3] if t_local is not None else None
     else:
         g_l, g_mse, g_finite, g_t = l_det, mse_det, finite_local, t_local
-        offset, world = 0, 1
-    n_bad = 0
-    # One device sync for the finiteness check and the bank's timestep range.
-    checks = [g_finite.all().to(torch.int64)]
-    if use_bank:
-        checks += [g_t.min().long(), g_t.max().long()]
-    checks = torch.stack([c.to(pred.device) for c in checks]).tolist()
-    if use_bank and (checks[1] < 0 or checks[2] >= bank.num_timesteps):
-        raise ValueError(f"timesteps must lie in [0, {bank.num_timesteps}) for this bank, "
-                         f"got values in [{checks[1]}, {checks[2]}]")
-    if not checks[0]:
-        bad = (~g_finite).nonzero().flatten().tolist()
-        n_bad = len(bad)
-        if nonfinite == "raise":
-            where = "batch indices" if world == 1 else "global batch indices (rank-major)"
-            raise NonFiniteLossError(
-                f"non-finite per-sample loss for {n_bad} of {g_l.shape[0]} samples "
-                f"({where} {bad[:16]}{' ...' if n_bad > 16 else ''}); "
-                "pass nonfinite='exclude' to drop them instead"
-            )
     total = g_l.shape[0]
+    if use_bank:
+        b_t = g_t.to(bank.bank.device).long()
+
+    n_bad: Union[int, Tensor] = 0
+    rounds = total
+    if compiling:
+        n_bad = (~g_finite).sum()
+    else:
+        # One device sync for the finiteness check, the bank's timestep range and the
+        # number of update rounds of the bank.
+        checks = [g_finite.all().to(torch.int64)]
+        if use_bank:
+            checks += [b_t.min().to(pred.device), b_t.max().to(pred.device),
+                       (_rank_within_timestep(b_t).max() + 1).to(pred.device)]
+        checks = torch.stack(checks).tolist()
+        if use_bank:
+            err = timestep_range_error("timesteps", checks[1], checks[2], 0, bank.num_timesteps,
+                                       f"[0, {bank.num_timesteps}) for this bank")
+            if err is not None:
+                raise err
+            rounds = checks[3]
+        if not checks[0]:
+            bad = (~g_finite).nonzero().flatten().tolist()
+            n_bad = len(bad)
+            if nonfinite == "raise":
+                where = "batch indices" if world == 1 else "global batch indices (rank-major)"
+                raise NonFiniteLossError(
+                    f"non-finite per-sample loss for {n_bad} of {total} samples "
+                    f"({where} {bad[:16]}{' ...' if n_bad > 16 else ''}); "
+                    "pass nonfinite='exclude' to drop them instead"
+                )
 
     # ------------------------------------------------------------- selection on [B_global]
     threshold = torch.full((), float("nan"), device=pred.device)
     if use_bank:
         bdev, bdt = bank.bank.device, bank.bank.dtype
         b_mse = torch.where(g_finite, g_mse, torch.zeros_like(g_mse)).to(bdev, bdt)
-        b_t = g_t.to(bdev).long()
         keep = bank._keep_mask(b_mse, b_t).to(pred.device) & g_finite
         threshold = (bank.bank[b_t] / bank.ratio).mean().to(pred.device)
         if update_bank:
-            if n_bad:
-                fin = g_finite.to(bdev)
-                bank._update(b_mse[fin], b_t[fin])
-            else:
-                bank._update(b_mse, b_t)
+            skip = compiling or n_bad  # non-finite samples never reach the bank
+            bank._update(b_mse, b_t, rounds, valid=g_finite.to(bdev) if skip else None)
     elif use_topk:
-        n_drop = _num_excluded(total, exclude_k, exclude_fraction)
+        n_drop = _num_excluded(total, exclude_k, exclude_fraction, "exclude_k", "exclude_fraction")
+        if exclude_fraction is not None and n_drop == 0 and float(exclude_fraction) > 0:
+            _warn_small_batch(float(exclude_fraction), total)
         # Non-finite samples (only present with nonfinite="exclude") rank last and are
         # removed separately, so the k lowest are always finite losses.
         ranked = torch.where(g_finite, g_l, torch.full_like(g_l, float("inf")))
@@ -402,6 +592,9 @@ def agc_loss(pred: Tensor, target: Tensor, *, timesteps: Optional[Tensor] = None
             threshold = torch.where(dropped, g_l, torch.full_like(g_l, -float("inf"))).max()
     else:
         keep = g_finite.clone()
+    if compiling and nonfinite == "raise":
+        # not raised while tracing: non-finite samples stay in the loss, which shows it
+        keep = keep | ~g_finite
 
     kept = keep.sum()
     local_keep = keep[offset: offset + batch]

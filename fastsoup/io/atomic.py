@@ -8,6 +8,9 @@ instant.
 * :func:`write_small_file` — a new file with an explicit mode, fsynced;
 * :func:`atomic_write_file` — replace a file through a temporary sibling;
 * :func:`exchange` — swap two paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``);
+* :func:`rename_noreplace` — rename that never replaces an existing path
+  (``renameat2(RENAME_NOREPLACE)``; a file falls back to ``link`` + ``unlink``);
+* :func:`short_name` — a name shortened to fit the filesystem's NAME_MAX with a suffix;
 * :func:`signals_deferred` — hold SIGINT/SIGTERM back around a commit;
 * :func:`fsync_dir`, :func:`sync_file_range`, :data:`FILE_MODE`, :data:`DIR_MODE`.
 
@@ -64,6 +67,7 @@ def fsync_dir(path: str) -> None:
 
 
 AT_FDCWD = -100
+RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 _SYS_RENAMEAT2 = {"x86_64": 316, "amd64": 316, "aarch64": 276, "arm64": 276, "riscv64": 276,
                   "ppc64le": 357, "ppc64": 357, "s390x": 347, "i686": 353, "i386": 353}
@@ -115,6 +119,65 @@ def exchange(a: str, b: str) -> bool:
     raise OSError(err, f"cannot exchange {a} and {b}: {os.strerror(err)}", b)
 
 
+def rename_noreplace(src: str, dst: str) -> None:
+    """Rename ``src`` to ``dst`` only if ``dst`` does not exist, atomically: raises
+    ``FileExistsError`` when something is (or appears) there, so two writers racing for
+    the same new path cannot both succeed. Linux ``renameat2(RENAME_NOREPLACE)``; where
+    that is missing, a file is hard-linked then unlinked (``link`` refuses an existing
+    target) and a directory is renamed after a last check (the one racy case: no
+    portable primitive exists)."""
+    found = _renameat2()
+    if found is not None:
+        fn, _ = found
+        rc = fn(AT_FDCWD, os.fsencode(src), AT_FDCWD, os.fsencode(dst), RENAME_NOREPLACE)
+        if rc == 0:
+            return
+        err = ctypes.get_errno()
+        if err == errno.EEXIST:
+            raise FileExistsError(err, os.strerror(err), dst)
+        if err not in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, getattr(errno, "ENOTSUP", -1)):
+            raise OSError(err, os.strerror(err), dst)
+    if not os.path.isdir(src) or os.path.islink(src):
+        try:
+            os.link(src, dst, follow_symlinks=False)
+        except FileExistsError:
+            raise
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV,
+                                 getattr(errno, "ENOTSUP", -1), errno.EMLINK):
+                raise
+        else:
+            os.unlink(src)
+            return
+    if os.path.lexists(dst):
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), dst)
+    os.rename(src, dst)
+
+
+def name_max(folder: str) -> int:
+    """The longest file name (bytes) ``folder``'s filesystem accepts (255 if unknown)."""
+    try:
+        return int(os.pathconf(folder, "PC_NAME_MAX"))
+    except (OSError, ValueError, AttributeError):
+        return 255
+
+
+def short_name(name: str, suffix: str, limit: int = 255) -> str:
+    """``name + suffix``, with ``name`` cut (at a UTF-8 character boundary) so that the
+    whole fits in ``limit`` bytes. Temporaries of a long final name stay valid names."""
+    room = limit - len(os.fsencode(suffix))
+    raw = os.fsencode(name)
+    if len(raw) > room:
+        raw = raw[:max(room, 0)]
+        while raw:
+            try:
+                raw.decode("utf-8")
+                break
+            except UnicodeDecodeError:
+                raw = raw[:-1]
+    return os.fsdecode(raw) + suffix
+
+
 _BLOCKED = {getattr(signal, "SIGINT", None), getattr(signal, "SIGTERM", None)} - {None}
 
 
@@ -161,8 +224,10 @@ def write_small_file(path: str, data: bytes) -> None:
 
 def atomic_write_file(final: str, data: bytes) -> None:
     """Replace ``final`` with ``data`` through a temporary sibling (for sidecar files)."""
-    tmp = os.path.join(os.path.dirname(os.path.abspath(final)),
-                       f".{os.path.basename(final)}{TMP_MARK}{secrets.token_hex(4)}")
+    parent = os.path.dirname(os.path.abspath(final))
+    suffix = f"{TMP_MARK}{secrets.token_hex(4)}"
+    tmp = os.path.join(parent, short_name(f".{os.path.basename(final)}", suffix,
+                                          name_max(parent)))
     try:
         write_small_file(tmp, data)
         os.replace(tmp, final)

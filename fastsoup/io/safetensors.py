@@ -12,7 +12,15 @@ checks, before any tensor data is trusted:
 * every tensor entry has a known ``dtype``, a ``shape`` of non-negative integers and
   ``data_offsets [begin, end]`` with ``begin ≤ end``;
 * ``prod(shape) × itemsize == end − begin`` (the byte length matches dtype × shape);
-* every range lies inside the file's data section and no two ranges overlap.
+* every range lies inside the file's data section and no two ranges overlap;
+* the ranges cover the data section exactly: no gap between tensors, no trailing bytes.
+
+The last rule matches the ``safetensors`` library (its readers refuse such files), so
+fastsoup never accepts, hashes or averages a file the format's own readers reject, and
+bytes outside every tensor cannot hide in an input. :func:`read_header` also records the
+file's identity (device, inode, size, mtime, ctime: :attr:`Header.identity`) from the
+descriptor it read the header through, so later readers can tell whether the file they
+read is the one that was validated.
 
 Writing: :func:`layout_header` lays tensors out back to back and :func:`encode_header`
 serialises the JSON padded to a multiple of 8 bytes (the merge engine's pre-sized files
@@ -115,6 +123,7 @@ class Header:
     tensors: Dict[str, TensorInfo]
     metadata: Optional[Dict[str, str]]
     raw: bytes = field(repr=False, default=b"")
+    identity: Optional[Tuple[int, int, int, int, int]] = None  # see file_identity()
 
     def absolute(self, key: str) -> Tuple[int, int]:
         t = self.tensors[key]
@@ -135,6 +144,12 @@ def _is_int(x) -> bool:
 
 
 INT64_MAX = 2**63 - 1
+
+
+def file_identity(st: os.stat_result) -> Tuple[int, int, int, int, int]:
+    """``(device, inode, size, mtime_ns, ctime_ns)`` of a ``stat`` result: what changes when
+    a file is replaced, truncated or written (the ctime cannot be set back by a user)."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def parse_header(prefix: bytes, file_size: int, path: str = "<bytes>",
@@ -242,6 +257,19 @@ def parse_header(prefix: bytes, file_size: int, path: str = "<bytes>",
             raise fail(f"tensors {prev_key!r} and {key!r} overlap (byte {info.begin} < "
                        f"{prev_end})")
         prev_key, prev_end = key, info.end
+    pos, prev_key = 0, None
+    for key, info in ordered:  # no gaps, no trailing bytes (the safetensors library's rule)
+        if info.begin != pos:
+            after = f"after tensor {prev_key!r}" if prev_key is not None else "at its start"
+            raise fail(f"tensor {key!r}: data_offsets [{info.begin}, {info.end}] leave bytes "
+                       f"{pos}..{info.begin} of the data section {after} unused; the "
+                       "safetensors format stores tensors back to back and its readers "
+                       "refuse gaps")
+        pos, prev_key = info.end, key
+    if pos != data_len:
+        raise fail(f"{data_len - pos} trailing bytes after the last tensor (the data section "
+                   f"holds {data_len} bytes, the tensors {pos}); the safetensors format's "
+                   "readers refuse them")
     return Header(path=path, file_size=file_size, data_start=data_start,
                   tensors=dict(ordered), metadata=metadata, raw=raw)
 
@@ -250,7 +278,8 @@ def read_header(path: str, max_header: int = MAX_HEADER_BYTES) -> Header:
     """Read and validate the header of the safetensors file at ``path`` (no data read)."""
     try:
         with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
+            st = os.fstat(f.fileno())
+            size = st.st_size
             head = f.read(8)
             prefix = head
             if len(head) == 8:
@@ -261,7 +290,9 @@ def read_header(path: str, max_header: int = MAX_HEADER_BYTES) -> Header:
         raise HeaderError(f"{path}: is a directory, expected a .safetensors file") from None
     except OSError as exc:
         raise HeaderError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    return parse_header(prefix, size, path=path, max_header=max_header)
+    header = parse_header(prefix, size, path=path, max_header=max_header)
+    header.identity = file_identity(st)
+    return header
 
 
 # ------------------------------------------------------------------------- writing

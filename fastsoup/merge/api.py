@@ -10,10 +10,12 @@
 3. **temporary** — a temporary sibling of the output (:class:`.output.AtomicOutput`);
 4. **validate** — integer/bool tensors compared across inputs (they are copied);
 5. **stream** — the fused sums written into pre-sized files (:mod:`.engine`,
-   :mod:`.writer`) while a thread hashes the inputs for the manifest (:mod:`.manifest`);
+   :mod:`.writer`) while worker threads hash the bytes the engine read (:mod:`.manifest`);
 6. **verify** — the inputs' digests against those a soup's manifest recorded;
 7. **finish** — final headers carrying the manifest, indexes, side files, sidecar; fsync;
-8. **commit** — renamed into place (never replacing anything unless asked).
+8. **check** — every input file still has the identity it had when planned (device,
+   inode, size, mtime, ctime): an input rewritten during the run is never committed;
+9. **commit** — renamed into place (never replacing anything unless asked).
 
 On any error before the commit (Ctrl-C and a full disk included) the temporary is
 removed and an existing output is left as it was; a problem after the commit is
@@ -27,14 +29,16 @@ import os
 import resource
 import sys
 import time
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Union
 
-from .engine import InputMaps, RunStats, budget_split, check_equal_copies, execute
+from .engine import RunStats, budget_split, check_equal_copies, execute
+from ..io.safetensors import file_identity
 from .errors import MergeError, PlanError
 from .formats import Layout, resolve
 from .manifest import Hasher, build, output_metadata, sidecar_path
+from .mmap import InputFiles, describe_identity_change, plan_files
 from .options import DEFAULT_MEMORY, MergeOptions
-from .output import (AtomicOutput, check_paths, copy_side_files, describe_error, file_paths,
+from .output import (AtomicOutput, check_output_name, check_paths, copy_side_files, describe_error, file_paths,
                      remove_stale_temporaries, write_indexes)
 from .plan import Plan, build_plan
 from .report import MergeReport, peak_rss, plan_report, record_run
@@ -105,7 +109,7 @@ def merge(inputs: Sequence[PathLike], output: Optional[PathLike],
     report = plan_report(plan, output, opts)
     _raise_fd_limit()  # every input file stays mapped (one descriptor each) for the run
     if opts.dry_run:  # integer/bool tensors are compared too (they are small): a full check
-        maps = InputMaps()
+        maps = InputFiles()
         try:
             check_equal_copies(plan, maps)
         finally:
@@ -128,6 +132,7 @@ def merge(inputs: Sequence[PathLike], output: Optional[PathLike],
         run.verify(_expect_hashes, report.warnings)
         t_write = time.perf_counter()
         run.finish(report.warnings)
+        run.check_inputs()
         run.out.commit()
     except BaseException as exc:
         if not run.committed:
@@ -161,6 +166,8 @@ def _plan(inputs, output, weights, base, normalize, opts: MergeOptions):
     """Resolve every input, check the output path against them and build the plan.
     Returns ``(layouts, plan, output)``: the constituents then the base, and the output
     path (a dry run without one plans ``./soup.safetensors`` or ``./soup``)."""
+    inputs = _input_list(inputs)
+    weights = _weight_list(weights, inputs)
     paths = list(inputs) + ([base] if base is not None else [])
     layouts = _resolve_all(paths, opts.variant, opts.allow_pickle)
     planned_output = output is None
@@ -172,10 +179,64 @@ def _plan(inputs, output, weights, base, normalize, opts: MergeOptions):
     constituents = layouts[: len(inputs)]
     base_layout = layouts[len(inputs)] if base is not None else None
     plan = build_plan(constituents, weights=weights, base=base_layout, normalize=normalize,
-                      keys=opts.keys, dtype=opts.dtype, max_shard_size=opts.max_shard_size)
+                      keys=opts.keys, dtype=opts.dtype, max_shard_size=opts.max_shard_size,
+                      accumulate=opts.accumulate)
     if plan.kind == "file" and not output.endswith(".safetensors"):
         raise MergeError(f"{output}: the output is a single safetensors file; name it *.safetensors")
+    if not planned_output:
+        check_output_name(output, plan.kind != "file")
     return layouts, plan, output
+
+
+def _input_list(inputs) -> list:
+    """``inputs`` as a list of paths; a single path (a common slip) is refused with the fix."""
+    if isinstance(inputs, (str, bytes, os.PathLike)):
+        raise MergeError(f"inputs must be a list of paths, got the single path {inputs!r}; "
+                         f"write fs.merge([{os.fspath(inputs)!r}, ...], output)")
+    try:
+        items = list(inputs)
+    except TypeError:
+        raise MergeError(f"inputs must be a list of paths, got {type(inputs).__name__}") from None
+    for i, p in enumerate(items):
+        if not isinstance(p, (str, os.PathLike)):
+            raise MergeError(f"input {i + 1}: expected a path, got {type(p).__name__} {p!r}")
+    return items
+
+
+def _weight_list(weights, inputs: list) -> Optional[List[float]]:
+    """``weights`` as one number per input: a sequence in input order, or a mapping keyed
+    by the inputs themselves (the paths as given); anything else is refused."""
+    if weights is None:
+        return None
+    if isinstance(weights, (str, bytes)):
+        raise MergeError(f"weights must be numbers, one per input, got the string {weights!r}")
+    if isinstance(weights, Mapping):
+        by_path = {os.path.abspath(os.fspath(p)): i for i, p in enumerate(inputs)}
+        out: List[Optional[float]] = [None] * len(inputs)
+        for key, w in weights.items():
+            if not isinstance(key, (str, os.PathLike)) or \
+                    os.path.abspath(os.fspath(key)) not in by_path:
+                raise MergeError(f"weights: a mapping must be keyed by the inputs' paths, got the "
+                                 f"key {key!r} (inputs: {', '.join(map(repr, map(os.fspath, inputs)))}); "
+                                 "or pass a list in input order")
+            out[by_path[os.path.abspath(os.fspath(key))]] = w
+        missing = [os.fspath(inputs[i]) for i, w in enumerate(out) if w is None]
+        if missing:
+            raise MergeError(f"weights: no weight for input(s) {', '.join(missing)}")
+        weights = out
+    try:
+        values = list(weights)
+    except TypeError:
+        raise MergeError(f"weights must be a list of numbers, got {type(weights).__name__}") from None
+    result = []
+    for i, w in enumerate(values):
+        if isinstance(w, bool) or not isinstance(w, (int, float)) and not hasattr(w, "__float__"):
+            raise MergeError(f"weights[{i}]: expected a number, got {w!r}")
+        try:
+            result.append(float(w))
+        except (TypeError, ValueError, OverflowError):
+            raise MergeError(f"weights[{i}]: expected a number, got {w!r}") from None
+    return result
 
 
 class _Run:
@@ -189,7 +250,7 @@ class _Run:
         self.out: Optional[AtomicOutput] = None
         self.writers: List[SafetensorsFileWriter] = []
         self.hasher: Optional[Hasher] = None
-        self.maps = InputMaps(drop_cache=opts.drop_cache)
+        self.maps = InputFiles(drop_cache=opts.drop_cache)
         self.progress: Optional[Callable] = None
         self.manifest: Optional[dict] = None
         self.stats: Optional[RunStats] = None
@@ -226,7 +287,8 @@ class _Run:
         self.stats = execute(self.plan, self.writers, memory=self.opts.memory,
                              threads=self.opts.threads, acc64=self.opts.acc64,
                              device=self.opts.device, progress=self.progress,
-                             drop_cache=self.opts.drop_cache, maps=self.maps)
+                             drop_cache=self.opts.drop_cache, maps=self.maps,
+                             digest=self.hasher if self.opts.hash == "sha256" else None)
 
     def verify(self, expect_hashes: Optional[Dict[str, str]], warnings: List[str]) -> None:
         """Wait for the digests of the bytes that were merged; a soup's constituents must
@@ -251,6 +313,24 @@ class _Run:
         write_indexes(self.plan, self.out)
         self.copied = copy_side_files(self.plan, self.out, warnings)
         self.out.write_sidecar((json.dumps(self.manifest, indent=2) + "\n").encode())
+
+    def check_inputs(self) -> None:
+        """Every input file must still be the one planned (device, inode, size, mtime,
+        ctime), through the descriptor the merge read and at its path: an input rewritten
+        in place, truncated or replaced during the run is never committed, and the digests
+        in the manifest stay those of the bytes that were merged."""
+        for wf in plan_files(self.plan):
+            if wf.header is not None:
+                self.maps.check_unchanged(wf)
+                continue
+            try:
+                now = file_identity(os.stat(wf.path))
+            except OSError as exc:
+                raise MergeError(f"input {wf.path} cannot be read ({exc.strerror or exc}); "
+                                 "nothing was written") from None
+            if wf.identity is not None and now != wf.identity:
+                raise MergeError(f"input {wf.path} changed while merging "
+                                 f"({describe_identity_change(wf.identity, now)}); nothing was written")
 
     def abort(self) -> None:
         if self.hasher is not None:

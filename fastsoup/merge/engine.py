@@ -2,20 +2,21 @@
 
 Data path, per output file: tensors are split into work items (whole small tensors,
 chunks of large ones) and grouped into windows of about ``window_bytes`` of input.
-While window ``j`` is summed, a prefetch thread maps window ``j + 1`` of every input
-(:func:`.mmap.prefetch_window`), and a writer thread ``pwrite``s the previous staging
-buffer into the pre-sized output file (:mod:`.writer`). After window ``j``, its input
-pages are dropped from this process (:func:`.mmap.release_window`), so the resident set
-stays near
+While window ``j`` is summed, a prefetch thread ``pread``s window ``j + 1`` of every
+input into the other window buffer (:func:`.mmap.prefetch_window`; inputs are never
+mapped, so a file truncated under the merge is an error, not SIGBUS) and hands those
+bytes to the digest (:class:`.manifest.Hasher`), and a writer thread ``pwrite``s the
+previous staging buffer into the pre-sized output file (:mod:`.writer`). The resident
+set stays near
 
-    2 × window_bytes (mapped inputs) + 2 × staging_bytes (output buffers)
+    2 × window_bytes (input buffers) + 2 × staging_bytes (output buffers)
 
 whatever the model size and the number of inputs. The sum itself is one call per item
 to :func:`fastsoup.kernels.cpu.weighted_sum` (the ``_C`` kernel: fused K-way, fp32 or
 fp64 accumulation, GIL released), which reads each input element once and writes each
 output element once; or, with a torch device, :func:`fastsoup.weighted_sum_` on that
 device. Integer/bool tensors are copied, after :func:`check_equal_copies` has compared
-them across inputs.
+them across inputs. The CPU path does not import torch.
 """
 from __future__ import annotations
 
@@ -29,8 +30,8 @@ import numpy as np
 from ..io.safetensors import DTYPES, TORCH_NAMES
 from ..kernels import cpu as cpu_kernels
 from . import mmap as input_maps
-from .errors import MergeError, PlanError
-from .mmap import PAGE, InputMaps, align_down
+from .errors import Diagnostics, MergeError, PlanError
+from .mmap import PAGE, InputFiles, InputMaps, WindowBuffer, align_down
 from .plan import OutTensor, Plan
 from .writer import SafetensorsFileWriter
 
@@ -212,33 +213,29 @@ class TorchSummer:
             self._as_bytes(dst).copy_(host_out)
 
 
-def _equal_chunked(maps: InputMaps, a, b, nbytes: int, chunk: int) -> bool:
-    """Whether two sources' bytes are equal, compared ``chunk`` bytes at a time with each
-    chunk's pages released afterwards (the resident set stays within the budget)."""
+def _equal_chunked(files: InputFiles, a, b, nbytes: int, chunk: int) -> bool:
+    """Whether two sources' bytes are equal, read and compared ``chunk`` bytes at a time
+    into two reused buffers (the resident set stays within the budget)."""
     chunk = max(PAGE, align_down(chunk))
+    bufs = [np.empty(min(chunk, max(nbytes, 1)), dtype=np.uint8) for _ in range(2)]
     for lo in range(0, nbytes, chunk):
         hi = min(nbytes, lo + chunk)
-        for s in (a, b):
+        va = files.read(a.file, a.key, lo, hi, bufs[0])
+        vb = files.read(b.file, b.key, lo, hi, bufs[1])
+        same = bool(np.array_equal(np.frombuffer(va, np.uint8), np.frombuffer(vb, np.uint8)))
+        for s, v in ((a, va), (b, vb)):
             if s.file.header is not None:
-                maps.check_unchanged(s.file)
-        va, vb = maps.view(a.file, a.key, lo, hi), maps.view(b.file, b.key, lo, hi)
-        xa, xb = np.frombuffer(va, np.uint8), np.frombuffer(vb, np.uint8)
-        same = bool(np.array_equal(xa, xb))
-        del xa, xb
-        va.release()
-        vb.release()
-        for s in (a, b):
-            if s.file.header is not None:
-                maps.release(s.file, *maps.absolute_range(s.file, s.key, lo, hi))
+                files.release(s.file, *files.absolute_range(s.file, s.key, lo, hi))
         if not same:
             return False
     return True
 
 
-def check_equal_copies(plan: Plan, maps: InputMaps, chunk: int = 16 << 20) -> None:
+def check_equal_copies(plan: Plan, maps: InputFiles, chunk: int = 16 << 20) -> None:
     """Integer/bool tensors must be bit-identical across inputs. Reads only those tensors
-    (before any output is written), ``chunk`` bytes at a time, and lists every difference."""
-    problems = []
+    (before any output is written), ``chunk`` bytes at a time, and reports every
+    difference, grouped by the pair of inputs."""
+    found = Diagnostics()
     for t in plan.tensors():
         if t.op != "copy" or len(t.sources) < 2:
             continue
@@ -246,11 +243,16 @@ def check_equal_copies(plan: Plan, maps: InputMaps, chunk: int = 16 << 20) -> No
         first = t.sources[0]
         for other in t.sources[1:]:
             if not _equal_chunked(maps, first, other, nbytes, chunk):
-                problems.append(f"{t.qualified!r}: {t.dtype} values differ between input "
-                                f"{first.input_index + 1} and input {other.input_index + 1} "
-                                "(integer/bool tensors are copied, so they must be equal)")
-    if problems:
-        raise PlanError("integer/bool tensors differ", problems)
+                found.add("integer_values_differ",
+                          f"integer/bool values differ between input {first.input_index + 1} "
+                          f"and input {other.input_index + 1}", t.qualified,
+                          f"{t.qualified!r}: {t.dtype} values differ between input "
+                          f"{first.input_index + 1} and input {other.input_index + 1} "
+                          "(integer/bool tensors are copied, so they must be equal)",
+                          fix="such tensors (position ids, counters) are copied, not averaged, "
+                          "so the inputs must agree; are they fine-tunes of the same base?")
+    if found:
+        raise PlanError("integer/bool tensors differ", [], found)
 
 
 @dataclass
@@ -269,12 +271,14 @@ class RunStats:
 
 def execute(plan: Plan, writers: List[SafetensorsFileWriter], *, memory: int, threads: int,
             acc64: bool, device: str = "cpu", progress: Optional[Callable] = None,
-            drop_cache: bool = False, maps: Optional[InputMaps] = None) -> RunStats:
+            drop_cache: bool = False, maps: Optional[InputFiles] = None,
+            digest=None) -> RunStats:
     """Compute every tensor of ``plan`` into ``writers`` (one per output file, in the
-    order of ``plan.components[*].files``). Does not fsync or close the writers."""
+    order of ``plan.components[*].files``). Does not fsync or close the writers.
+    ``digest`` (a :class:`.manifest.Hasher`) is fed every input range read, in order."""
     t0 = time.perf_counter()
     own_maps = maps is None
-    maps = maps or InputMaps(drop_cache=drop_cache)
+    maps = maps or InputFiles(drop_cache=drop_cache)
     summer = (CpuSummer(threads, acc64) if device == "cpu"
               else TorchSummer(device[len("torch:"):] if device.startswith("torch:") else device, acc64))
     window, staging_bytes = budget_split(memory)
@@ -291,17 +295,19 @@ def execute(plan: Plan, writers: List[SafetensorsFileWriter], *, memory: int, th
     reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastsoup-prefetch")
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastsoup-write")
     staging = Staging(staging_bytes, writer)
+    wbufs = [WindowBuffer(window), WindowBuffer(window)]
     written = read = 0
     prefetch_wait = sum_time = 0.0
     try:
-        prefetch = reader.submit(input_maps.prefetch_window, maps, windows[0]) if windows else None
+        prefetch = (reader.submit(input_maps.prefetch_window, maps, windows[0], wbufs[0], digest)
+                    if windows else None)
         for j, win in enumerate(windows):
             t_wait = time.perf_counter()
-            prefetch.result()
+            wb = prefetch.result()
             prefetch_wait += time.perf_counter() - t_wait
-            prefetch = (reader.submit(input_maps.prefetch_window, maps, windows[j + 1])
+            prefetch = (reader.submit(input_maps.prefetch_window, maps, windows[j + 1],
+                                      wbufs[(j + 1) % 2], digest)
                         if j + 1 < len(windows) else None)
-            input_maps.check_window(maps, win)
             for it in win:
                 t = it.tensor
                 w = writers[it.file_index]
@@ -310,14 +316,11 @@ def execute(plan: Plan, writers: List[SafetensorsFileWriter], *, memory: int, th
                 t_sum = time.perf_counter()
                 if it.hi > it.lo:
                     if t.op == "copy":
-                        s = t.sources[0]
-                        es = DTYPES[s.dtype].itemsize
-                        dst[:] = maps.view(s.file, s.key, it.lo * es, it.hi * es)
+                        dst[:] = wb.view(it, 0, maps)
                     else:
                         srcs, dtypes, weights = [], [], []
-                        for s in t.sources:
-                            es = DTYPES[s.dtype].itemsize
-                            srcs.append(maps.view(s.file, s.key, it.lo * es, it.hi * es))
+                        for k, s in enumerate(t.sources):
+                            srcs.append(wb.view(it, k, maps))
                             dtypes.append(s.dtype)
                             weights.append(s.weight)
                         summer(dst, t.dtype, srcs, dtypes, weights, it.hi - it.lo)
@@ -330,6 +333,10 @@ def execute(plan: Plan, writers: List[SafetensorsFileWriter], *, memory: int, th
                     progress(t.qualified, it.out_nbytes)
             input_maps.release_window(maps, win)
         staging.drain()
+        for wb in wbufs:  # digest work still running on the last windows' bytes
+            for fut in wb.pending:
+                fut.result()
+            wb.pending = []
     finally:
         try:
             reader.shutdown(wait=True, cancel_futures=True)

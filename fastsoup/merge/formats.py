@@ -39,6 +39,7 @@ class WeightFile:
     name: str                          # file name inside its component folder
     header: Optional[Header] = None    # safetensors
     tensors: Optional[dict] = None     # pickle: key -> torch.Tensor (loaded, weights only)
+    identity: Optional[tuple] = None   # (dev, inode, size, mtime_ns, ctime_ns) when planned
 
     @property
     def size(self) -> int:
@@ -160,14 +161,15 @@ def _weight_file(path: str, name: str, allow_pickle: bool) -> WeightFile:
             header = safetensors.read_header(path)
         except safetensors.HeaderError as exc:
             raise HeaderError(str(exc)) from None
-        return WeightFile(path=path, name=name, header=header)
+        return WeightFile(path=path, name=name, header=header, identity=header.identity)
     if name.endswith(PICKLE_SUFFIXES):
         if not allow_pickle:
             raise MergeError(
                 f"{path}: refusing to load a pickle checkpoint (it can run arbitrary code). "
                 "Convert it to .safetensors, or pass --allow-pickle (allow_pickle=True) to "
                 "load it with torch.load(weights_only=True)")
-        return WeightFile(path=path, name=name, tensors=_load_pickle(path))
+        ident = safetensors.file_identity(os.stat(path))
+        return WeightFile(path=path, name=name, tensors=_load_pickle(path), identity=ident)
     raise MergeError(f"{path}: not a checkpoint file (expected .safetensors"
                      f"{' or ' + '/'.join(PICKLE_SUFFIXES) if allow_pickle else ''})")
 

@@ -17,22 +17,34 @@ or ``<name>.fastsoup.json`` beside a single-file output). Layout::
 ``"<component>/<file> <size> <file sha256>\\n"`` of its weight files in sorted order, so
 the same checkpoint copied elsewhere hashes the same. With ``hash="none"`` the digests
 are omitted (the sizes still identify the files). Digests are cached per file (keyed by
-path, device, inode, size and mtime; see :func:`cache_path`), so a constituent is
+path, device, inode, size, mtime and ctime; see :func:`cache_path`), so a constituent is
 hashed once, not at every merge it takes part in.
+
+A digest in a manifest is the digest of the bytes that were merged: :class:`Hasher`
+is fed the very buffers the engine read (:func:`.mmap.prefetch_window`), in worker
+threads (``hashlib`` releases the GIL), and reads itself only the bytes the merge does
+not use (headers, tensors nobody sums). A file whose tensors the merge reads out of
+file order (a checkpoint serialised in another order) is hashed by a second sequential
+read; it and a cached digest are vouched for by the file's identity (device, inode,
+size, mtime, ctime), which :func:`fastsoup.merge` checks against the plan just before
+the commit: any write to the file changes its ctime, which cannot be set back.
 """
 from __future__ import annotations
 
 import datetime
 import hashlib
 import json
+import math
 import os
 import threading
 import warnings
-from typing import Dict, List, Optional
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Dict, List, Optional
 
 from .._version import __version__
 from .errors import MergeError
-from .formats import Layout
+from .formats import Layout, WeightFile
+from ..io.safetensors import file_identity
 
 FORMAT = "fastsoup.merge/1"
 METADATA_KEY = "fastsoup"
@@ -56,12 +68,13 @@ def file_sha256(path: str, bufsize: int = 8 << 20, stop: Optional[threading.Even
 
 
 def _file_entries(layout: Layout) -> List[tuple]:
+    """``(name relative to the input, path, WeightFile)`` of an input's weight files."""
     out = []
     for cname, comp in layout.components.items():
         for wf in comp.files:
             rel = f"{cname}/{wf.name}" if cname else wf.name
-            out.append((rel, wf.path))
-    return sorted(out)
+            out.append((rel, wf.path, wf))
+    return sorted(out, key=lambda e: e[:2])
 
 
 def cache_path() -> Optional[str]:
@@ -76,15 +89,15 @@ def cache_path() -> Optional[str]:
     return os.path.join(root, "sha256.json")
 
 
-def _stat_key(path: str) -> str:
-    """A file's identity and version: device, inode, size and mtime in ns. A rewrite of the
-    file changes the mtime (and usually the inode), so the cached digest is not reused."""
-    st = os.stat(path)
-    return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+def _stat_key(identity) -> str:
+    """The cache key of a file version: its identity (device, inode, size, mtime_ns,
+    ctime_ns; :func:`fastsoup.io.safetensors.file_identity`). A same-size rewrite with the
+    mtime set back still changes the ctime, so the cached digest is not reused."""
+    return ":".join(str(x) for x in identity)
 
 
 class HashCache:
-    """sha256 digests of files keyed by (realpath, stat identity), so that merging the same
+    """sha256 digests of files keyed by (realpath, identity), so that merging the same
     constituents again (other weights, add/remove) does not hash them again. A cache
     that cannot be read or written is ignored (hashing just happens)."""
 
@@ -101,18 +114,22 @@ class HashCache:
                 if isinstance(obj, dict):
                     self.entries = {k: v for k, v in obj.items()
                                     if isinstance(v, dict) and isinstance(v.get("sha256"), str)}
-            except (OSError, ValueError):
+            except (OSError, ValueError, RecursionError):
                 self.entries = {}
 
-    def get(self, path: str) -> Optional[str]:
+    def get(self, path: str, identity=None) -> Optional[str]:
+        """The cached digest of ``path`` if it was recorded for ``identity`` (default: the
+        file's identity now)."""
         e = self.entries.get(os.path.realpath(path))
         try:
-            return e["sha256"] if e and e.get("stat") == _stat_key(path) else None
+            if identity is None:
+                identity = file_identity(os.stat(path))
         except OSError:
             return None
+        return e["sha256"] if e and e.get("stat") == _stat_key(identity) else None
 
-    def put(self, path: str, stat_key: str, digest: str) -> None:
-        self.entries[os.path.realpath(path)] = {"stat": stat_key, "sha256": digest}
+    def put(self, path: str, identity, digest: str) -> None:
+        self.entries[os.path.realpath(path)] = {"stat": _stat_key(identity), "sha256": digest}
         self.dirty = True
 
     def save(self) -> None:
@@ -132,63 +149,173 @@ class HashCache:
             pass
 
 
-class Hasher:
-    """Hashes every input file in a background thread while the merge runs, reusing
-    digests from the :class:`HashCache` for files that did not change."""
+def cached_file_sha256(path: str, cache: Optional["HashCache"] = None) -> str:
+    """sha256 of a file through the digest cache (stored when the file did not change
+    while it was read)."""
+    cache = cache if cache is not None else HashCache(cache_path())
+    before = file_identity(os.stat(path))
+    got = cache.get(path, before)
+    if got is not None:
+        return got
+    digest = file_sha256(path)
+    if file_identity(os.stat(path)) == before:
+        cache.put(path, before, digest)
+        cache.save()
+    return digest
 
-    def __init__(self, layouts: List[Layout], mode: str, cache: Optional[HashCache] = None):
+
+class _FileDigest:
+    """The sha256 of one file, built from the ranges the engine read (in file order)
+    plus what this object reads itself: the bytes before, between and after them."""
+
+    CHUNK = 8 << 20
+
+    def __init__(self, wf: WeightFile, slot: int, stop: threading.Event):
+        self.wf = wf
+        self.slot = slot
+        self.stop = stop
+        self.h = hashlib.sha256()
+        self.pos = 0
+        self.in_order = True
+        self.fed = 0           # bytes that came from the engine's reads
+        self.fd = -1
+
+    def _fill(self, upto: int) -> None:
+        """Hash the file's bytes ``[pos, upto)``, read here."""
+        if upto <= self.pos:
+            return
+        if self.fd < 0:
+            self.fd = os.open(self.wf.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        while self.pos < upto:
+            if self.stop.is_set():
+                raise InterruptedError("hashing cancelled")
+            data = os.pread(self.fd, min(self.CHUNK, upto - self.pos), self.pos)
+            if not data:
+                raise MergeError(f"input {self.wf.path} was truncated while merging (hashing "
+                                 f"stopped at byte {self.pos}); nothing was written")
+            self.h.update(data)
+            self.pos += len(data)
+
+    def update(self, lo: int, view) -> None:
+        if not self.in_order:
+            return
+        if lo < self.pos:  # read out of file order: a second sequential read at the end
+            self.in_order = False
+            return
+        self._fill(lo)
+        self.h.update(view)
+        self.pos += len(view)
+        self.fed += len(view)
+
+    def finish(self) -> str:
+        size = self.wf.identity[2] if self.wf.identity is not None else os.path.getsize(self.wf.path)
+        if not self.in_order:
+            self.h, self.pos = hashlib.sha256(), 0
+        self._fill(size)
+        return self.h.hexdigest()
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class Hasher:
+    """The sha256 of every input file, computed from the bytes the merge reads.
+
+    :meth:`feed` takes each range the engine read (a view of its window buffer) and
+    queues it to the file's worker (``workers`` single-thread pools; a file always goes
+    to the same one, so its ranges are hashed in order); the returned future must end
+    before the buffer is reused. :meth:`wait` hashes what the merge did not read and
+    returns ``{path: hex digest}``. Digests of files whose planned identity is in the
+    :class:`HashCache` are taken from it (the identity is checked again before the
+    commit)."""
+
+    def __init__(self, layouts: List[Layout], mode: str, cache: Optional[HashCache] = None,
+                 workers: Optional[int] = None):
         self.layouts = layouts
         self.mode = mode
         self.cache = cache if cache is not None else HashCache(cache_path() if mode != "none" else None)
         self.results: Dict[str, str] = {}
-        self.error: Optional[BaseException] = None
+        self.digests: Dict[str, _FileDigest] = {}
+        self.workers = workers or max(1, min(4, (os.cpu_count() or 1) // 2))
+        self._pools: List[ThreadPoolExecutor] = []
         self._stop = threading.Event()
-        self._thread = None
 
     def start(self) -> "Hasher":
-        if self.mode == "sha256":
-            self._thread = threading.Thread(target=self._run, name="fastsoup-hash", daemon=True)
-            self._thread.start()
+        if self.mode != "sha256":
+            return self
+        for layout in self.layouts:
+            for _, path, wf in _file_entries(layout):
+                if path in self.results or path in self.digests:
+                    continue
+                cached = self.cache.get(path, wf.identity) if wf.identity is not None else None
+                if cached is not None:
+                    self.results[path] = cached
+                else:
+                    self.digests[path] = _FileDigest(wf, len(self.digests) % self.workers, self._stop)
+        n = min(self.workers, max(1, len(self.digests)))
+        self._pools = [ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastsoup-hash")
+                       for _ in range(n)]
         return self
 
-    def _run(self) -> None:
-        try:
-            for layout in self.layouts:
-                for _, path in _file_entries(layout):
-                    if path in self.results:
-                        continue
-                    cached = self.cache.get(path)
-                    if cached is not None:
-                        self.results[path] = cached
-                        continue
-                    before = _stat_key(path)
-                    digest = file_sha256(path, stop=self._stop)
-                    if _stat_key(path) == before:  # not modified while being hashed
-                        self.cache.put(path, before, digest)
-                    self.results[path] = digest
-        except BaseException as exc:  # reported by wait()
-            self.error = exc
+    def feed(self, wf: WeightFile, lo: int, view) -> Optional[Future]:
+        """Hash ``view`` (the bytes of ``wf`` at absolute offset ``lo`` the merge read)."""
+        d = self.digests.get(wf.path)
+        if d is None or not self._pools:
+            return None
+        return self._pools[d.slot % len(self._pools)].submit(d.update, lo, view)
 
     def cancel(self) -> None:
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
+        self._shutdown()
+
+    def _shutdown(self) -> None:
+        for pool in self._pools:
+            pool.shutdown(wait=True, cancel_futures=True)
+        self._pools = []
+        for d in self.digests.values():
+            d.close()
 
     def wait(self) -> Dict[str, str]:
-        if self._thread is not None:
-            self._thread.join()
-            if self.error is not None:
-                raise MergeError(f"hashing the inputs failed: {self.error}")
-            self.cache.save()
+        """Finish every digest (hashing the bytes the merge did not read) and return
+        them; a file that changed while it was hashed is an error."""
+        if self.mode != "sha256":
+            return self.results
+        try:
+            futures = {p: self._pools[d.slot % len(self._pools)].submit(d.finish)
+                       for p, d in self.digests.items()}
+            for p, fut in futures.items():
+                try:
+                    self.results[p] = fut.result()
+                except MergeError:
+                    raise
+                except OSError as exc:
+                    raise MergeError(f"hashing input {p} failed ({exc.strerror or exc})") from None
+        finally:
+            self._shutdown()
+        for p, d in self.digests.items():
+            try:
+                now = file_identity(os.stat(p))
+            except OSError:
+                now = None
+            if d.wf.identity is not None and now == d.wf.identity:
+                self.cache.put(p, now, self.results[p])
+        self.cache.save()
         return self.results
+
+    @property
+    def bytes_from_merge(self) -> int:
+        """Input bytes digested straight from the merge's own reads."""
+        return sum(d.fed for d in self.digests.values() if d.in_order)
 
 
 def describe(layout: Layout, hashes: Optional[Dict[str, str]]) -> dict:
     """A manifest entry for one input (hash fields are placeholders when pending)."""
     files = []
     lines = []
-    for rel, path in _file_entries(layout):
-        size = os.path.getsize(path)
+    for rel, path, wf in _file_entries(layout):
+        size = wf.identity[2] if wf.identity is not None else os.path.getsize(path)
         entry = {"name": rel, "size_bytes": size}
         if hashes is not None:
             digest = hashes.get(path, PLACEHOLDER)

@@ -1,25 +1,32 @@
-"""Read-only memory maps of the merge inputs, and the paging around each window.
+"""Reading the merge inputs: one descriptor per file, ``pread`` into window buffers.
 
-:class:`InputMaps` maps every safetensors input once (one descriptor per file) and hands
-out zero-copy views of tensor bytes; it refuses a file whose size changed since
-planning, since reading a mapped page past the end of a truncated file kills the process
-with SIGBUS. For each window of work items the engine calls :func:`prefetch_window`
-(``MADV_POPULATE_READ``, or ``MADV_WILLNEED`` read-ahead plus one read per page with the
-``_C`` prefault kernel) ahead of the sum and :func:`release_window` after it
-(``MADV_DONTNEED``, optionally ``POSIX_FADV_DONTNEED``), so the resident set stays near
-two windows whatever the model size. Items are duck-typed: ``it.tensor.sources`` (each
-with ``file``, ``key``, ``dtype``), ``it.lo``, ``it.hi`` (elements).
+Inputs are never read through a memory map. A mapped page past the end of a file that
+shrank (another process truncating an input during the merge) is delivered as SIGBUS,
+which kills the process; ``pread`` instead returns fewer bytes, which :class:`InputFiles`
+reports as a :class:`~fastsoup.merge.errors.MergeError` naming the input. (The module
+keeps its name: it is where the engine's input pages are brought in and let go.)
+
+:class:`InputFiles` opens every safetensors input once and checks the descriptor's
+identity (device, inode, size, mtime, ctime) against the one recorded when its header
+was validated, so the bytes read belong to the planned file. For each window of work
+items the engine's prefetch thread calls :func:`prefetch_window`: every source range
+the window needs is ``pread`` into one of two window buffers (the other one is being
+summed), the ranges are handed to the digest (:class:`.manifest.Hasher`: the manifest's
+sha256 is computed from these very bytes), and after the sum :func:`release_window`
+drops the ranges from the page cache when asked (``--drop-cache``). Memory stays at two
+window buffers plus two staging buffers whatever the model size.
+Items are duck-typed: ``it.tensor.sources`` (each with ``file``, ``key``, ``dtype``),
+``it.tensor.op``, ``it.lo``, ``it.hi`` (elements).
 """
 from __future__ import annotations
 
-import errno
 import mmap
 import os
-import sys
-from typing import Dict, Tuple
+from typing import Dict, List, Optional, Tuple
 
-from ..io.safetensors import DTYPES
-from ..kernels import cpu as cpu_kernels
+import numpy as np
+
+from ..io.safetensors import DTYPES, file_identity
 from .errors import MergeError
 from .formats import WeightFile
 from .plan import Plan
@@ -32,179 +39,215 @@ def align_down(x: int) -> int:
     return x - x % PAGE
 
 
-class InputMaps:
-    """Read-only memory maps of every safetensors input file, opened lazily."""
+def describe_identity_change(before, after) -> str:
+    """What differs between two ``file_identity`` tuples, in words."""
+    names = ("device", "inode", "size", "mtime_ns", "ctime_ns")
+    return ", ".join(f"{n} {a} -> {b}" for n, a, b in zip(names, before, after) if a != b)
+
+
+class InputFiles:
+    """Every safetensors input file opened once (read-only), read with ``pread``."""
 
     def __init__(self, drop_cache: bool = False):
-        self._maps: Dict[str, Tuple[int, mmap.mmap, memoryview]] = {}
+        self._fds: Dict[str, int] = {}
         self.drop_cache = drop_cache
 
-    def _get(self, wf: WeightFile):
-        entry = self._maps.get(wf.path)
-        if entry is None:
-            fd = os.open(wf.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    def fd(self, wf: WeightFile) -> int:
+        """The descriptor of ``wf``, opened on first use; raises MergeError if the file is
+        no longer the one whose header was validated."""
+        fd = self._fds.get(wf.path)
+        if fd is None:
             try:
-                size = os.fstat(fd).st_size
-                if size != wf.header.file_size:
-                    raise MergeError(f"{wf.path}: changed size since planning "
-                                     f"({wf.header.file_size} -> {size} bytes)")
-                mm = mmap.mmap(fd, size, access=mmap.ACCESS_READ)
-            finally:
-                if not self.drop_cache:  # the map keeps its own descriptor: one fd per file
-                    os.close(fd)
-            entry = (fd if self.drop_cache else -1, mm, memoryview(mm))
-            self._maps[wf.path] = entry
-        return entry
+                fd = os.open(wf.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            except OSError as exc:
+                raise MergeError(f"input {wf.path} cannot be opened ({exc.strerror or exc}); "
+                                 "nothing was written") from None
+            self._fds[wf.path] = fd
+            self._check(wf, os.fstat(fd), "since planning")
+        return fd
+
+    @staticmethod
+    def _check(wf: WeightFile, st: os.stat_result, when: str) -> None:
+        planned = wf.identity
+        now = file_identity(st)
+        if planned is not None and now != planned:
+            raise MergeError(f"input {wf.path} changed {when} ({describe_identity_change(planned, now)}); "
+                             "nothing was written")
 
     def check_unchanged(self, wf: WeightFile) -> None:
-        """Raise MergeError if ``wf`` was truncated or extended since it was mapped (reading
-        a mapped page past the end of a truncated file kills the process with SIGBUS)."""
+        """Raise MergeError if ``wf`` was truncated, extended, rewritten or replaced since
+        its header was validated: the open descriptor and the path must both still have
+        the planned identity."""
         if wf.header is None:
             return
-        mm = self._get(wf)[1]
         try:
-            size = mm.size()  # fstat of the map's own descriptor
+            self._check(wf, os.fstat(self.fd(wf)), "while merging")
+            self._check(wf, os.stat(wf.path), "while merging (replaced)")
         except OSError as exc:
-            raise MergeError(f"input {wf.path} cannot be read ({exc.strerror or exc})") from None
-        if size != wf.header.file_size:
-            raise MergeError(f"input {wf.path} changed while merging ({wf.header.file_size} -> "
-                             f"{size} bytes); nothing was written")
+            raise MergeError(f"input {wf.path} cannot be read ({exc.strerror or exc}); "
+                             "nothing was written") from None
 
     def open_all(self, plan: Plan) -> None:
-        """Map every safetensors file the plan reads (before any thread uses the maps)."""
-        for t in plan.tensors():
-            for s in t.sources:
-                if s.file.header is not None:
-                    self._get(s.file)
+        """Open every safetensors file the plan reads."""
+        for wf in plan_files(plan):
+            if wf.header is not None:
+                self.fd(wf)
 
-    def view(self, wf: WeightFile, key: str, start: int, stop: int) -> memoryview:
-        """Bytes ``[start, stop)`` of tensor ``key``'s data (zero-copy)."""
-        if wf.header is None:  # pickle input: a loaded tensor
-            t = wf.tensors[key]
-            import torch
-
-            flat = t.reshape(-1).view(torch.uint8)
-            return memoryview(flat.numpy())[start:stop]
-        begin = wf.header.data_start + wf.header.tensors[key].begin
-        return self._get(wf)[2][begin + start: begin + stop]
+    def read_into(self, wf: WeightFile, lo: int, out) -> None:
+        """Fill ``out`` (a writable buffer) with the file's bytes from absolute offset
+        ``lo``. A short read means the file shrank: MergeError naming it (never a signal)."""
+        fd = self.fd(wf)
+        view = memoryview(out).cast("B")
+        pos = lo
+        while view:
+            try:
+                n = os.preadv(fd, [view], pos) if hasattr(os, "preadv") else _pread_into(fd, view, pos)
+            except OSError as exc:
+                raise MergeError(f"input {wf.path} cannot be read at byte {pos} "
+                                 f"({exc.strerror or exc}); nothing was written") from None
+            if n <= 0:
+                raise MergeError(f"input {wf.path} was truncated while merging (read stopped at "
+                                 f"byte {pos}, the planned size is {wf.header.file_size}); "
+                                 "nothing was written")
+            view = view[n:]
+            pos += n
 
     def absolute_range(self, wf: WeightFile, key: str, start: int, stop: int):
         begin = wf.header.data_start + wf.header.tensors[key].begin
         return begin + start, begin + stop
 
-    def advise(self, wf: WeightFile, lo: int, hi: int, advice: int) -> None:
-        if wf.header is None or hi <= lo:
-            return
-        _, mm, _ = self._get(wf)
-        a = align_down(lo)
-        b = min(len(mm), -(-hi // PAGE) * PAGE)
-        if b > a:
-            try:
-                mm.madvise(advice, a, b - a)
-            except (OSError, ValueError):
-                pass
+    def read(self, wf: WeightFile, key: str, start: int, stop: int, out=None) -> memoryview:
+        """Bytes ``[start, stop)`` of tensor ``key``'s data, read into ``out`` (or a new
+        buffer). Pickle inputs (loaded tensors) give a view of the tensor's memory."""
+        if wf.header is None:
+            return pickle_view(wf, key, start, stop)
+        if out is None:
+            out = np.empty(stop - start, dtype=np.uint8)
+        view = memoryview(out).cast("B")[: stop - start]
+        lo, _ = self.absolute_range(wf, key, start, stop)
+        self.read_into(wf, lo, view)
+        return view
 
     def release(self, wf: WeightFile, lo: int, hi: int) -> None:
-        """Drop pages of ``[lo, hi)`` from this process (and, optionally, the page cache)."""
-        self.advise(wf, lo, hi, mmap.MADV_DONTNEED)
-        if self.drop_cache and wf.header is not None and hasattr(os, "posix_fadvise"):
-            fd = self._get(wf)[0]
+        """Drop ``[lo, hi)`` from the page cache if ``drop_cache`` (inputs larger than RAM)."""
+        if not self.drop_cache or wf.header is None or hi <= lo:
+            return
+        if hasattr(os, "posix_fadvise"):
             try:
-                os.posix_fadvise(fd, lo, hi - lo, os.POSIX_FADV_DONTNEED)
+                os.posix_fadvise(self.fd(wf), lo, hi - lo, os.POSIX_FADV_DONTNEED)
             except OSError:
                 pass
 
     def close(self) -> None:
-        for fd, mm, mv in self._maps.values():
-            mv.release()
+        for fd in self._fds.values():
             try:
-                mm.close()
-            except BufferError:  # a view still alive (should not happen); leave it to GC
-                pass
-            if fd >= 0:
                 os.close(fd)
-        self._maps.clear()
+            except OSError:
+                pass
+        self._fds.clear()
 
 
-def window_ranges(maps: InputMaps, win: list):
-    """``(file, lo, hi)`` absolute byte ranges of the safetensors inputs ``win`` reads."""
+# the name under which the engine and earlier code knew the class
+InputMaps = InputFiles
+
+
+def _pread_into(fd: int, view: memoryview, pos: int) -> int:
+    data = os.pread(fd, len(view), pos)
+    view[: len(data)] = data
+    return len(data)
+
+
+def pickle_view(wf: WeightFile, key: str, start: int, stop: int) -> memoryview:
+    """Bytes of a loaded (pickle) input's tensor: a view of its memory."""
+    t = wf.tensors[key]
+    import torch
+
+    flat = t.reshape(-1).view(torch.uint8)
+    return memoryview(flat.numpy())[start:stop]
+
+
+def plan_files(plan: Plan) -> List[WeightFile]:
+    """Every weight file the plan's inputs hold (each once, in input order)."""
+    seen: Dict[str, WeightFile] = {}
+    for lay in plan.inputs:
+        for wf in lay.files():
+            seen.setdefault(wf.path, wf)
+    return list(seen.values())
+
+
+def read_sources(it) -> list:
+    """The sources an item reads: all of them for a sum, the first for a copy (integer
+    tensors were compared across inputs before the run)."""
+    srcs = it.tensor.sources
+    return srcs[:1] if it.tensor.op == "copy" else srcs
+
+
+def window_ranges(files: InputFiles, win: list):
+    """``(item, source index, file, lo, hi)``: the absolute byte ranges of the safetensors
+    inputs ``win`` reads, in reading order."""
     for it in win:
-        for s in it.tensor.sources:
+        if it.hi <= it.lo:
+            continue
+        for k, s in enumerate(read_sources(it)):
             if s.file.header is None:
                 continue
             es = DTYPES[s.dtype].itemsize
-            lo, hi = maps.absolute_range(s.file, s.key, it.lo * es, it.hi * es)
-            yield s.file, lo, hi
+            lo, hi = files.absolute_range(s.file, s.key, it.lo * es, it.hi * es)
+            yield it, k, s.file, lo, hi
 
 
-def check_window(maps: InputMaps, win: list) -> list:
-    """:meth:`InputMaps.check_unchanged` for every file ``win`` reads; returns its
-    :func:`window_ranges`."""
-    spans = list(window_ranges(maps, win))
-    for wf in {id(wf): wf for wf, _, _ in spans}.values():
-        maps.check_unchanged(wf)
-    return spans
+class WindowBuffer:
+    """Input bytes of one window: one buffer, reused, plus where each source landed.
+    ``pending`` holds digest work on the buffer that must end before it is refilled."""
+
+    def __init__(self, nbytes: int):
+        self.buf = np.empty(max(nbytes, 1), dtype=np.uint8)
+        self.views: Dict[Tuple[int, int], memoryview] = {}
+        self.pending: list = []
+
+    def ensure(self, nbytes: int) -> None:
+        if nbytes > len(self.buf):
+            self.buf = np.empty(nbytes, dtype=np.uint8)
+
+    def view(self, it, k: int, files: InputFiles) -> memoryview:
+        """Bytes of source ``k`` of item ``it`` (read by :func:`prefetch_window`)."""
+        got = self.views.get((id(it), k))
+        if got is not None:
+            return got
+        s = read_sources(it)[k]  # a pickle input: its loaded tensor
+        es = DTYPES[s.dtype].itemsize
+        return pickle_view(s.file, s.key, it.lo * es, it.hi * es)
 
 
-MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux >= 5.14
-_populate_ok = [sys.platform.startswith("linux")]
-_UNSUPPORTED = {errno.EINVAL, getattr(errno, "ENOSYS", -1), getattr(errno, "EOPNOTSUPP", -1),
-                getattr(errno, "ENOTSUP", -1)}
+def prefetch_window(files: InputFiles, win: list, wbuf: WindowBuffer, digest=None) -> WindowBuffer:
+    """Read every safetensors range ``win`` needs into ``wbuf`` (after digest work on its
+    previous contents has finished), then hand the ranges to ``digest`` (an object with
+    ``feed(wf, lo, view) -> future | None``) in reading order."""
+    for fut in wbuf.pending:
+        fut.result()
+    wbuf.pending = []
+    spans = list(window_ranges(files, win))
+    wbuf.ensure(sum(hi - lo for *_, lo, hi in spans))
+    wbuf.views = {}
+    mv = memoryview(wbuf.buf)
+    pos = 0
+    for it, k, wf, lo, hi in spans:
+        view = mv[pos: pos + (hi - lo)]
+        files.read_into(wf, lo, view)
+        wbuf.views[(id(it), k)] = view
+        pos += hi - lo
+    if digest is not None:
+        for it, k, wf, lo, hi in spans:
+            fut = digest.feed(wf, lo, wbuf.views[(id(it), k)])
+            if fut is not None:
+                wbuf.pending.append(fut)
+    return wbuf
 
 
-def prefetch_window(maps: InputMaps, win: list) -> None:
-    """Map the next window's input pages ahead of the sum: ``MADV_POPULATE_READ`` (one
-    call per range: reads what is not cached and fills the page tables), or, where the
-    kernel lacks it, ``MADV_WILLNEED`` read-ahead plus one read per page in ``_C``."""
-    spans = check_window(maps, win)
-    if _populate_ok[0]:
-        wf = None
-        try:
-            for wf, lo, hi in spans:
-                mm = maps._get(wf)[1]
-                a = align_down(lo)
-                if hi > a:
-                    mm.madvise(MADV_POPULATE_READ, a, hi - a)
-            return
-        except OSError as exc:
-            if exc.errno not in _UNSUPPORTED:  # EFAULT/EIO: truncated or unreadable input
-                raise MergeError(f"input {wf.path if wf is not None else '?'} changed or cannot "
-                                 f"be read while merging ({exc.strerror or exc}); nothing was "
-                                 "written") from None
-            _populate_ok[0] = False  # an older kernel: use the fallback from now on
-    for wf, lo, hi in spans:
-        maps.advise(wf, lo, hi, mmap.MADV_WILLNEED)
-    if cpu_kernels.extension() is None:
+def release_window(files: InputFiles, win: list) -> None:
+    """After the sum: drop the window's input ranges from the page cache (with
+    ``drop_cache``; otherwise nothing to do, since nothing is mapped)."""
+    if not files.drop_cache:
         return
-    for wf, lo, hi in spans:
-        mv = maps._get(wf)[2][lo:hi]
-        try:
-            cpu_kernels.prefault(mv, PAGE)
-        finally:
-            mv.release()
-
-
-# Faults may map a whole large folio (page-cache pages can be up to 2 MiB), i.e. bytes
-# on either side of the range that was read; released ranges are widened by this much so
-# such pages do not stay mapped (a page dropped too early is just faulted in again).
-RELEASE_PAD = 2 << 20
-
-
-def release_window(maps: InputMaps, win: list) -> None:
-    """Drop the window's input pages from this process: per file, the union of the ranges
-    read (nearby ranges coalesced), widened by RELEASE_PAD on both sides."""
-    by_file: Dict[str, list] = {}
-    files: Dict[str, WeightFile] = {}
-    for wf, lo, hi in window_ranges(maps, win):
-        by_file.setdefault(wf.path, []).append((lo, hi))
-        files[wf.path] = wf
-    for path, spans in by_file.items():
-        spans.sort()
-        merged = [list(spans[0])]
-        for lo, hi in spans[1:]:
-            if lo <= merged[-1][1] + 2 * RELEASE_PAD:
-                merged[-1][1] = max(merged[-1][1], hi)
-            else:
-                merged.append([lo, hi])
-        for lo, hi in merged:
-            maps.release(files[path], max(0, lo - RELEASE_PAD), hi + RELEASE_PAD)
+    for _, _, wf, lo, hi in window_ranges(files, win):
+        files.release(wf, align_down(lo), hi)

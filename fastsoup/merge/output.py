@@ -12,6 +12,15 @@ the weight files.
 * :func:`file_paths`, :func:`write_indexes`, :func:`copy_side_files` — the weight files'
   paths in the temporary, the sharded ``*.index.json`` files, and the first input's
   non-weight files (configs, scheduler, tokenizer).
+
+A commit that was not asked to overwrite never replaces anything: it renames with
+``RENAME_NOREPLACE`` (:func:`fastsoup.io.atomic.rename_noreplace`), so of two merges
+racing for the same new path one commits and the other fails. Temporary names are cut
+to fit the filesystem's NAME_MAX whatever the output's name. Side files are copied only
+when they resolve inside their input's root (for a Hugging Face hub snapshot, also its
+repository's ``blobs`` folder, where the snapshot's links point): a link to anything
+else (``tokenizer/merges.txt -> /etc/shadow``) is not followed, and a copy never gets
+wider permissions than its source.
 """
 from __future__ import annotations
 
@@ -24,7 +33,7 @@ from typing import Dict, List, Optional
 
 from ..io import atomic
 from ..io.atomic import DIR_MODE, FILE_MODE, TMP_MARK, write_small_file
-from .errors import MergeError, PlanError
+from .errors import MergeError, PlanError, flag
 from .formats import WEIGHT_SUFFIXES, Layout, _is_index
 from .manifest import sidecar_path
 from .plan import Plan
@@ -33,6 +42,35 @@ from .plan import Plan
 def _identity(path: str):
     st = os.stat(path)
     return st.st_dev, st.st_ino
+
+
+# what a temporary adds to the output's name, at most: "." + TMP_MARK + "old-" + pid +
+# "-" + 8 hex digits + ".fastsoup.json"
+_TMP_EXTRA = 1 + len(TMP_MARK) + len("old-") + 10 + 1 + 8 + len(".fastsoup.json")
+
+
+def tmp_prefix(final: str) -> str:
+    """``.NAME`` for the temporaries of ``final``, ``NAME`` cut so that every temporary
+    name fits the filesystem's NAME_MAX."""
+    parent = os.path.dirname(os.path.abspath(final))
+    limit = atomic.name_max(parent if os.path.isdir(parent) else ".")
+    return atomic.short_name("." + os.path.basename(os.path.abspath(final)), "",
+                             limit - _TMP_EXTRA + 1)
+
+
+def check_output_name(output: str, is_dir: bool) -> None:
+    """The output's name and its sidecar's must be valid file names (NAME_MAX)."""
+    parent = os.path.dirname(os.path.abspath(output))
+    limit = atomic.name_max(parent if os.path.isdir(parent) else ".")
+    names = [os.path.basename(os.path.abspath(output))]
+    if not is_dir:
+        names.append(os.path.basename(sidecar_path(os.path.abspath(output), False)))
+    for name in names:
+        if len(os.fsencode(name)) > limit:
+            what = "the output's name" if name == names[0] else \
+                f"the name of its manifest sidecar ({name[:20]}...{name[-20:]})"
+            raise MergeError(f"{output}: {what} is {len(os.fsencode(name))} bytes, longer than "
+                             f"the {limit} bytes a file name may have here; choose a shorter name")
 
 
 def check_paths(layouts: List[Layout], output: str, planned: bool = False) -> None:
@@ -85,18 +123,20 @@ class AtomicOutput:
         parent = os.path.dirname(self.final)
         if not os.path.isdir(parent):
             raise MergeError(f"{final}: the parent directory {parent} does not exist")
+        self.overwrite = overwrite
         if os.path.lexists(self.final) and not overwrite:
-            raise MergeError(f"{final}: already exists (pass --overwrite to replace it; it is "
-                             "only replaced once the new output is complete)")
+            raise MergeError(f"{final}: already exists (pass {flag('overwrite')} to replace it; "
+                             "it is only replaced once the new output is complete)")
         if os.path.exists(self.final) and os.path.isdir(self.final) != is_dir:
             raise MergeError(f"{final}: exists and is a {'directory' if not is_dir else 'file'}; "
                              f"this merge writes a {'directory' if is_dir else 'file'}")
         if is_dir and os.path.isdir(self.final) and \
                 not os.path.isfile(os.path.join(self.final, "fastsoup.json")):
             raise MergeError(f"{final}: exists and is not a previous fastsoup output (no "
-                             "fastsoup.json in it); --overwrite only replaces fastsoup outputs. "
+                             f"fastsoup.json in it); {flag('overwrite')} only replaces fastsoup outputs. "
                              "Remove it yourself or choose another output path")
-        self.tmp = os.path.join(parent, f".{os.path.basename(self.final)}{TMP_MARK}"
+        self.prefix = tmp_prefix(self.final)
+        self.tmp = os.path.join(parent, f"{self.prefix}{TMP_MARK}"
                                         f"{os.getpid()}-{secrets.token_hex(4)}")
         self.sidecar_tmp: Optional[str] = None
         self.committed = False
@@ -127,7 +167,16 @@ class AtomicOutput:
             for root, dirs, files in os.walk(self.tmp, topdown=False):
                 atomic.fsync_dir(root)
         parent = os.path.dirname(self.final)
-        if self.is_dir and os.path.isdir(self.final):
+        if not self.overwrite:  # never replace what appeared meanwhile (another merge)
+            with atomic.signals_deferred():
+                try:
+                    atomic.rename_noreplace(self.tmp, self.final)
+                except FileExistsError:
+                    raise MergeError(f"{self.final}: appeared while merging (another merge "
+                                     f"writing the same output?); left as it is, nothing was "
+                                     f"written (pass {flag('overwrite')} to replace it)") from None
+                self.committed = True
+        elif self.is_dir and os.path.isdir(self.final):
             with atomic.signals_deferred():  # `committed` must be set with the swap
                 if atomic.exchange(self.tmp, self.final):
                     self.committed = True
@@ -141,7 +190,7 @@ class AtomicOutput:
         atomic.fsync_dir(parent)
 
     def _commit_two_renames(self, parent: str) -> None:
-        old = os.path.join(parent, f".{os.path.basename(self.final)}{TMP_MARK}old-"
+        old = os.path.join(parent, f"{self.prefix}{TMP_MARK}old-"
                                    f"{os.getpid()}-{secrets.token_hex(4)}")
         os.rename(self.final, old)  # signals are deferred by the caller
         try:
@@ -221,8 +270,8 @@ def remove_stale_temporaries(output: str) -> List[str]:
     """Remove ``.NAME.fastsoup-tmp-<pid>-*`` siblings of ``output`` left by a fastsoup run
     that died (SIGKILL, power loss): only those whose process is no longer alive."""
     final = os.path.abspath(output)
-    parent, name = os.path.dirname(final), os.path.basename(final)
-    pattern = re.compile(r"^\." + re.escape(name) + re.escape(TMP_MARK) +
+    parent = os.path.dirname(final)
+    pattern = re.compile(r"^" + re.escape(tmp_prefix(final)) + re.escape(TMP_MARK) +
                          r"(?:old-)?(\d+)-[0-9a-f]+(?:\.fastsoup\.json)?$")
     removed = []
     try:
@@ -245,15 +294,37 @@ def remove_stale_temporaries(output: str) -> List[str]:
     return removed
 
 
+def allowed_roots(root: str) -> List[str]:
+    """Real paths a side file of the input at ``root`` may resolve into: the root, and
+    for a Hugging Face hub snapshot (``.../models--ORG--NAME/snapshots/REV``, whose files
+    are links into the repository's blob store) that repository's ``blobs`` folder."""
+    real = os.path.realpath(root)
+    roots = [real]
+    snapshots = os.path.dirname(os.path.abspath(root))
+    if os.path.basename(snapshots) == "snapshots":
+        blobs = os.path.join(os.path.dirname(snapshots), "blobs")
+        if os.path.isdir(blobs):
+            roots.append(os.path.realpath(blobs))
+    return roots
+
+
+def _inside(path: str, roots: List[str]) -> bool:
+    return any(path == r or path.startswith(r.rstrip(os.sep) + os.sep) for r in roots)
+
+
 def copy_side_files(plan: Plan, out: AtomicOutput, warnings: Optional[List[str]] = None) -> List[str]:
     """Copy non-weight files (configs, scheduler, tokenizer) from the first input's root.
-    Symlinks to regular files are followed (a Hugging Face hub snapshot is made of them);
-    symlinks to directories are not, and are reported. Files are streamed, not read whole."""
+    Symlinks are followed only to files inside that root (or, for a hub snapshot, its
+    repository's blob store; see :func:`allowed_roots`): a link leading anywhere else is
+    not copied and reported in one warning, as are links to directories. Files are
+    streamed, not read whole, and keep at most their source's permissions."""
     first = plan.inputs[0]
     root = first.path if os.path.isdir(first.path) else os.path.dirname(first.path)
     if plan.kind == "file" or first.kind == "file":
         return []
-    copied = []
+    roots = allowed_roots(root)
+    copied: List[str] = []
+    outside: List[str] = []
     for dirpath, dirnames, filenames in os.walk(root):
         rel_dir = os.path.relpath(dirpath, root)
         keep = []
@@ -272,28 +343,52 @@ def copy_side_files(plan: Plan, out: AtomicOutput, warnings: Optional[List[str]]
                     or name.startswith("."):
                 continue
             src = os.path.join(dirpath, name)
+            rel = os.path.normpath(os.path.join(rel_dir, name))
+            if not _inside(os.path.realpath(src), roots):
+                outside.append(rel)
+                continue
             if not os.path.isfile(src):  # broken symlinks, sockets, fifos
                 continue
-            rel = os.path.normpath(os.path.join(rel_dir, name))
             dst = out.path(*rel.split(os.sep))
             if os.path.exists(dst):
                 continue
-            copy_file(src, dst)
-            copied.append(rel)
+            if copy_file(src, dst, roots):
+                copied.append(rel)
+            else:
+                outside.append(rel)
+    if outside and warnings is not None:
+        shown = ", ".join(outside[:3]) + (", ..." if len(outside) > 3 else "")
+        warnings.append(f"{len(outside)} side file{'s' if len(outside) != 1 else ''} of "
+                        f"{root} link{'s' if len(outside) == 1 else ''} outside it ({shown}); "
+                        "not copied (a checkpoint must not pull other files into the soup); "
+                        "copy them into the output yourself if you trust them")
     return copied
 
 
-def copy_file(src: str, dst: str) -> None:
-    """Stream ``src`` (symlinks followed) into a new file ``dst`` with the output's mode,
-    fsynced."""
+def copy_file(src: str, dst: str, roots: Optional[List[str]] = None) -> bool:
+    """Stream ``src`` (symlinks followed) into a new file ``dst``, fsynced, with the
+    output's mode narrowed to the source's permission bits (never wider). With ``roots``,
+    the file actually opened must lie inside one of them (checked on the open descriptor,
+    so a link swapped after the check is still refused); returns False if it does not."""
     with open(src, "rb") as fin:
+        if roots is not None:
+            try:
+                opened = os.path.realpath(f"/proc/self/fd/{fin.fileno()}")
+            except OSError:
+                opened = None
+            if opened is not None and opened.startswith("/proc/"):
+                opened = None  # no /proc: the realpath check before the open stands
+            if opened is not None and not _inside(opened, roots):
+                return False
+        mode = FILE_MODE & os.fstat(fin.fileno()).st_mode & 0o777
         fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0),
-                     FILE_MODE)
+                     mode)
         with os.fdopen(fd, "wb") as fout:
-            os.fchmod(fout.fileno(), FILE_MODE)
+            os.fchmod(fout.fileno(), mode)
             shutil.copyfileobj(fin, fout, 1 << 20)
             fout.flush()
             os.fsync(fout.fileno())
+    return True
 
 
 def write_indexes(plan: Plan, out: AtomicOutput) -> None:

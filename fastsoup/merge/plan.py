@@ -13,8 +13,12 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..io.safetensors import DTYPES, TensorInfo
-from .errors import MergeError, PlanError
+import os
+
+from .errors import Diagnostic, Diagnostics, MergeError, PlanError, flag
 from .formats import Layout, WeightFile
+
+FP32_MAX = 3.4028234663852886e38
 
 
 @dataclass
@@ -79,7 +83,8 @@ class Plan:
     key_policy: str
     components: List[OutComponent]
     dropped_keys: List[str] = field(default_factory=list)
-    warnings: List[str] = field(default_factory=list)
+    warnings: List[str] = field(default_factory=list)      # one line per cause
+    diagnostics: List[Diagnostic] = field(default_factory=list)  # the warnings, in full
 
     def tensors(self):
         for _, f in self.output_files():
@@ -117,15 +122,49 @@ def _coefficients(weights: Sequence[float], present: Sequence[int], base: bool,
         total = sum(ws.values())
         if total == 0 or not math.isfinite(total):
             raise MergeError(f"{where}: weights sum to {total}, cannot normalise "
-                             "(pass --no-normalize, or other weights)")
+                             f"(pass {flag('normalize', False)}, or other weights)")
         ws = {k: w / total for k, w in ws.items()}
     return ws
+
+
+def _component_hint(layouts: Sequence[Layout], n: int) -> Optional[str]:
+    """"did you mean ROOT/unet?" when a diffusers pipeline is merged with a single model
+    whose keys are (mostly) those of one of the pipeline's components."""
+    for j in range(n):
+        if layouts[j].kind == "diffusers":
+            continue
+        flat = set(layouts[j].keys())
+        if not flat:
+            continue
+        for i in range(n):
+            if layouts[i].kind != "diffusers":
+                continue
+            for cname, comp in layouts[i].components.items():
+                if len(flat & set(comp.tensors)) >= 0.5 * len(flat):
+                    return (f"input {j + 1} is a single model and input {i + 1} a diffusers "
+                            f"pipeline whose '{cname}' component has its keys: did you mean "
+                            f"{os.path.join(layouts[i].path, cname)}?")
+    return None
+
+
+def _architecture_hint(key_maps, n: int) -> Optional[str]:
+    """A hint when the inputs' key sets overlap little (different architectures)."""
+    sets = [set(km) for km in key_maps[:n]]
+    for a in range(n):
+        for b in range(a + 1, n):
+            union = sets[a] | sets[b]
+            if union and len(sets[a] & sets[b]) < 0.9 * len(union):
+                return (f"inputs {a + 1} and {b + 1} share {len(sets[a] & sets[b])} of "
+                        f"{len(union)} keys: different architectures? Averaging needs models "
+                        f"fine-tuned from the same base ({flag('keys', 'intersection')} "
+                        "merges only the shared keys)")
+    return None
 
 
 def build_plan(inputs: Sequence[Layout], *, weights: Optional[Sequence[float]] = None,
                base: Optional[Layout] = None, normalize: Optional[bool] = None,
                keys: str = "strict", dtype: Optional[str] = None,
-               max_shard_size: Optional[int] = None) -> Plan:
+               max_shard_size: Optional[int] = None, accumulate: str = "fp32") -> Plan:
     """Plan the merge of ``inputs`` (resolved layouts) into the first input's layout.
 
     Args:
@@ -139,6 +178,8 @@ def build_plan(inputs: Sequence[Layout], *, weights: Optional[Sequence[float]] =
         dtype: output dtype name for floating tensors ("F32", "F16", "BF16", "F64");
             default: the first holding input's dtype, per tensor.
         max_shard_size: re-shard each component into files of at most this many bytes.
+        accumulate: "fp32" or "fp64": every coefficient must be finite in it (a weight of
+            1e39 is inf in fp32 and would write NaN).
     """
     n = len(inputs)
     if n == 0:
@@ -150,8 +191,8 @@ def build_plan(inputs: Sequence[Layout], *, weights: Optional[Sequence[float]] =
     elif normalize and base is not None:
         raise MergeError("--normalize with --base: normalised weights sum to 1, so the base's "
                          "coefficient 1 - sum(weights) would be 0 and the base would be ignored; "
-                         "task arithmetic uses the weights as given (drop --normalize, or "
-                         "divide the weights yourself)")
+                         f"task arithmetic uses the weights as given (drop {flag('normalize')}, "
+                         "or divide the weights yourself)")
     if weights is None:
         weights = [1.0] * n if base is None else [1.0 / n] * n
     weights = [float(w) for w in weights]
@@ -159,6 +200,7 @@ def build_plan(inputs: Sequence[Layout], *, weights: Optional[Sequence[float]] =
         raise MergeError(f"got {len(weights)} weights for {n} inputs")
     if not all(math.isfinite(w) for w in weights):
         raise MergeError(f"weights must be finite, got {weights}")
+    limit = FP32_MAX if accumulate != "fp64" else float("inf")
     if dtype is not None and (dtype not in DTYPES or DTYPES[dtype].kernel_code is None):
         raise MergeError(f"output dtype {dtype!r} is not a floating dtype fastsoup can write")
 
@@ -179,22 +221,29 @@ def build_plan(inputs: Sequence[Layout], *, weights: Optional[Sequence[float]] =
                 seen.add(q)
                 first_order.append(q)
 
-    problems: List[str] = []
-    warnings: List[str] = list(early_warnings)
+    problems = Diagnostics()
+    warns = Diagnostics()
+    for w in early_warnings:
+        warns.add("key_policy", w)
     dropped: List[str] = []
     selected: List[str] = []
+    key_fix = (_component_hint(layouts, n) or _architecture_hint(key_maps, n)
+               or f"{flag('keys', 'intersection')} merges only the shared keys, "
+               f"{flag('keys', 'union')} averages each key over the inputs holding it")
     for q in first_order:
         missing = [k for k in range(n) if q not in key_maps[k]]
         if missing:
             if keys == "strict":
-                problems.append(f"{q!r}: missing from " + ", ".join(
-                    f"input {k + 1} ({layouts[k].path})" for k in missing))
+                where = ", ".join(f"input {k + 1} ({layouts[k].path})" for k in missing)
+                problems.add("missing_keys", f"missing from {where}", q,
+                             f"{q!r}: missing from {where}", fix=key_fix)
                 continue
             if keys == "intersection":
                 dropped.append(q)
                 continue
         if base is not None and q not in key_maps[n]:
-            problems.append(f"{q!r}: missing from the base ({base.path})")
+            problems.add("missing_from_base", f"missing from the base ({base.path})", q,
+                         f"{q!r}: missing from the base ({base.path})")
             continue
         selected.append(q)
 
@@ -210,38 +259,51 @@ def build_plan(inputs: Sequence[Layout], *, weights: Optional[Sequence[float]] =
             src_keys[k] = key
         shapes = {info.shape for _, _, info in infos}
         if len(shapes) > 1:
-            problems.append(f"{q!r}: shapes differ: " + ", ".join(
-                f"{list(info.shape)} in input {k + 1}" for k, _, info in infos))
+            bad = sorted({k + 1 for k, _, info in infos if info.shape != infos[0][2].shape})
+            problems.add("shape_mismatch", f"shapes differ between input {infos[0][0] + 1} and "
+                         f"input{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad))}", q,
+                         f"{q!r}: shapes differ: " + ", ".join(
+                             f"{list(info.shape)} in input {k + 1}" for k, _, info in infos),
+                         fix=_architecture_hint(key_maps, n) or "averaging needs models of the "
+                         "same architecture, fine-tuned from the same base")
             continue
         kinds = {DTYPES[info.dtype].kind for _, _, info in infos}
         if len(kinds) > 1:
-            problems.append(f"{q!r}: floating in some inputs, integer/bool in others: " + ", ".join(
-                f"{info.dtype} in input {k + 1}" for k, _, info in infos))
+            problems.add("kind_mismatch", "floating in some inputs, integer/bool in others", q,
+                         f"{q!r}: floating in some inputs, integer/bool in others: " + ", ".join(
+                             f"{info.dtype} in input {k + 1}" for k, _, info in infos))
             continue
         dtypes = [info.dtype for _, _, info in infos]
         kind = kinds.pop()
         cname, key = key_maps[holders[0]][q]
         if kind != "float":
             if len(set(dtypes)) > 1:
-                problems.append(f"{q!r}: integer/bool dtypes differ: " + ", ".join(
-                    f"{d} in input {k + 1}" for (k, _, _), d in zip(infos, dtypes)))
+                problems.add("integer_dtype_mismatch", "integer/bool dtypes differ: " + ", ".join(
+                    f"{d} in input {k + 1}" for (k, _, _), d in zip(infos, dtypes)), q)
                 continue
             out_tensors[q] = OutTensor(key, q, dtypes[0], infos[0][2].shape, "copy",
                                        [Source(k, wf, info, 1.0, src_keys[k]) for k, wf, info in infos])
             continue
         unsupported = sorted({d for d in dtypes if DTYPES[d].kernel_code is None})
         if unsupported:
-            problems.append(f"{q!r}: cannot average {', '.join(unsupported)} tensors "
-                            "(convert the inputs to fp16/bf16/fp32 first)")
+            problems.add("unsupported_dtype", f"cannot average {', '.join(unsupported)} tensors", q,
+                         f"{q!r}: cannot average {', '.join(unsupported)} tensors "
+                         "(convert the inputs to fp16/bf16/fp32 first)",
+                         fix="convert the inputs to fp16/bf16/fp32 first")
             continue
         if len(set(dtypes)) > 1 and dtype is None:
-            warnings.append(f"{q!r}: input dtypes differ ({', '.join(dtypes)}); writing "
-                            f"{dtypes[0]} (the first input's; choose with --dtype)")
+            pairs = ", ".join(f"{d} in input {k + 1}" for (k, _, _), d in zip(infos, dtypes))
+            warns.add("dtype_mismatch", f"input dtypes differ ({pairs}); writing {dtypes[0]} "
+                      "(the first input's)", q,
+                      f"{q!r}: input dtypes differ ({', '.join(dtypes)}); writing {dtypes[0]}",
+                      fix=f"choose the output dtype with {flag('dtype', 'bf16')} (or fp16, fp32)")
         present = [k for k in holders if k < n]
         try:
             coef = _coefficients(weights, present, base is not None, normalize, q)
         except MergeError as exc:
-            problems.append(str(exc))
+            msg = str(exc)[len(q) + 2:]
+            problems.add("weights", msg.split(" (pass")[0], q, str(exc),
+                         fix=f"pass {flag('normalize', False)}, or other weights")
             continue
         srcs = []
         for k, wf, info in infos:
@@ -254,10 +316,17 @@ def build_plan(inputs: Sequence[Layout], *, weights: Optional[Sequence[float]] =
         if not srcs:  # every coefficient is zero: the result is zero; read one input
             k, wf, info = infos[0]
             srcs.append(Source(k, wf, info, 0.0, src_keys[k]))
+        big = [s for s in srcs if not abs(s.weight) <= limit]
+        if big:
+            problems.add("weight_range", f"coefficient {big[0].weight:g} of input "
+                         f"{big[0].input_index + 1} overflows the fp32 accumulator (largest "
+                         f"finite fp32: {FP32_MAX:.4g})", q,
+                         fix=f"use smaller weights, normalise them, or {flag('accumulate', 'fp64')}")
+            continue
         out_tensors[q] = OutTensor(key, q, dtype or dtypes[0], infos[0][2].shape, "sum", srcs)
 
     if problems:
-        raise PlanError("the inputs cannot be merged", problems)
+        raise PlanError("the inputs cannot be merged", [], problems)
     if not out_tensors:
         raise MergeError("nothing to merge: no key is shared by the inputs"
                          + (f" ({len(dropped)} dropped by --keys intersection)" if dropped else ""))
@@ -270,7 +339,8 @@ def build_plan(inputs: Sequence[Layout], *, weights: Optional[Sequence[float]] =
         kind = "dir"
     return Plan(kind=kind, inputs=layouts, input_weights=weights, coefficients=coefficients,
                 base_index=base_index, normalize=normalize, key_policy=keys,
-                components=components, dropped_keys=dropped, warnings=warnings)
+                components=components, dropped_keys=dropped, warnings=warns.lines(),
+                diagnostics=list(warns))
 
 
 def _mirror(layouts, key_maps, out_tensors, order, max_shard_size) -> List[OutComponent]:

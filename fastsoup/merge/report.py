@@ -69,6 +69,8 @@ class MergeReport:
     window_bytes: Optional[int] = None      # input bytes mapped per prefetch window
     staging_bytes: Optional[int] = None     # size of each of the two output buffers
     timings: Dict[str, float] = field(default_factory=dict)  # where the streaming time went
+    diagnostics: List[dict] = field(default_factory=list)  # every warning, grouped by cause,
+    #                                   with all affected keys (``warnings`` has one line each)
 
     @property
     def throughput(self) -> Optional[float]:
@@ -168,7 +170,8 @@ def plan_report(plan, output: str, options) -> MergeReport:
         tensors=summed + copied, tensors_summed=summed, tensors_copied=copied, files=files,
         bytes_to_read=plan.bytes_to_read, bytes_to_write=plan.bytes_to_write,
         memory_budget=options.memory, disk_free=free, dropped_keys=list(plan.dropped_keys),
-        warnings=list(plan.warnings), output_dtypes=plan.output_dtypes())
+        warnings=list(plan.warnings), output_dtypes=plan.output_dtypes(),
+        diagnostics=[d.to_dict() for d in plan.diagnostics])
 
 
 def record_run(report: MergeReport, stats, *, seconds: float, write_seconds: float) -> None:

@@ -67,6 +67,38 @@ def test_hostile_headers_are_rejected(blob, message):
     assert "f.safetensors" in str(info.value)
 
 
+def test_gaps_and_trailing_bytes_are_refused_like_the_safetensors_library():
+    """Header leniency decision: match the format's readers. The safetensors library
+    refuses a gap between tensors and bytes after the last one; so does fastsoup."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load
+
+    gap = raw_safetensors({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+                           "b": {"dtype": "F32", "shape": [1], "data_offsets": [8, 12]}},
+                          b"\0" * 12)
+    trailing = raw_safetensors({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}},
+                               b"\0" * 9)
+    leading = raw_safetensors({"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}},
+                              b"\0" * 8)
+    for blob, message in ((gap, "leave bytes 4..8 .* after tensor 'a' unused"),
+                          (trailing, "5 trailing bytes after the last tensor"),
+                          (leading, "leave bytes 0..4 .* at its start unused")):
+        with pytest.raises(SafetensorError):
+            load(blob)
+        with pytest.raises(HeaderError, match=message):
+            parse(blob)
+
+
+def test_read_header_records_the_files_identity(tmp_path):
+    import os
+
+    p = tmp_path / "x.safetensors"
+    p.write_bytes(raw_safetensors(good_header(), b"\0" * 22))
+    st = os.stat(p)
+    assert read_header(str(p)).identity == (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns,
+                                            st.st_ctime_ns)
+
+
 def test_header_size_limit():
     blob = raw_safetensors(good_header(), b"\0" * 22)
     with pytest.raises(HeaderError, match="exceeds the limit of 10 bytes"):
@@ -99,14 +131,11 @@ def valid_files(draw):
         for s in shape:
             numel *= s
         nbytes = numel * DTYPES[dt].itemsize
-        gap = draw(st.integers(0, 3))
-        pos += gap
         header[f"t{i}"] = {"dtype": dt, "shape": shape, "data_offsets": [pos, pos + nbytes]}
         pos += nbytes
     if draw(st.booleans()):
         header["__metadata__"] = draw(st.dictionaries(st.text(max_size=5), st.text(max_size=5), max_size=3))
-    trailing = draw(st.integers(0, 4))
-    return header, raw_safetensors(header, b"\0" * (pos + trailing))
+    return header, raw_safetensors(header, b"\0" * pos)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -68,42 +68,34 @@ def test_input_truncated_while_merging_is_an_error_not_sigbus(tmp_path):
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           env=env, timeout=120)
     assert proc.returncode == 3, (proc.returncode, proc.stderr[-2000:])
-    assert "changed" in proc.stdout
+    assert "truncated while merging" in proc.stdout and "b.safetensors" in proc.stdout
     assert not leftovers(tmp_path) and not (tmp_path / "out.safetensors").exists()
 
 
-class _FakeMap:
-    def __init__(self, err):
-        self.err = err
-
-    def madvise(self, *a):
-        raise OSError(self.err, os.strerror(self.err))
-
-    def size(self):
-        return 0
-
-
-def test_populate_read_efault_is_an_error_einval_a_fallback(tmp_path, monkeypatch):
+def test_a_short_read_is_an_error_naming_the_input(tmp_path):
     a = save_file_layout(str(tmp_path / "a.safetensors"), {"w": torch.randn(4096)})
     wf = resolve(a).files()[0]
-    item = engine.Item(0, type("T", (), {"sources": [type("S", (), {
-        "file": wf, "key": "w", "dtype": "F32"})()]})(), 0, 4096)
-    maps = input_maps.InputMaps()
+    files = input_maps.InputFiles()
     try:
-        monkeypatch.setattr(input_maps, "_populate_ok", [True])
-        monkeypatch.setattr(maps, "check_unchanged", lambda wf: None)
-        real_get = maps._get
-        monkeypatch.setattr(maps, "_get", lambda w: (-1, _FakeMap(errno.EFAULT), real_get(w)[2]))
-        with pytest.raises(MergeError, match="changed or cannot be read"):
-            input_maps.prefetch_window(maps, [item])
-        assert input_maps._populate_ok[0]
-        monkeypatch.setattr(maps, "_get", lambda w: (-1, _FakeMap(errno.EINVAL), real_get(w)[2]))
-        monkeypatch.setattr(input_maps.InputMaps, "advise", lambda *a, **k: None)
-        input_maps.prefetch_window(maps, [item])
-        assert not input_maps._populate_ok[0]
+        files.fd(wf)
+        os.truncate(a, 100)
+        with pytest.raises(MergeError, match=r"a\.safetensors was truncated while merging"):
+            files.read(wf, "w", 0, 4096 * 4)
     finally:
-        monkeypatch.undo()
-        maps.close()
+        files.close()
+
+
+def test_a_file_replaced_after_planning_is_refused_when_opened(tmp_path):
+    a = save_file_layout(str(tmp_path / "a.safetensors"), {"w": torch.randn(16)})
+    wf = resolve(a).files()[0]
+    save_file_layout(a + ".new", {"w": torch.randn(16)})
+    os.replace(a + ".new", a)  # same size, another inode
+    files = input_maps.InputFiles()
+    try:
+        with pytest.raises(MergeError, match="changed since planning .*inode"):
+            files.fd(wf)
+    finally:
+        files.close()
 
 
 def test_stale_temporaries_of_dead_runs_are_removed(tmp_path):
@@ -143,13 +135,15 @@ def _open_fds():
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
-def test_one_descriptor_per_mapped_file_and_raised_fd_limit(tmp_path, monkeypatch):
+def test_one_descriptor_per_input_file_and_raised_fd_limit(tmp_path, monkeypatch):
     paths = [save_file_layout(str(tmp_path / f"m{i}.safetensors"), make_state(i)) for i in range(4)]
-    maps = input_maps.InputMaps()
+    maps = input_maps.InputFiles()
     before = _open_fds()
     try:
         for p in paths:
-            maps._get(resolve(p).files()[0])
+            wf = resolve(p).files()[0]
+            maps.fd(wf)
+            maps.fd(wf)
         assert _open_fds() - before == len(paths)
     finally:
         maps.close()

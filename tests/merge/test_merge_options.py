@@ -28,15 +28,20 @@ def test_union_of_single_files_with_different_names_is_one_file(tmp_path):
     assert torch.equal(got["p"], torch.full((3,), 0.5)) and len(report.files) == 1
 
 
-def test_side_files_follow_symlinks_to_files(tmp_path):
-    store = tmp_path / "blobs"
-    store.mkdir()
+def test_side_files_follow_symlinks_into_a_hub_snapshots_blob_store(tmp_path):
+    """A Hugging Face hub snapshot is made of links into its repository's ``blobs``
+    folder: those are followed (copied as files); links to directories are not."""
+    repo = tmp_path / "models--org--m0"
+    store = repo / "blobs"
+    store.mkdir(parents=True)
     (store / "cfg").write_text('{"hidden": 4}')
     (store / "dir").mkdir()
     (store / "dir" / "inner.txt").write_text("x")
-    roots = [save_sharded(str(tmp_path / f"m{i}"), make_state(i), 2) for i in range(2)]
-    os.symlink(store / "cfg", os.path.join(roots[0], "config.json"))
-    os.symlink(store / "dir", os.path.join(roots[0], "linked_dir"))
+    snap = repo / "snapshots" / "abc123"
+    roots = [save_sharded(str(snap), make_state(0), 2),
+             save_sharded(str(tmp_path / "m1"), make_state(1), 2)]
+    os.symlink("../../blobs/cfg", os.path.join(roots[0], "config.json"))
+    os.symlink("../../blobs/dir", os.path.join(roots[0], "linked_dir"))
     out = tmp_path / "out"
     report = fs.merge(roots, out, quiet=True, hash="none")
     assert (out / "config.json").read_text() == '{"hidden": 4}'

@@ -41,7 +41,7 @@ from .options import DEFAULT_MEMORY, MergeOptions
 from .output import (AtomicOutput, check_output_name, check_paths, copy_side_files, describe_error, file_paths,
                      remove_stale_temporaries, write_indexes)
 from .plan import Plan, build_plan
-from .report import MergeReport, peak_rss, plan_report, record_run
+from .report import MergeReport, human_bytes, peak_rss, plan_report, record_run
 from .writer import SafetensorsFileWriter
 
 PathLike = Union[str, os.PathLike]
@@ -55,7 +55,9 @@ def merge(inputs: Sequence[PathLike], output: Optional[PathLike],
           max_shard_size: Union[None, int, str] = None, memory: Union[int, str] = DEFAULT_MEMORY,
           threads: Optional[int] = None, device: str = "cpu", dry_run: bool = False,
           overwrite: bool = False, quiet: Optional[bool] = None, hash: str = "sha256",
-          drop_cache: bool = False, _expect_hashes: Optional[Dict[str, str]] = None,
+          drop_cache: bool = False, metadata: Optional[Mapping[str, str]] = None,
+          progress: Union[None, bool, Callable] = None,
+          _expect_hashes: Optional[Dict[str, str]] = None,
           _manifest_extra: Optional[dict] = None) -> MergeReport:
     """Average checkpoints, streaming: ``out = Σ_i c_i θ_i`` (or ``θ_0 + Σ_i c_i (θ_i − θ_0)``).
 
@@ -65,8 +67,10 @@ def merge(inputs: Sequence[PathLike], output: Optional[PathLike],
         output: where to write; mirrors the first input's layout (a file, a sharded
             directory with its index, or a diffusers tree with the non-weight files).
             May be None for a dry run (planned as ``./soup.safetensors`` or ``./soup``).
-        weights: raw weights (any reals; default uniform). ``normalize`` divides them by
-            their sum (default on, off with ``base``).
+        weights: raw weights (any reals; default uniform), one per input in order, or a
+            mapping keyed by the inputs' paths. ``normalize`` divides them by their sum
+            (default on, off with ``base``). With fp32 accumulation every coefficient must
+            be finite in fp32.
         base: θ_0 for task arithmetic (coefficient ``1 − Σ c_i``).
         keys: "strict" (default: every input has every key), "intersection", or "union"
             (weights renormalised per key over the inputs holding it).
@@ -87,10 +91,19 @@ def merge(inputs: Sequence[PathLike], output: Optional[PathLike],
             compared; no floating data is read and nothing is written.
         overwrite: replace an existing output (only once the new one is complete); a
             directory is replaced only if it is a previous fastsoup output (has fastsoup.json).
-        quiet: no progress bar (default: a bar only when stderr is a terminal).
+        quiet: True: no progress and no phase lines; False: a bar; None (default): a bar
+            in a terminal or a Jupyter notebook (``tqdm.auto``), one line per phase on a
+            non-terminal stderr such as a log file, nothing under CI (``CI`` set).
+        progress: a callable ``progress(phase, done, total, key)`` called per phase
+            ("plan", "merge", "verify", "finish", "commit") and, during "merge", per chunk
+            (bytes written so far of ``total``; ``key`` names the tensor); ``True`` forces
+            a bar, ``False`` disables progress (as ``quiet``).
         hash: "sha256" (default; hashed in a background thread during the merge) or
             "none": the constituents' content hashes in the manifest.
         drop_cache: also drop consumed input ranges from the page cache.
+        metadata: entries for the soup's ``__metadata__`` (``{"modelspec.title": "My
+            soup"}``). The soup keeps only the input metadata every input shares; ``format``
+            and ``fastsoup`` (the manifest) are written by fastsoup.
 
     Returns:
         a :class:`MergeReport`. Raises :class:`MergeError` (or :class:`PlanError`, listing
@@ -104,7 +117,9 @@ def merge(inputs: Sequence[PathLike], output: Optional[PathLike],
         keys=keys, dtype=dtype, accumulate=accumulate, variant=variant,
         allow_pickle=allow_pickle, max_shard_size=max_shard_size, memory=memory,
         threads=threads, device=device, dry_run=dry_run, overwrite=overwrite, quiet=quiet,
-        hash=hash, drop_cache=drop_cache)
+        hash=hash, drop_cache=drop_cache, metadata=metadata)
+    if opts.metadata:
+        manifest_extra["metadata"] = dict(opts.metadata)
     layouts, plan, output = _plan(inputs, output, weights, base, normalize, opts)
     report = plan_report(plan, output, opts)
     _raise_fd_limit()  # every input file stays mapped (one descriptor each) for the run
@@ -124,16 +139,23 @@ def merge(inputs: Sequence[PathLike], output: Optional[PathLike],
     t0 = time.perf_counter()
     remove_stale_temporaries(output)
     run = _Run(plan, layouts, output, opts, manifest_extra)
+    run.progress = bar = Progress.make(progress, quiet, plan.bytes_to_write)
+    bar.phase("plan", f"{report.tensors} tensors from {len(plan.inputs)} inputs, "
+              f"{human_bytes(plan.bytes_to_write)} to write")
     after_commit: List[str] = []
     try:
         run.open_temporary()
         run.check_copies()
+        bar.phase("merge", output)
         run.stream()
+        bar.phase("verify", "input digests" if opts.hash == "sha256" else "sizes")
         run.verify(_expect_hashes, report.warnings)
         t_write = time.perf_counter()
+        bar.phase("finish", "headers, indexes, side files, fsync")
         run.finish(report.warnings)
         run.check_inputs()
         run.out.commit()
+        bar.phase("commit", output)
     except BaseException as exc:
         if not run.committed:
             run.abort()
@@ -251,7 +273,7 @@ class _Run:
         self.writers: List[SafetensorsFileWriter] = []
         self.hasher: Optional[Hasher] = None
         self.maps = InputFiles(drop_cache=opts.drop_cache)
-        self.progress: Optional[Callable] = None
+        self.progress: Optional["Progress"] = None
         self.manifest: Optional[dict] = None
         self.stats: Optional[RunStats] = None
         self.copied: List[str] = []
@@ -280,13 +302,13 @@ class _Run:
         the final length) and stream every tensor into them."""
         self.hasher.start()
         self.manifest = self._manifest({} if self.opts.hash == "sha256" else None)
-        meta = output_metadata(self.plan, self.manifest)
+        meta = output_metadata(self.plan, self.manifest, dict(self.opts.metadata))
         for path, (_, f) in zip(file_paths(self.plan, self.out), self.plan.output_files()):
             self.writers.append(SafetensorsFileWriter(path, f, meta))
-        self.progress = _tty_progress(self.plan.bytes_to_write, self.opts.quiet)
         self.stats = execute(self.plan, self.writers, memory=self.opts.memory,
                              threads=self.opts.threads, acc64=self.opts.acc64,
-                             device=self.opts.device, progress=self.progress,
+                             device=self.opts.device,
+                             progress=self.progress.update if self.progress else None,
                              drop_cache=self.opts.drop_cache, maps=self.maps,
                              digest=self.hasher if self.opts.hash == "sha256" else None)
 
@@ -306,13 +328,15 @@ class _Run:
 
     def finish(self, warnings: List[str]) -> None:
         """Final headers (fsynced files), indexes, side files and the manifest sidecar."""
-        meta = output_metadata(self.plan, self.manifest)
+        meta = output_metadata(self.plan, self.manifest, dict(self.opts.metadata))
         for w in self.writers:
             w.rewrite_header(meta)
             w.finish()
         write_indexes(self.plan, self.out)
         self.copied = copy_side_files(self.plan, self.out, warnings)
-        self.out.write_sidecar((json.dumps(self.manifest, indent=2) + "\n").encode())
+        problem = self.out.write_sidecar((json.dumps(self.manifest, indent=2) + "\n").encode())
+        if problem:
+            warnings.append(problem)
 
     def check_inputs(self) -> None:
         """Every input file must still be the one planned (device, inode, size, mtime,
@@ -372,21 +396,73 @@ def _resolve_all(paths: Sequence[PathLike], variant, allow_pickle, what="input")
     return layouts
 
 
-def _tty_progress(total: int, quiet: Optional[bool]) -> Optional[Callable]:
-    if quiet or (quiet is None and not sys.stderr.isatty()):
-        return None
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, dynamic_ncols=True,
-               desc="merging", file=sys.stderr, leave=False)
-    state = {"key": None}
+def _in_ci() -> bool:
+    """Whether this runs under CI (``CI`` set, as GitHub Actions, GitLab, Travis, CircleCI
+    and most others do): no progress at all there."""
+    v = os.environ.get("CI", "").strip().lower()
+    return v not in ("", "0", "false", "no")
 
-    def update(key: str, nbytes: int) -> None:
-        if key != state["key"]:
-            state["key"] = key
-            bar.set_postfix_str(key[-48:], refresh=False)
-        bar.update(nbytes)
-    update.close = bar.close  # type: ignore[attr-defined]
-    return update
+
+def _in_notebook() -> bool:
+    """Whether this runs in a Jupyter/Colab kernel (stderr is no terminal there, but a bar
+    is what the user sees)."""
+    ipython = sys.modules.get("IPython")
+    if ipython is None:
+        return False
+    try:
+        shell = ipython.get_ipython()
+    except Exception:
+        return False
+    return shell is not None and "IPKernelApp" in getattr(shell, "config", {})
+
+
+class Progress:
+    """Where a merge reports progress: a callback, a bar (``tqdm.auto``: a widget in a
+    notebook, text in a terminal), one line per phase (a log file), or nothing."""
+
+    def __init__(self, total: int, callback: Optional[Callable] = None, bar=None,
+                 lines: bool = False):
+        self.total, self.callback, self.bar, self.lines = total, callback, bar, lines
+        self.done = 0
+        self._key = None
+
+    @classmethod
+    def make(cls, progress, quiet: Optional[bool], total: int) -> "Progress":
+        if callable(progress) and not isinstance(progress, bool):
+            return cls(total, callback=progress)
+        if progress is False or quiet or (quiet is None and progress is None and _in_ci()):
+            return cls(total)
+        if progress is True or quiet is False or sys.stderr.isatty() or _in_notebook():
+            try:
+                from tqdm.auto import tqdm
+            except ImportError:
+                return cls(total, lines=True)
+            bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000,
+                       dynamic_ncols=True, desc="merging", file=sys.stderr, leave=False)
+            return cls(total, bar=bar)
+        return cls(total, lines=True)
+
+    def phase(self, name: str, detail: str = "") -> None:
+        if self.callback is not None:
+            self.callback(name, self.done, self.total, None)
+        elif self.lines:
+            print(f"fastsoup-merge: {name}: {detail}" if detail else f"fastsoup-merge: {name}",
+                  file=sys.stderr, flush=True)
+
+    def update(self, key: str, nbytes: int) -> None:
+        self.done += nbytes
+        if self.callback is not None:
+            self.callback("merge", self.done, self.total, key)
+        elif self.bar is not None:
+            if key != self._key:
+                self._key = key
+                self.bar.set_postfix_str(key[-48:], refresh=False)
+            self.bar.update(nbytes)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def __bool__(self) -> bool:
+        return True

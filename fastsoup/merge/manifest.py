@@ -365,22 +365,147 @@ def build(plan, *, accumulate: str, dtype: Optional[str], hashes: Optional[Dict[
     }
 
 
+# ------------------------------------------------------------------ the manifest's schema
+_HEX64 = set("0123456789abcdef")
+_KINDS = ("file", "dir", "diffusers")
+
+
+class _Schema:
+    """Checks a manifest read from disk (it may have been edited or forged): every field
+    the add/remove code uses, with its JSON path in the error."""
+
+    def __init__(self, where: str):
+        self.where = where
+
+    def fail(self, path: str, expected: str, got: Any) -> MergeError:
+        shown = json.dumps(got)[:60] if _json_safe(got) else repr(got)[:60]
+        return MergeError(f"{self.where}: invalid soup manifest: {path}: expected {expected}, "
+                          f"got {shown}")
+
+    def obj(self, x, path: str) -> dict:
+        if not isinstance(x, dict):
+            raise self.fail(path, "an object", x)
+        return x
+
+    def field(self, o: dict, key: str, path: str, check, expected: str, required: bool = True):
+        if key not in o:
+            if required:
+                raise MergeError(f"{self.where}: invalid soup manifest: {path}.{key}: missing "
+                                 f"(expected {expected})")
+            return None
+        v = o[key]
+        if not check(v):
+            raise self.fail(f"{path}.{key}" if path else key, expected, v)
+        return v
+
+    def entry(self, e, path: str, constituent: bool) -> None:
+        e = self.obj(e, path)
+        self.field(e, "path", path, lambda v: isinstance(v, str) and v != "" and "\0" not in v,
+                   "a non-empty path")
+        self.field(e, "kind", path, lambda v: v in _KINDS, f"one of {', '.join(_KINDS)}")
+        self.field(e, "size_bytes", path, _nonneg_int, "a non-negative integer")
+        self.field(e, "sha256", path, _hex64, "64 lowercase hex digits", required=False)
+        self.field(e, "variant", path, lambda v: v is None or isinstance(v, str),
+                   "a string", required=False)
+        files = self.field(e, "files", path, lambda v: isinstance(v, list) and len(v) > 0,
+                           "a non-empty list")
+        for j, f in enumerate(files):
+            fp = f"{path}.files[{j}]"
+            f = self.obj(f, fp)
+            self.field(f, "name", fp, _relative_name, "a relative file name (no '..', not absolute)")
+            self.field(f, "size_bytes", fp, _nonneg_int, "a non-negative integer")
+            self.field(f, "sha256", fp, _hex64, "64 lowercase hex digits", required=False)
+        if e["kind"] == "file" and len(files) != 1:
+            raise self.fail(f"{path}.files", "one file for a single-file input", files)
+        if constituent:
+            self.field(e, "weight", path, _finite, "a finite number")
+            self.field(e, "coefficient", path, _finite, "a finite number", required=False)
+
+    def manifest(self, m) -> dict:
+        m = self.obj(m, "manifest")
+        self.field(m, "format", "", lambda v: v == FORMAT, repr(FORMAT))
+        cons = self.field(m, "constituents", "", lambda v: isinstance(v, list) and len(v) > 0,
+                          "a non-empty list")
+        for i, e in enumerate(cons):
+            self.entry(e, f"constituents[{i}]", True)
+        if m.get("base") is not None:
+            self.entry(m["base"], "base", False)
+        self.field(m, "normalize", "", lambda v: v is None or isinstance(v, bool), "true or false",
+                   required=False)
+        self.field(m, "default_weights", "", lambda v: isinstance(v, bool), "true or false",
+                   required=False)
+        from .options import ACCUMULATE, DTYPE_NAMES, KEY_POLICIES
+
+        self.field(m, "key_policy", "", lambda v: v in KEY_POLICIES,
+                   f"one of {', '.join(KEY_POLICIES)}", required=False)
+        self.field(m, "accumulate", "", lambda v: v in ACCUMULATE,
+                   f"one of {', '.join(ACCUMULATE)}", required=False)
+        self.field(m, "dtype", "", lambda v: v is None or v in DTYPE_NAMES.values(),
+                   f"null or one of {', '.join(DTYPE_NAMES.values())}", required=False)
+        self.field(m, "metadata", "", lambda v: isinstance(v, dict) and all(
+            isinstance(k, str) and isinstance(x, str) for k, x in v.items()),
+            "an object of strings", required=False)
+        return m
+
+
+def _json_safe(x) -> bool:
+    try:
+        json.dumps(x)
+        return True
+    except (TypeError, ValueError, RecursionError):
+        return False
+
+
+def _nonneg_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _hex64(v) -> bool:
+    return isinstance(v, str) and len(v) == 64 and set(v) <= _HEX64
+
+
+def _relative_name(v) -> bool:
+    if not isinstance(v, str) or not v or "\0" in v or v.startswith("/") or "\\" in v:
+        return False
+    return all(part not in ("", ".", "..") for part in v.split("/"))
+
+
+def validate(m, where: str) -> dict:
+    """``m`` if it is a well-formed manifest, else MergeError naming the field's path
+    (``constituents[1].weight: expected a finite number, got "abc"``)."""
+    return _Schema(where).manifest(m)
+
+
 def metadata_entry(manifest: dict) -> Dict[str, str]:
     return {METADATA_KEY: json.dumps(manifest, separators=(",", ":"), sort_keys=False)}
 
 
-def output_metadata(plan, manifest: dict) -> Dict[str, str]:
-    """The ``__metadata__`` of the output files: the first input's string metadata (other
-    than a previous fastsoup manifest), ``"format": "pt"`` (loaders such as transformers'
-    require it when metadata exists) and the ``fastsoup`` manifest."""
+RESERVED_METADATA = ("format", METADATA_KEY)
+
+
+def _input_metadata(layout) -> Dict[str, str]:
+    for wf in layout.files():
+        return dict((wf.header.metadata or {}) if getattr(wf, "header", None) is not None else {})
+    return {}
+
+
+def output_metadata(plan, manifest: dict, user: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+    """The soup's own ``__metadata__``: the entries every input (constituents and base)
+    carries with the same value (true of the soup too; an input's title or hash is not),
+    then ``user`` (``--metadata KEY=VALUE``), then ``"format": "pt"`` (loaders such as
+    transformers' require it when metadata exists) and the ``fastsoup`` manifest."""
+    metas = [_input_metadata(lay) for lay in plan.inputs]
     meta: Dict[str, str] = {}
-    first = plan.inputs[0]
-    for wf in first.files():
-        md = (wf.header.metadata or {}) if getattr(wf, "header", None) is not None else {}
-        for k, v in md.items():
-            if isinstance(k, str) and isinstance(v, str) and k != METADATA_KEY:
-                meta.setdefault(k, v)
-        break
+    for k, v in (metas[0] if metas else {}).items():
+        if k in RESERVED_METADATA or not isinstance(v, str):
+            continue
+        if all(m.get(k) == v for m in metas[1:]):
+            meta[k] = v
+    meta.update(user or {})
     meta["format"] = "pt"
     meta.update(metadata_entry(manifest))
     return meta
@@ -405,8 +530,9 @@ def _embedded(soup: str) -> Optional[dict]:
         if METADATA_KEY in md:
             try:
                 return json.loads(md[METADATA_KEY])
-            except ValueError as exc:
-                raise MergeError(f"{wf.path}: corrupt fastsoup manifest ({exc})") from None
+            except (ValueError, RecursionError) as exc:
+                raise MergeError(f"{wf.path}: corrupt fastsoup manifest "
+                                 f"({'nested too deeply' if isinstance(exc, RecursionError) else exc})") from None
     return None
 
 
@@ -423,8 +549,9 @@ def read(soup: str) -> dict:
         try:
             with open(side, encoding="utf-8") as f:
                 side_obj = json.load(f)
-        except (OSError, ValueError) as exc:
-            side_error = MergeError(f"{side}: cannot read the soup manifest ({exc})")
+        except (OSError, ValueError, RecursionError) as exc:
+            side_error = MergeError(f"{side}: cannot read the soup manifest "
+                                    f"({'nested too deeply' if isinstance(exc, RecursionError) else exc})")
         else:
             side_error = None
     else:
@@ -446,4 +573,4 @@ def read(soup: str) -> dict:
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise MergeError(f"{soup}: not a fastsoup soup (no {FORMAT} manifest in fastsoup.json "
                          "or in the safetensors __metadata__)")
-    return obj
+    return validate(obj, soup)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Mapping, Optional, Tuple, Union
 
 from .errors import MergeError
 
@@ -87,6 +87,7 @@ class MergeOptions:
     quiet: Optional[bool] = None
     hash: str = "sha256"
     drop_cache: bool = False
+    metadata: Tuple[Tuple[str, str], ...] = ()   # the user's --metadata KEY=VALUE entries
 
     @property
     def acc64(self) -> bool:
@@ -99,7 +100,8 @@ class MergeOptions:
                  memory: Union[int, str] = DEFAULT_MEMORY, threads: Optional[int] = None,
                  device: str = "cpu", dry_run: bool = False, overwrite: bool = False,
                  quiet: Optional[bool] = None, hash: str = "sha256",
-                 drop_cache: bool = False) -> "MergeOptions":
+                 drop_cache: bool = False,
+                 metadata: Optional[Mapping[str, str]] = None) -> "MergeOptions":
         """The options of :func:`fastsoup.merge` as given (user names, sizes as text),
         checked; raises :class:`MergeError` naming the first bad value."""
         if hash not in HASH_MODES:
@@ -118,8 +120,41 @@ class MergeOptions:
             raise MergeError(f"device must be 'cpu' or 'cuda', got {device!r}")
         if keys not in KEY_POLICIES:
             raise MergeError(f"unknown key policy {keys!r} (choose {', '.join(KEY_POLICIES)})")
+        meta = check_metadata(metadata)
         return cls(keys=keys, dtype=out_dtype, accumulate=accumulate, variant=variant,
                    allow_pickle=allow_pickle, max_shard_size=shard_bytes, memory=memory_bytes,
                    threads=threads if threads is not None else (os.cpu_count() or 1),
                    device=device, dry_run=dry_run, overwrite=overwrite, quiet=quiet, hash=hash,
-                   drop_cache=drop_cache)
+                   drop_cache=drop_cache, metadata=meta)
+
+
+RESERVED_METADATA = ("format", "fastsoup")  # written by fastsoup itself
+
+
+def check_metadata(metadata) -> Tuple[Tuple[str, str], ...]:
+    """The soup's user metadata (``metadata=`` / ``--metadata KEY=VALUE``) as sorted pairs;
+    MergeError for a non-string entry or a key fastsoup writes itself."""
+    if metadata is None:
+        return ()
+    if not isinstance(metadata, Mapping):
+        raise MergeError(f"metadata must map strings to strings, got {type(metadata).__name__}")
+    out = []
+    for k, v in metadata.items():
+        if not isinstance(k, str) or not isinstance(v, str) or not k:
+            raise MergeError(f"metadata must map non-empty strings to strings, got {k!r}: {v!r}")
+        if k in RESERVED_METADATA:
+            raise MergeError(f"metadata key {k!r} is written by fastsoup itself (the format tag "
+                             "and the provenance manifest); choose another key")
+        out.append((k, v))
+    return tuple(sorted(out))
+
+
+def parse_metadata_items(items) -> dict:
+    """``["KEY=VALUE", ...]`` (the command line) → ``{KEY: VALUE}``."""
+    out = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise MergeError(f"--metadata takes KEY=VALUE, got {item!r}")
+        out[key] = value
+    return out

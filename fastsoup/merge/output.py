@@ -59,18 +59,14 @@ def tmp_prefix(final: str) -> str:
 
 
 def check_output_name(output: str, is_dir: bool) -> None:
-    """The output's name and its sidecar's must be valid file names (NAME_MAX)."""
+    """The output's name must be a valid file name (NAME_MAX); its temporaries always are
+    (:func:`tmp_prefix`)."""
     parent = os.path.dirname(os.path.abspath(output))
     limit = atomic.name_max(parent if os.path.isdir(parent) else ".")
-    names = [os.path.basename(os.path.abspath(output))]
-    if not is_dir:
-        names.append(os.path.basename(sidecar_path(os.path.abspath(output), False)))
-    for name in names:
-        if len(os.fsencode(name)) > limit:
-            what = "the output's name" if name == names[0] else \
-                f"the name of its manifest sidecar ({name[:20]}...{name[-20:]})"
-            raise MergeError(f"{output}: {what} is {len(os.fsencode(name))} bytes, longer than "
-                             f"the {limit} bytes a file name may have here; choose a shorter name")
+    name = os.path.basename(os.path.abspath(output))
+    if len(os.fsencode(name)) > limit:
+        raise MergeError(f"{output}: the output's name is {len(os.fsencode(name))} bytes, longer "
+                         f"than the {limit} bytes a file name may have here; choose a shorter name")
 
 
 def check_paths(layouts: List[Layout], output: str, planned: bool = False) -> None:
@@ -223,15 +219,22 @@ class AtomicOutput:
         if self.sidecar_tmp is not None and os.path.lexists(self.sidecar_tmp):
             os.unlink(self.sidecar_tmp)
 
-    def write_sidecar(self, data: bytes) -> None:
+    def write_sidecar(self, data: bytes) -> Optional[str]:
         """Write the manifest sidecar: ``fastsoup.json`` inside a directory output; for a
         file output, a temporary beside it that :meth:`place_sidecar` renames into place
-        right after the commit."""
+        right after the commit. A file output whose sidecar name would exceed NAME_MAX
+        gets none (the returned warning says so; the embedded manifest is complete)."""
         if self.is_dir:
             write_small_file(self.path("fastsoup.json"), data)
-        else:
-            self.sidecar_tmp = self.tmp + ".fastsoup.json"
-            write_small_file(self.sidecar_tmp, data)
+            return None
+        parent = os.path.dirname(self.final)
+        side = os.path.basename(sidecar_path(self.final, False))
+        if len(os.fsencode(side)) > atomic.name_max(parent):
+            return (f"no manifest sidecar: {side[:24]}... would be longer than a file name may "
+                    "be; the manifest embedded in the output's metadata is complete")
+        self.sidecar_tmp = self.tmp + ".fastsoup.json"
+        write_small_file(self.sidecar_tmp, data)
+        return None
 
     def place_sidecar(self) -> Optional[str]:
         """After the commit: rename a file output's sidecar into place. Returns a warning

@@ -32,6 +32,8 @@ def _soup_options(m: dict, options: dict) -> dict:
         opts["variant"] = m["constituents"][0]["variant"]
     if m.get("dtype") and "dtype" not in opts:
         opts["dtype"] = dtype_user_name(m["dtype"])
+    if opts.get("metadata") is None and m.get("metadata"):
+        opts["metadata"] = dict(m["metadata"])
     return opts
 
 

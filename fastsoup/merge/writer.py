@@ -12,7 +12,7 @@ import errno
 import os
 from typing import Dict, Optional, Tuple
 
-from ..io import atomic
+from ..io import atomic, safetensors
 from ..io.atomic import FILE_MODE
 from ..io.safetensors import encode_header, layout_header
 from .errors import MergeError
@@ -28,6 +28,15 @@ def header_bytes(out_file: OutFile, metadata: Optional[Dict[str, str]],
     return encode_header(obj, reserve=reserve), offsets
 
 
+def check_header_size(path: str, nbytes: int) -> None:
+    """Never write a header the format's readers refuse (safetensors: 100 MB)."""
+    limit = safetensors.MAX_HEADER_BYTES
+    if nbytes > limit:
+        raise MergeError(f"{path}: the output header would be {nbytes} bytes, more than the "
+                         f"{limit} bytes safetensors readers accept (too much metadata, or too "
+                         "many constituents in the manifest); nothing was written")
+
+
 class SafetensorsFileWriter:
     """A pre-sized output file: header at offset 0, tensor data written with ``pwrite``.
 
@@ -39,6 +48,7 @@ class SafetensorsFileWriter:
         self.path = path
         self.out_file = out_file
         self.header, offsets = header_bytes(out_file, metadata, reserve=0)
+        check_header_size(path, len(self.header) - 8)
         self.data_start = len(self.header)
         self.offsets = {k: self.data_start + v for k, v in offsets.items()}
         self.size = self.data_start + out_file.data_bytes

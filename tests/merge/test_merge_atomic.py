@@ -157,14 +157,20 @@ def test_fsync_dir_raises_real_errors(tmp_path, monkeypatch):
         atomic.fsync_dir(str(tmp_path))
 
 
-def test_output_metadata_has_format_pt_and_the_first_inputs_metadata(tmp_path):
+def test_output_metadata_is_the_soups_own(tmp_path):
+    """format pt, the manifest, the entries every input shares, and the user's; never
+    input 1's title (apps would label the soup as model A)."""
     paths = [save_file_layout(str(tmp_path / f"m{i}.safetensors"), make_state(i),
-                              metadata={"format": "pt", "origin": f"run{i}"}) for i in range(2)]
+                              metadata={"format": "pt", "modelspec.title": "AB"[i],
+                                        "modelspec.architecture": "sd-v1"}) for i in range(2)]
     out = str(tmp_path / "soup.safetensors")
-    fs.merge(paths, out, hash="none", quiet=True)
+    fs.merge(paths, out, hash="none", quiet=True, metadata={"modelspec.author": "me"})
     with safe_open(out, "pt") as f:
         md = f.metadata()
-    assert md["format"] == "pt" and md["origin"] == "run0"
+    assert md["format"] == "pt" and "modelspec.title" not in md
+    assert md["modelspec.architecture"] == "sd-v1" and md["modelspec.author"] == "me"
+    with pytest.raises(fs.MergeError, match="written by fastsoup itself"):
+        fs.merge(paths, str(tmp_path / "x.safetensors"), quiet=True, metadata={"format": "np"})
     assert json.loads(md["fastsoup"])["format"] == "fastsoup.merge/1"
     plain = [save_file_layout(str(tmp_path / f"p{i}.safetensors"), make_state(i)) for i in range(2)]
     out2 = str(tmp_path / "soup2.safetensors")

@@ -99,15 +99,58 @@ def test_subprocess_run(tmp_path):
     assert res.returncode == 1 and "already exists" in res.stderr
 
 
-def test_progress_bar_names_tensors(tmp_path, capsys):
+def test_progress_bar_names_tensors(tmp_path, capsys, monkeypatch):
     import fastsoup as fs
 
     paths, _ = inputs(tmp_path, 2)
     fs.merge(paths, tmp_path / "o.safetensors", quiet=False)  # forced on (not a tty here)
     err = capsys.readouterr().err
     assert "merging" in err and "B/s" in err
-    fs.merge(paths, tmp_path / "p.safetensors")  # default: no bar when stderr is not a tty
+    monkeypatch.setenv("CI", "true")
+    fs.merge(paths, tmp_path / "p.safetensors")  # CI: nothing at all
     assert capsys.readouterr().err == ""
+
+
+def test_progress_in_logs_notebooks_and_callbacks(tmp_path, capsys, monkeypatch):
+    """A log (stderr not a terminal, not CI) gets one line per phase; a notebook gets the
+    tqdm.auto bar; a progress= callback gets phases and bytes."""
+    import fastsoup as fs
+    from fastsoup.merge import api
+
+    monkeypatch.delenv("CI", raising=False)
+    paths, _ = inputs(tmp_path, 2)
+    fs.merge(paths, tmp_path / "o.safetensors")
+    lines = capsys.readouterr().err.splitlines()
+    assert [ln.split(":")[1].strip() for ln in lines] == ["plan", "merge", "verify", "finish",
+                                                          "commit"]
+    bars = []
+    import tqdm.auto
+
+    class FakeBar:
+        def __init__(self, **kw):
+            bars.append(self)
+            self.n = 0
+
+        def update(self, n):
+            self.n += n
+
+        def set_postfix_str(self, *a, **k):
+            pass
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", FakeBar)
+    monkeypatch.setattr(api, "_in_notebook", lambda: True)
+    rep = fs.merge(paths, tmp_path / "n.safetensors")
+    assert len(bars) == 1 and bars[0].n == rep.bytes_to_write
+    assert capsys.readouterr().err == ""
+    events = []
+    fs.merge(paths, tmp_path / "c.safetensors", progress=lambda *e: events.append(e))
+    phases = [e[0] for e in events if e[3] is None]
+    assert phases == ["plan", "merge", "verify", "finish", "commit"]
+    chunks = [e for e in events if e[3] is not None]
+    assert chunks and chunks[-1][1] == chunks[-1][2] == rep.bytes_to_write
 
 
 def test_dry_run_needs_no_output(tmp_path, capsys, monkeypatch):

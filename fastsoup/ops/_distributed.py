@@ -76,11 +76,11 @@ def raise_on_every_rank(group, error: Optional[BaseException], op: str, world: i
     """Second half of the error path: exchange the messages, then raise on every rank."""
     import torch.distributed as dist
 
-    mine = None if error is None else (type(error).__name__, str(error)[:4000])
+    mine = None if error is None else (type(error).__name__, str(error)[:4000], op)
     everyone: List[Any] = [None] * world
     dist.all_gather_object(everyone, mine, group=group)
     failed = [(r, e) for r, e in enumerate(everyone) if e is not None]
-    rank, (name, message) = failed[0]
+    rank, (name, message, op) = failed[0]  # the failing rank's op names the call
     cls = _exception_types().get(name, RuntimeError)
     others = f"; ranks {[r for r, _ in failed]} failed" if len(failed) > 1 else ""
     exc = cls(f"{message} [{op}: raised on rank {rank} of {world}{others}; every rank of "

@@ -5,10 +5,13 @@
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Tuple
+import weakref
+from typing import Callable, Dict, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
+
+from ._checks import check_timestep_tensor, is_compiling, timestep_range_error
 
 
 class ReverseStepCoefficients(NamedTuple):
@@ -39,23 +42,62 @@ def alphas_cumprod(schedule, name: str = "schedule") -> Tensor:
 
 def check_timesteps(name: str, t, num: int, device: Optional[torch.device] = None) -> Tensor:
     """``t`` (an int or an integer tensor of shape ``[]`` or ``[B]``) as a 1-d integer
-    tensor with values in ``[0, num)``; TypeError/ValueError naming ``name`` otherwise."""
+    tensor with values in ``[0, num)``; TypeError/ValueError naming ``name`` otherwise.
+    The range check costs one host sync for a tensor (none for an int, none while
+    compiling)."""
     if isinstance(t, bool):
         raise TypeError(f"{name} must be an int or an integer tensor, got bool")
     if isinstance(t, int):
-        t = torch.tensor([t], device=device)
+        if not 0 <= t < num:
+            raise timestep_range_error(name, t, t, 0, num, f"[0, {num - 1}] (the scheduler's timesteps)")
+        return torch.tensor([t], device=device)
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be an int or an integer tensor, got {type(t).__name__}")
-    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
-        raise TypeError(f"{name} must be an integer tensor, got {t.dtype}")
+    check_timestep_tensor(name, t, one_dim=False)
     if t.dim() == 0:
         t = t.reshape(1)
     if t.dim() != 1:
         raise ValueError(f"{name} must have shape [B], got {tuple(t.shape)}")
-    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= num):
-        raise ValueError(f"{name} must lie in [0, {num - 1}] (the scheduler's timesteps), "
-                         f"got values in [{int(t.min())}, {int(t.max())}]")
+    check_timestep_range(name, t, 0, num, f"[0, {num - 1}] (the scheduler's timesteps)")
     return t
+
+
+def check_timestep_range(name: str, t: Tensor, low: int, high: int,
+                         bounds: Optional[str] = None) -> None:
+    """Every value of ``t`` in ``[low, high)``: one host sync (min and max in one
+    transfer); skipped for an empty tensor and while compiling."""
+    if t.numel() == 0 or is_compiling():
+        return
+    lo, hi = torch.stack([t.min(), t.max()]).tolist()
+    err = timestep_range_error(name, lo, hi, low, high, bounds)
+    if err is not None:
+        raise err
+
+
+# The schedule on each device, made once: indexing it then costs no host-to-device copy
+# (a copy of a pageable CPU tensor blocks the host, like a sync). Keyed by the identity
+# and version of the alphas_cumprod tensor (an in-place change makes a new entry).
+_DEVICE_SCHEDULES: Dict[Tuple[int, str, str], Tuple[weakref.ref, int, Tensor]] = {}
+
+
+def schedule_on_device(ac: Tensor, device: torch.device, kind: str = "float64",
+                       make: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
+    """``make(ac)`` (default: ``ac`` in float64) on ``device``, cached per schedule tensor,
+    device and ``kind``; computed where ``ac`` lives, then copied once."""
+    if make is None:
+        make = lambda a: a.to(torch.float64)  # noqa: E731
+    if is_compiling():
+        return make(ac).to(device)
+    key = (id(ac), str(torch.device(device)), kind)
+    hit = _DEVICE_SCHEDULES.get(key)
+    if hit is not None and hit[0]() is ac and hit[1] == ac._version:
+        return hit[2]
+    value = make(ac).to(device)
+    if len(_DEVICE_SCHEDULES) > 64:  # schedules are few; drop the ones that died
+        for k in [k for k, v in _DEVICE_SCHEDULES.items() if v[0]() is None]:
+            del _DEVICE_SCHEDULES[k]
+    _DEVICE_SCHEDULES[key] = (weakref.ref(ac), ac._version, value)
+    return value
 
 
 def vp_alpha_sigma(schedule, timesteps) -> Tuple[Tensor, Tensor]:
@@ -69,7 +111,13 @@ def vp_alpha_sigma(schedule, timesteps) -> Tuple[Tensor, Tensor]:
     ac = alphas_cumprod(schedule)
     device = timesteps.device if isinstance(timesteps, Tensor) else ac.device
     t = check_timesteps("timesteps", timesteps, ac.numel(), device)
-    abar = ac.to(device=t.device, dtype=torch.float64)[t]
+    return vp_alpha_sigma_unchecked(ac, t)
+
+
+def vp_alpha_sigma_unchecked(ac: Tensor, t: Tensor) -> Tuple[Tensor, Tensor]:
+    """:func:`vp_alpha_sigma` for timesteps already known to be in range (no host sync:
+    the schedule is cached on the device of ``t``)."""
+    abar = schedule_on_device(ac, t.device)[t]
     return abar.sqrt().float(), (1.0 - abar).clamp_min(0).sqrt().float()
 
 
@@ -89,9 +137,9 @@ def vp_reverse_step_coefficients(schedule, t, s) -> ReverseStepCoefficients:
     if tt.shape != ss.shape and tt.numel() != 1 and ss.numel() != 1:
         raise ValueError(f"t and s must have the same shape, got {tuple(tt.shape)} and {tuple(ss.shape)}")
     tt, ss = torch.broadcast_tensors(tt, ss.to(tt.device))
-    if tt.numel() and bool((ss > tt).any()):
+    if tt.numel() and not is_compiling() and bool((ss > tt).any()):
         raise ValueError("s must not exceed t (a reverse step goes from t down to s)")
-    a = ac.to(device=tt.device, dtype=torch.float64)
+    a = schedule_on_device(ac, tt.device)
     abar_t, abar_s = a[tt], a[ss]
     alpha_t, sigma_t = abar_t.sqrt(), (1 - abar_t).clamp_min(0).sqrt()
     alpha_s, sigma_s = abar_s.sqrt(), (1 - abar_s).clamp_min(0).sqrt()

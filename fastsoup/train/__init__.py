@@ -1,7 +1,7 @@
 """fastsoup.train: the diffusers-facing training layer (SPEC §§1–4).
 
 * :mod:`~fastsoup.train.losses`: the loss from a diffusers scheduler's outputs
-  (prediction type, min-SNR-γ, AGC / top-k exclusion);
+  (prediction type, min-SNR-γ, flow matching, AGC / top-k exclusion);
 * :mod:`~fastsoup.train.difftuning`: Diff-Tuning batch mixing, built on
   :mod:`~fastsoup.train.timestep_samplers` (the power-law timestep distributions, the
   batch split) and :mod:`~fastsoup.train.knowledge_bank` (samples of the pre-trained model,
@@ -18,12 +18,17 @@
 The core package never imports diffusers; these helpers duck-type the scheduler.
 """
 from .losses import (
+    FLOW_MATCHING,
     PREDICTION_TYPES,
+    WEIGHTING_SCHEMES,
     compute_snr,
     diffusion_loss,
     diffusion_target,
+    flow_matching_bank_timesteps,
+    flow_matching_loss_weights,
     min_snr_loss_weights,
     prediction_type_of,
+    scheduler_family,
 )
 from .timestep_samplers import PowerLawTimestepSampler, power_law_timestep_probs, split_batch
 from .knowledge_bank import KNOWLEDGE_BANK_FORMAT, KnowledgeBank
@@ -40,12 +45,17 @@ from .soup import save_shard_models, soup_shard_models
 from . import data  # noqa: E402  (fs.train.data: built-in procedural datasets)
 
 __all__ = [
+    "FLOW_MATCHING",
     "PREDICTION_TYPES",
+    "WEIGHTING_SCHEMES",
     "compute_snr",
     "diffusion_loss",
     "diffusion_target",
+    "flow_matching_bank_timesteps",
+    "flow_matching_loss_weights",
     "min_snr_loss_weights",
     "prediction_type_of",
+    "scheduler_family",
     "KNOWLEDGE_BANK_FORMAT",
     "DiffTuning",
     "DiffTuningBatch",

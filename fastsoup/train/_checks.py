@@ -20,7 +20,9 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
+from ..ops._checks import check_timestep_tensor
 from ..ops.schedule import alphas_cumprod as _ops_alphas_cumprod
+from ..ops.schedule import check_timestep_range
 
 
 def check_int(name: str, value: Any, minimum: int) -> int:
@@ -48,21 +50,12 @@ def check_timesteps(timesteps: Any, *, batch: Optional[int] = None, one_dim: boo
         batch: the required length ``B`` of a ``[B]`` tensor (``None``: any length).
         one_dim: require a 1-d tensor (``False``: any shape; ``batch`` is then ignored).
         low, high: every value must lie in ``[low, high)`` (``high=None``: no range check;
-            the check costs two host syncs, and none for an empty tensor).
+            the check costs one host sync, none for an empty tensor or while compiling).
         bounds: how the error message writes the range (default ``"[low, high)"``).
     """
-    if not isinstance(timesteps, Tensor):
-        raise TypeError(f"timesteps must be an integer torch.Tensor, got {type(timesteps).__name__}")
-    if timesteps.dtype.is_floating_point or timesteps.is_complex() or timesteps.dtype == torch.bool:
-        raise TypeError(f"timesteps must be an integer tensor, got {timesteps.dtype}")
-    if one_dim and (timesteps.dim() != 1 or (batch is not None and timesteps.shape[0] != batch)):
-        want = f"[B] = [{batch}]" if batch is not None else "[B]"
-        raise ValueError(f"timesteps must have shape {want}, got {tuple(timesteps.shape)}")
-    if high is not None and timesteps.numel():
-        lo, hi = int(timesteps.min()), int(timesteps.max())
-        if lo < low or hi >= high:
-            where = bounds if bounds is not None else f"[{low}, {high})"
-            raise ValueError(f"timesteps must lie in {where}, got values in [{lo}, {hi}]")
+    check_timestep_tensor("timesteps", timesteps, batch, one_dim=one_dim)
+    if high is not None:
+        check_timestep_range("timesteps", timesteps, low, high, bounds)
     return timesteps
 
 

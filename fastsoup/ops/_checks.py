@@ -1,6 +1,7 @@
 """Argument validation shared by the ops: clear errors that name the argument."""
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence, Union
 
 import torch
@@ -71,17 +72,75 @@ def check_data(names: Sequence[str], tensors: Sequence[Tensor]) -> None:
         raise ValueError(f"{names[0]} has no elements per sample (shape {tuple(first.shape)})")
 
 
-def per_sample_scalar(name: str, value: Scalar, batch: int, device: torch.device) -> Tensor:
+SIGNS = {"positive": "> 0", "nonnegative": ">= 0"}
+
+
+def per_sample_scalar(name: str, value: Scalar, batch: int, device: torch.device,
+                      sign: Optional[str] = None,
+                      checks: Optional["DeferredChecks"] = None) -> Tensor:
     """A schedule scalar as a contiguous float ``[B]`` tensor on ``device``.
 
     Accepts a Python number (made float64), a 0-d float tensor (any device) or a ``[B]``
     float tensor on ``device`` (kept in its dtype; the coefficient tables are computed in float64 from it). Integer
     and bool tensors, tensors that require grad and wrong shapes or devices are refused.
+
+    With ``sign`` (``"positive"`` or ``"nonnegative"``) the values must also be finite and
+    of that sign: checked at once for a number, and for a tensor added to ``checks`` (run
+    with the caller's other data-dependent checks in one host transfer).
     """
     if isinstance(value, bool):
         raise TypeError(f"{name} must be a number or a float tensor, got bool")
     if isinstance(value, (int, float)):
+        if sign is not None:
+            v = float(value)
+            if not math.isfinite(v):
+                raise ValueError(f"{name} must be finite, got {v}")
+            if (v <= 0) if sign == "positive" else (v < 0):
+                raise ValueError(f"{name} must be {SIGNS[sign]}, got {v}")
         return torch.full((batch,), float(value), dtype=torch.float64, device=device)
+    out = _per_sample_scalar_tensor(name, value, batch, device)
+    if sign is not None and checks is not None:
+        checks.add(~torch.isfinite(out).all(),
+                   lambda: ValueError(f"{name} must be finite, got {_bad_values(out, ~torch.isfinite(out))}"))
+        bad_sign = (out <= 0) if sign == "positive" else (out < 0)
+        checks.add(bad_sign.any(),
+                   lambda: ValueError(f"{name} must be {SIGNS[sign]}, got "
+                                      f"{_bad_values(out, (out <= 0) if sign == 'positive' else (out < 0))}"))
+    return out
+
+
+def _bad_values(values: Tensor, bad: Tensor) -> str:
+    """``"v (sample i), ..."`` for the first few bad samples (an error path: syncs freely)."""
+    idx = bad.nonzero().flatten()[:4].tolist()
+    more = " ..." if int(bad.sum()) > len(idx) else ""
+    return ", ".join(f"{values[i].item():g} (sample {i})" for i in idx) + more
+
+
+class DeferredChecks:
+    """Data-dependent checks collected, then run in one host transfer.
+
+    ``add(flag, error)``: ``flag`` a 0-d bool tensor, True when the check fails, and
+    ``error`` a callable making the exception (called only then, so it may sync to name
+    the bad samples). :meth:`run` raises the first failed check in the order added;
+    while compiling it does nothing (a sync would break the graph)."""
+
+    def __init__(self) -> None:
+        self.items: list = []
+
+    def add(self, flag: Tensor, error) -> None:
+        self.items.append((flag, error))
+
+    def run(self) -> None:
+        if not self.items or is_compiling():
+            return
+        dev = self.items[0][0].device
+        failed = torch.stack([f.to(dev).reshape(()) for f, _ in self.items]).tolist()
+        for bad, (_, error) in zip(failed, self.items):
+            if bad:
+                raise error()
+
+
+def _per_sample_scalar_tensor(name: str, value, batch: int, device: torch.device) -> Tensor:
     if not isinstance(value, Tensor):
         raise TypeError(f"{name} must be a number or a float tensor of shape [B], "
                         f"got {type(value).__name__}")

@@ -40,10 +40,12 @@ from __future__ import annotations
 import math
 from typing import Optional
 
+import torch
 from torch import Tensor
 
 from .. import _backend
-from ._checks import Scalar, as_weight, check_data, check_reduction, per_sample_scalar
+from ._checks import (DeferredChecks, Scalar, as_weight, check_data, check_reduction,
+                      per_sample_scalar)
 from .ambient_coefficients import coefficient_table
 from .rows import acc_dtype, row_bilinear
 from ..kernels.abi import COL_VALID
@@ -66,6 +68,23 @@ def _reduce(per_sample: Tensor, valid: Tensor, weight, reduction: str) -> Tensor
     if reduction == "sum":
         return total
     return total / valid.sum().clamp_min(1)
+
+
+def _check_table(checks: DeferredChecks, coef: Tensor, error) -> None:
+    """Finite valid scalars must give a finite table: a coefficient that overflows the
+    table's dtype (a tiny σ_t or α_t) raises, naming the argument, instead of a NaN/inf
+    loss. ``error(bad)`` makes the exception from the ``[B]`` mask of bad samples."""
+    bad = lambda: ~torch.isfinite(coef).all(dim=1)  # noqa: E731
+    checks.add(~torch.isfinite(coef).all(), lambda: error(bad()))
+
+
+def _samples(bad: Tensor) -> str:
+    idx = bad.nonzero().flatten()[:4].tolist()
+    return f"sample{'s' if len(idx) > 1 else ''} {', '.join(map(str, idx))}"
+
+
+def _values(values: Tensor, bad: Tensor) -> str:
+    return ", ".join(f"{values[i].item():g}" for i in bad.nonzero().flatten()[:4].tolist())
 
 
 # ----------------------------------------------------------------------- VP loss
@@ -94,7 +113,10 @@ def ambient_loss_vp(eps_pred: Tensor, extra_noise: Tensor, alpha_t: Scalar, sigm
         eps_pred: ``ε̂``, ``[B, ...]`` float16/bfloat16/float32 (any strides).
         extra_noise: ``z``, same shape (its dtype may differ).
         alpha_t, sigma_t, alpha_n, sigma_n: per-sample schedule values ``[B]`` (or numbers);
-            constants, must not require grad. ``α > 0`` is assumed.
+            constants, must not require grad. Checked (``ValueError`` naming the argument):
+            finite, ``α > 0``, ``σ ≥ 0``; an ``alpha_t/alpha_n`` so small that the x0-mode
+            weight ``(b/a)²`` overflows float32 (below ~1e-19) is refused too. One host
+            sync for all of it (none while compiling: the checks are skipped then).
         mode: ``"x0"`` or ``"eps"``.
         weight: optional per-sample weight (number or ``[B]`` tensor; differentiable).
         reduction: ``"mean"`` (``Σ_i w_i ℓ_i / #valid``, 0 if none is valid), ``"sum"``,
@@ -110,10 +132,18 @@ def ambient_loss_vp(eps_pred: Tensor, extra_noise: Tensor, alpha_t: Scalar, sigm
     check_reduction(reduction)
     check_data(("eps_pred", "extra_noise"), (eps_pred, extra_noise))
     B, dev = eps_pred.shape[0], eps_pred.device
-    scalars = [per_sample_scalar(n, v, B, dev) for n, v in (
-        ("alpha_t", alpha_t), ("sigma_t", sigma_t), ("alpha_n", alpha_n), ("sigma_n", sigma_n))]
+    checks = DeferredChecks()
+    scalars = [per_sample_scalar(n, v, B, dev, sign, checks) for n, v, sign in (
+        ("alpha_t", alpha_t, "positive"), ("sigma_t", sigma_t, "nonnegative"),
+        ("alpha_n", alpha_n, "positive"), ("sigma_n", sigma_n, "nonnegative"))]
     # table: A = B = (−k, 1) over (ε̂, z) so u = r; scale c; see vp_loss_coefficients
     coef = coefficient_table(OP_VP, "vp_" + mode, scalars, acc_dtype((eps_pred, extra_noise)))
+    _check_table(checks, coef, lambda bad: ValueError(
+        f"alpha_t is too small for {coef.dtype} at {_samples(bad)} (alpha_t = "
+        f"{_values(scalars[0], bad)}, alpha_n = {_values(scalars[2], bad)}): the x0-mode "
+        "weight (b/a)² with a = alpha_t/alpha_n would overflow (use mode='eps' or larger "
+        "alpha_t)"))
+    checks.run()  # one host sync for every data-dependent check
     per_sample = row_bilinear(OP_VP, [eps_pred, extra_noise], coef, square=True)
     return _reduce(per_sample, coef[:, COL_VALID], weight, reduction)
 
@@ -140,7 +170,10 @@ def ambient_loss_ve(x0_pred: Tensor, x_t: Tensor, x_n: Tensor, sigma_t: Scalar,
     Args:
         x0_pred: ``D_θ(x_t, σ_t)``, ``[B, ...]`` float16/bfloat16/float32 (any strides).
         x_t, x_n: the network input and the noisy data, same shape (dtypes may differ).
-        sigma_t, sigma_n: per-sample noise levels ``[B]`` (or numbers), constants.
+        sigma_t, sigma_n: per-sample noise levels ``[B]`` (or numbers), constants;
+            finite and ``≥ 0`` (``ValueError`` naming the argument otherwise), and
+            ``sigma_t`` large enough that ``λ(σ_t)`` fits float32 (above ~1e-19). One
+            host sync for these checks (skipped while compiling).
         sigma_data: ``σ_d`` of the EDM weighting (default 0.5).
         weight, reduction: as in :func:`ambient_loss_vp`.
 
@@ -155,10 +188,17 @@ def ambient_loss_ve(x0_pred: Tensor, x_t: Tensor, x_n: Tensor, sigma_t: Scalar,
             and math.isfinite(sigma_data) and sigma_data > 0):
         raise ValueError(f"sigma_data must be a positive number, got {sigma_data!r}")
     B, dev = x0_pred.shape[0], x0_pred.device
-    scalars = [per_sample_scalar("sigma_t", sigma_t, B, dev),
-               per_sample_scalar("sigma_n", sigma_n, B, dev)]
+    checks = DeferredChecks()
+    scalars = [per_sample_scalar("sigma_t", sigma_t, B, dev, "nonnegative", checks),
+               per_sample_scalar("sigma_n", sigma_n, B, dev, "nonnegative", checks)]
     # table: A = B = (1, −p, −q) over (D_θ, x_n, x_t) so u = D_θ − y; scale λ
     coef = coefficient_table(OP_VE, "ve", scalars, acc_dtype((x0_pred, x_t, x_n)),
                              param=sigma_data)
+    _check_table(checks, coef, lambda bad: ValueError(
+        f"sigma_t is too small for {coef.dtype} at {_samples(bad)} (sigma_t = "
+        f"{_values(scalars[0], bad)}, sigma_n = {_values(scalars[1], bad)}): the EDM weight "
+        "λ(σ_t) = (σ_t² + σ_d²)/(σ_t σ_d)², or the pseudo-target's σ_t²/(σ_t² − σ_n²), "
+        "would overflow"))
+    checks.run()  # one host sync for every data-dependent check
     per_sample = row_bilinear(OP_VE, [x0_pred, x_n, x_t], coef, square=True)
     return _reduce(per_sample, coef[:, COL_VALID], weight, reduction)

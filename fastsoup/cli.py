@@ -97,6 +97,9 @@ def _demo(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastsoup", description=__doc__)
+    from ._version import __version__
+
+    parser.add_argument("--version", action="version", version=f"fastsoup {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     p = sub.add_parser("info", help="versions, devices and which backend each op uses, and why")
     p.add_argument("--json", action="store_true", help="print as JSON")

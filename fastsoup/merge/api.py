@@ -176,6 +176,7 @@ def merge(inputs: Sequence[PathLike], output: Optional[PathLike],
     if problem is not None:
         after_commit.append(problem)
     report.warnings.extend(after_commit)
+    report.commit_warnings = list(after_commit)
     now = time.perf_counter()
     record_run(report, run.stats, seconds=now - t0, write_seconds=now - t_write)
     report.manifest = run.manifest

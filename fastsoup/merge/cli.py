@@ -1,13 +1,26 @@
-"""``fastsoup-merge`` (also ``fastsoup merge``): a thin command line over
-:func:`fastsoup.merge`.
+"""fastsoup-merge: average safetensors checkpoints, streaming, and keep soups up to date.
 
-    fastsoup-merge A B C -o OUT                 uniform mean
-    fastsoup-merge A B C -o OUT --weights 0.5,0.3,0.2
-    fastsoup-merge A B -o OUT --base BASE --weights 0.7,0.3 (task arithmetic)
-    fastsoup-merge add SOUP NEW -o OUT          add a constituent to a soup
-    fastsoup-merge remove SOUP OLD -o OUT       remove one
+usage:
+  fastsoup-merge INPUT INPUT... -o OUT [--weights W W...] [--base BASE] [options]
+  fastsoup-merge add SOUP NEW -o OUT [--weight W] [options]
+  fastsoup-merge remove SOUP OLD -o OUT [options]
 
-Exit status: 0 success, 1 the merge was refused or failed (the message says why; nothing
+Inputs are .safetensors files, Hugging Face sharded folders (*.index.json) and diffusers
+roots (model_index.json). The output mirrors the first input's layout, is written to a
+temporary name and appears at OUT only when complete. add and remove recompute a soup
+from the constituents listed in its manifest (verified by size and sha256).
+
+examples:
+  fastsoup-merge a.safetensors b.safetensors c.safetensors -o soup.safetensors
+  fastsoup-merge a.safetensors b.safetensors --weights 0.7 0.3 -o soup.safetensors
+  fastsoup-merge sd-a/ sd-b/ --variant fp16 -o soup/
+  fastsoup-merge a.safetensors b.safetensors --base base.safetensors --weights 0.5 0.5 -o ta.safetensors
+  fastsoup-merge add soup.safetensors d.safetensors -o soup2.safetensors
+  fastsoup-merge remove soup2.safetensors b.safetensors -o soup3.safetensors
+  fastsoup-merge remove soup.safetensors b.safetensors -o s.safetensors --search /new/models
+  fastsoup-merge a b c --dry-run
+
+exit status: 0 success, 1 the merge was refused or failed (the message says why; nothing
 is left at OUT), 2 bad usage, 130 interrupted.
 """
 from __future__ import annotations
@@ -18,16 +31,33 @@ import signal
 import sys
 from typing import List, Optional
 
+from .._version import __version__
 from .options import ACCUMULATE, DEFAULT_MEMORY_TEXT, DTYPE_NAMES, HASH_MODES, KEY_POLICIES
 
 PROG = "fastsoup-merge"
+VERBS = ("add", "remove")
 
 
-def _weights(text: str) -> List[float]:
+def _number(text: str) -> Optional[float]:
     try:
-        return [float(x) for x in text.split(",") if x.strip()]
+        return float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"weights must be comma-separated numbers, got {text!r}")
+        return None
+
+
+def _split_weights(tokens: List[str]):
+    """``--weights`` tokens → (weights, tokens that are not weights). ``0.7,0.3`` and
+    ``0.7 0.3`` both work; the first token that is not a number ends the weights (an input
+    path written after them)."""
+    weights, rest = [], []
+    for i, tok in enumerate(tokens):
+        parts = [p for p in tok.split(",") if p.strip()]
+        values = [_number(p) for p in parts]
+        if not parts or any(v is None for v in values):
+            rest = tokens[i:]
+            break
+        weights.extend(values)
+    return weights, rest
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -57,30 +87,62 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing output (only once the new one is complete; a "
                    "directory only if it is a previous fastsoup output)")
-    p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no summary")
+    p.add_argument("--metadata", action="append", metavar="KEY=VALUE", default=[],
+                   help="an entry of the soup's metadata (repeatable); the soup keeps only the "
+                   "input metadata all inputs share")
+    p.add_argument("--json", action="store_true",
+                   help="print the report as JSON on stdout (every warning in full)")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="no progress, no warnings, no summary (errors still print)")
+    p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+
+
+def _relocation(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--search", action="append", metavar="DIR", default=[],
+                   help="a folder to look in for constituents that moved (by their recorded "
+                   "names; repeatable; verified by size and sha256)")
+    p.add_argument("--remap", action="append", metavar="OLD=NEW", default=[],
+                   help="replace the path prefix OLD of recorded constituents with NEW "
+                   "(repeatable; verified by size and sha256)")
 
 
 def build_parser(command: str) -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
     if command == "add":
-        p = argparse.ArgumentParser(prog=f"{PROG} add", description="Add a constituent to a "
-                                    "soup, recomputing it from the constituents in its manifest.")
+        p = argparse.ArgumentParser(
+            prog=f"{PROG} add", formatter_class=fmt,
+            description="Add constituent NEW to SOUP, recomputing the soup from the "
+            "constituents in its manifest.",
+            epilog="example:\n  fastsoup-merge add soup.safetensors d.safetensors -o soup2.safetensors")
         p.add_argument("soup")
         p.add_argument("new")
         p.add_argument("--weight", type=float, help="raw weight of the new constituent "
                        "(default: the soup's common raw weight)")
+        _relocation(p)
     elif command == "remove":
-        p = argparse.ArgumentParser(prog=f"{PROG} remove", description="Remove a constituent "
-                                    "from a soup, recomputing it from the others.")
+        p = argparse.ArgumentParser(
+            prog=f"{PROG} remove", formatter_class=fmt,
+            description="Remove constituent OLD (a path, or a copy with the same content) "
+            "from SOUP, recomputing the soup from the others.",
+            epilog="example:\n  fastsoup-merge remove soup2.safetensors b.safetensors -o soup3.safetensors")
         p.add_argument("soup")
         p.add_argument("old")
+        _relocation(p)
     else:
-        p = argparse.ArgumentParser(prog=PROG, description=(__doc__ or "").split("\n\n")[0],
-                                    epilog="Subcommands: `add SOUP NEW -o OUT`, "
-                                    "`remove SOUP OLD -o OUT`.")
-        p.add_argument("inputs", nargs="+", help=".safetensors files, sharded directories, "
-                       "diffusers roots")
-        p.add_argument("--weights", type=_weights, help="comma-separated raw weights, e.g. 0.5,0.3,0.2")
+        doc = (__doc__ or "").split("\n\n")
+        p = argparse.ArgumentParser(
+            prog=PROG, formatter_class=fmt,
+            usage="\n  ".join(["%(prog)s INPUT INPUT... -o OUT [--weights W W...] [options]",
+                               "%(prog)s add SOUP NEW -o OUT [--weight W] [options]",
+                               "%(prog)s remove SOUP OLD -o OUT [options]"]),
+            description="Average safetensors checkpoints, streaming, and keep soups up to "
+            "date.\n\n" + doc[2],
+            epilog="\n\n".join(doc[3:]) + "\n\n'fastsoup-merge add -h' and "
+            "'fastsoup-merge remove -h' describe the two verbs.")
+        p.add_argument("inputs", nargs="*", metavar="INPUT", help=".safetensors files, sharded "
+                       "directories, diffusers roots (two or more, or one with --base)")
+        p.add_argument("--weights", nargs="+", metavar="W", help="raw weights, one per input: "
+                       "0.7 0.3 or 0.7,0.3 (normalised to sum 1 unless --base or --no-normalize)")
         norm = p.add_mutually_exclusive_group()
         norm.add_argument("--normalize", dest="normalize", action="store_true", default=None,
                           help="divide the weights by their sum (default without --base)")
@@ -92,11 +154,15 @@ def build_parser(command: str) -> argparse.ArgumentParser:
 
 
 def _options(args) -> dict:
+    from .options import parse_metadata_items
+
     opts = dict(dtype=args.dtype, variant=args.variant, allow_pickle=args.allow_pickle,
                 max_shard_size=args.max_shard_size, memory=args.memory, threads=args.threads,
                 device=args.device, dry_run=args.dry_run, overwrite=args.overwrite,
                 quiet=True if (args.quiet or args.json) else None, hash=args.hash,
                 drop_cache=args.drop_cache)
+    if args.metadata:
+        opts["metadata"] = parse_metadata_items(args.metadata)
     if args.keys is not None:
         opts["keys"] = args.keys
     if args.accumulate is not None:
@@ -110,14 +176,22 @@ def _raise_interrupt(signum, frame):
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    command = argv[0] if argv and argv[0] in ("add", "remove") else "merge"
+    command = argv[0] if argv and argv[0] in VERBS else "merge"
     parser = build_parser(command)
     args = parser.parse_args(argv[1:] if command != "merge" else argv)
+    if command == "merge":
+        weights, extra = _split_weights(args.weights) if args.weights else (None, [])
+        if args.weights and not weights:
+            parser.error(f"--weights takes numbers (0.7 0.3 or 0.7,0.3), got {args.weights[0]!r}")
+        args.inputs = list(args.inputs) + extra
+        args.weights = weights
+        if not args.inputs:
+            parser.error("the following arguments are required: INPUT")
     if args.output is None and not args.dry_run:
         parser.error("the following arguments are required: -o/--output")
 
     from .api import merge
-    from .errors import MergeError, PlanError
+    from .errors import MergeError, PlanError, cli_option_names
     from .soup import soup_add, soup_remove
 
     previous = None
@@ -126,18 +200,26 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ValueError:  # not the main thread
         pass
     try:
-        opts = _options(args)
-        if command == "add":
-            if args.dtype is None:
-                opts.pop("dtype")
-            report = soup_add(args.soup, args.new, args.output, weight=args.weight, **opts)
-        elif command == "remove":
-            if args.dtype is None:
-                opts.pop("dtype")
-            report = soup_remove(args.soup, args.old, args.output, **opts)
-        else:
-            report = merge(args.inputs, args.output, args.weights, base=args.base,
-                           normalize=args.normalize, **opts)
+        with cli_option_names():
+            opts = _options(args)
+            if command in VERBS:
+                if args.dtype is None:
+                    opts.pop("dtype")
+                remap = {}
+                for item in args.remap:
+                    old, sep, new = item.partition("=")
+                    if not sep or not old or not new:
+                        raise MergeError(f"--remap takes OLD=NEW, got {item!r}")
+                    remap[old] = new
+                where = dict(search=args.search, remap=remap)
+            if command == "add":
+                report = soup_add(args.soup, args.new, args.output, weight=args.weight,
+                                  **where, **opts)
+            elif command == "remove":
+                report = soup_remove(args.soup, args.old, args.output, **where, **opts)
+            else:
+                report = merge(args.inputs, args.output, args.weights, base=args.base,
+                               normalize=args.normalize, **opts)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; nothing was written to {args.output}", file=sys.stderr)
         return 130
@@ -149,13 +231,19 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"{PROG}: nothing was written to {args.output}", file=sys.stderr)
         if args.json:
             print(json.dumps({"ok": False, "error": msg,
-                              "problems": exc.problems if isinstance(exc, PlanError) else []},
+                              "problems": exc.problems if isinstance(exc, PlanError) else [],
+                              "diagnostics": [d.to_dict() for d in exc.diagnostics]
+                              if isinstance(exc, PlanError) else []},
                              indent=2))
         return 1
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-    for w in report.warnings:
+    # -q / --json silence warnings (--json carries them, in full under "diagnostics"),
+    # except a problem that followed the commit: the output is written, and the user must
+    # hear what went wrong after it
+    shown = report.warnings if not (args.quiet or args.json) else report.commit_warnings
+    for w in shown:
         print(f"{PROG}: warning: {w}", file=sys.stderr)
     if args.json:
         print(report.to_json())

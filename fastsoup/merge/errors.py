@@ -40,6 +40,11 @@ def cli_option_names():
         _FROM_CLI.reset(token)
 
 
+def from_cli() -> bool:
+    """Whether the current merge was started by ``fastsoup-merge``."""
+    return _FROM_CLI.get()
+
+
 def flag(name: str, value: object = True) -> str:
     """How the user sets option ``name`` to ``value``: ``--overwrite`` / ``--no-normalize`` /
     ``--dtype bf16`` from the command line, ``overwrite=True`` / ``normalize=False`` /

@@ -210,9 +210,9 @@ def build_plan(inputs: Sequence[Layout], *, weights: Optional[Sequence[float]] =
     first_order: List[str] = []
     early_warnings: List[str] = []
     if keys == "union" and not normalize and base is None:
-        early_warnings.append("--keys union without normalisation: a key held by only some "
+        early_warnings.append(f"{flag('keys', 'union')} without normalisation: a key held by only some "
                               "inputs gets only their weights, which then sum to less than "
-                              "the total (a scaled-down tensor); use --normalize to renormalise "
+                              f"the total (a scaled-down tensor); use {flag('normalize')} to renormalise "
                               "per key")
     seen = set()
     for km in key_maps[:n]:

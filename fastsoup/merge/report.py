@@ -69,6 +69,8 @@ class MergeReport:
     window_bytes: Optional[int] = None      # input bytes mapped per prefetch window
     staging_bytes: Optional[int] = None     # size of each of the two output buffers
     timings: Dict[str, float] = field(default_factory=dict)  # where the streaming time went
+    commit_warnings: List[str] = field(default_factory=list)  # problems after the commit
+    #                                   (also in ``warnings``; printed even with -q)
     diagnostics: List[dict] = field(default_factory=list)  # every warning, grouped by cause,
     #                                   with all affected keys (``warnings`` has one line each)
 

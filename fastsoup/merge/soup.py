@@ -6,16 +6,22 @@ keeps no fp32 master. The result is bit-identical to merging the new constituent
 from scratch with :func:`.api.merge` (the same kernel, the same order), which is stronger
 than "exact to fp32 rounding". Constituents are verified against the manifest (size
 before, sha256 during the run) and the output is not committed if one changed.
+
+Constituents that moved since the soup was made are found with ``remap`` (``{OLD
+prefix: NEW prefix}``, ``--remap OLD=NEW``) or ``search`` (folders holding them under
+their recorded base names, ``--search DIR``); what is found is verified by size and
+sha256 exactly like a constituent at its recorded path.
 """
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Optional
+from typing import Dict, List, Mapping, Optional, Sequence
 
 from .api import PathLike, merge
 from .errors import MergeError
 from .formats import resolve
-from .manifest import describe, file_sha256
+from .errors import from_cli
+from .manifest import cached_file_sha256, describe
 from .manifest import read as read_manifest
 from .options import dtype_user_name
 from .report import MergeReport
@@ -37,11 +43,35 @@ def _soup_options(m: dict, options: dict) -> dict:
     return opts
 
 
+def _relocate(entry: dict, remap: Mapping[str, str], search: Sequence[str]) -> dict:
+    """``entry`` with its path moved by ``remap`` (first matching prefix whose result
+    exists) or, if its recorded path is gone, found in a ``search`` folder under its
+    recorded base name."""
+    path = entry["path"]
+    for old, new in (remap or {}).items():
+        old = os.path.abspath(os.fspath(old)).rstrip(os.sep)
+        if path == old or path.startswith(old + os.sep):
+            cand = os.path.abspath(os.fspath(new)) + path[len(old):]
+            if os.path.exists(cand):
+                return dict(entry, path=cand)
+    if os.path.exists(path):
+        return entry
+    for folder in search or ():
+        cand = os.path.join(os.path.abspath(os.fspath(folder)), os.path.basename(path))
+        if os.path.exists(cand):
+            return dict(entry, path=cand)
+    return entry
+
+
 def _check_recorded(entry: dict, what: str) -> None:
     path = entry["path"]
     if not os.path.exists(path):
         raise MergeError(f"{what} {path} (recorded in the soup's manifest) no longer exists; "
-                         "fastsoup recomputes soups from their constituents")
+                         "fastsoup recomputes soups from their constituents. If it moved, "
+                         "point to it with " + ("--search DIR (a folder holding it) or --remap "
+                                                "OLD=NEW (a path prefix to replace)" if from_cli()
+                                                else "search=['DIR'] (folders holding it) or "
+                                                "remap={'OLD': 'NEW'} (path prefixes to replace)"))
     if entry.get("kind") == "file":
         size = os.path.getsize(path)
     else:
@@ -77,6 +107,7 @@ def _expected_hashes(entries: List[dict]) -> Dict[str, str]:
 
 
 def soup_add(soup: PathLike, new: PathLike, output: PathLike, weight: Optional[float] = None,
+             *, search: Sequence[PathLike] = (), remap: Optional[Mapping[str, str]] = None,
              **options) -> MergeReport:
     """Add constituent ``new`` to ``soup``: ``θ' = (Σ a_i θ_i + a θ_new) / (Σ a_i + a)``.
 
@@ -84,11 +115,12 @@ def soup_add(soup: PathLike, new: PathLike, output: PathLike, weight: Optional[f
     sha256) plus ``new``. A soup made with the default weights gets the default weights
     for ``n + 1`` inputs (the mean, or ``1/(n+1)`` task weights with a base); otherwise
     ``weight`` (``a``) defaults to the soup's common raw weight (the mean raw weight when
-    they differ). Other keyword arguments are those of :func:`merge`
-    (the soup's normalize, key policy, accumulation and dtype are kept by default).
+    they differ). ``search`` / ``remap`` find constituents that moved (module docstring).
+    Other keyword arguments are those of :func:`merge` (the soup's normalize, key
+    policy, accumulation, dtype and user metadata are kept by default).
     """
     m = read_manifest(os.fspath(soup))
-    entries = m["constituents"]
+    entries = _relocated(m, search, remap)
     raw = [float(e["weight"]) for e in entries]
     if weight is None and m.get("default_weights"):
         weights = None  # the soup used the default weights: recompute them for n + 1
@@ -99,18 +131,46 @@ def soup_add(soup: PathLike, new: PathLike, output: PathLike, weight: Optional[f
     return _recompute(m, entries, [os.fspath(new)], output, weights, options)
 
 
-def soup_remove(soup: PathLike, old: PathLike, output: PathLike, **options) -> MergeReport:
+def _relocated(m: dict, search, remap) -> List[dict]:
+    """The manifest's constituents (and, in place, its base) moved by ``search``/``remap``."""
+    if m.get("base"):
+        m["base"] = _relocate(m["base"], remap, search)
+    return [_relocate(e, remap, search) for e in m["constituents"]]
+
+
+def _matches(target: str, entries: List[dict]) -> List[int]:
+    """Indexes of the entries that are ``target``: the same path (symlinks resolved), or
+    the same content: a single file by its sha256 (whatever its name), a folder by its
+    files' names, sizes and sha256."""
+    real = os.path.realpath(target)
+    idx = [i for i, e in enumerate(entries)
+           if os.path.abspath(e["path"]) == target or os.path.realpath(e["path"]) == real]
+    if idx or not os.path.exists(target):
+        return idx
+    if os.path.isfile(real) and real.endswith(".safetensors"):
+        size = os.path.getsize(real)
+        candidates = [i for i, e in enumerate(entries) if e["kind"] == "file"
+                      and e["files"][0]["size_bytes"] == size and "sha256" in e["files"][0]]
+        if candidates:
+            digest = cached_file_sha256(real)
+            return [i for i in candidates if entries[i]["files"][0]["sha256"] == digest]
+        return []
+    lay = resolve(target)
+    digest = describe(lay, {wf.path: cached_file_sha256(wf.path) for wf in lay.files()})["sha256"]
+    return [i for i, e in enumerate(entries) if e["kind"] != "file" and e.get("sha256") == digest]
+
+
+def soup_remove(soup: PathLike, old: PathLike, output: PathLike, *,
+                search: Sequence[PathLike] = (), remap: Optional[Mapping[str, str]] = None,
+                **options) -> MergeReport:
     """Remove constituent ``old`` from ``soup``: ``θ' = (Σ a_i θ_i − a_j θ_j) / (Σ a_i − a_j)``,
     recomputed from the remaining constituents (see :func:`soup_add`). ``old`` is matched
-    by path, or else by content (sha256) against the manifest."""
+    by path (symlinks resolved), or else by content: a renamed copy of a single-file
+    constituent matches by its sha256. ``search`` / ``remap`` find moved constituents."""
     m = read_manifest(os.fspath(soup))
-    entries = m["constituents"]
+    entries = _relocated(m, search, remap)
     target = os.path.abspath(os.fspath(old))
-    idx = [i for i, e in enumerate(entries) if os.path.abspath(e["path"]) == target]
-    if not idx and os.path.exists(target):
-        lay = resolve(target)
-        digest = describe(lay, {wf.path: file_sha256(wf.path) for wf in lay.files()})["sha256"]
-        idx = [i for i, e in enumerate(entries) if e.get("sha256") == digest]
+    idx = _matches(target, entries)
     if not idx:
         raise MergeError(f"{old} is not a constituent of {soup} (constituents: "
                          + ", ".join(e["path"] for e in entries) + ")")

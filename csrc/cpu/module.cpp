@@ -146,7 +146,8 @@ PYBIND11_MODULE(_C, m) {
         return std::map<std::string, int64_t>{
             {"F32", FASTSOUP_F32}, {"F16", FASTSOUP_F16}, {"BF16", FASTSOUP_BF16}, {"F64", FASTSOUP_F64},
             {"WEIGHTED_SUM_CUDA_BLOCK", FASTSOUP_WEIGHTED_SUM_CUDA_BLOCK},
-            {"MSE_CUDA_CHUNK_QUANTUM", FASTSOUP_MSE_CUDA_CHUNK_QUANTUM}};
+            {"MSE_CUDA_CHUNK_QUANTUM", FASTSOUP_MSE_CUDA_CHUNK_QUANTUM},
+            {"MAX_STRIDED_ROW", FASTSOUP_MAX_STRIDED_ROW}};
     }, "The constants of csrc/include/fastsoup_abi.h this extension was built with");
     m.doc() = "fastsoup CPU kernels";
     m.def("build_info", &build_info, "Compiler and SIMD level this extension was built with");

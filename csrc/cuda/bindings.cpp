@@ -143,7 +143,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         return std::map<std::string, int64_t>{
             {"F32", FASTSOUP_F32}, {"F16", FASTSOUP_F16}, {"BF16", FASTSOUP_BF16}, {"F64", FASTSOUP_F64},
             {"WEIGHTED_SUM_CUDA_BLOCK", FASTSOUP_WEIGHTED_SUM_CUDA_BLOCK},
-            {"MSE_CUDA_CHUNK_QUANTUM", FASTSOUP_MSE_CUDA_CHUNK_QUANTUM}};
+            {"MSE_CUDA_CHUNK_QUANTUM", FASTSOUP_MSE_CUDA_CHUNK_QUANTUM},
+            {"MAX_STRIDED_ROW", FASTSOUP_MAX_STRIDED_ROW}};
     }, "The constants of csrc/include/fastsoup_abi.h this extension was built with");
     m.def("per_sample_mse_forward", &per_sample_mse_forward,
           "Per-sample MSE partial sums [B, n_chunks] (fp32, scaled by 1/D)");

@@ -3,7 +3,8 @@
 // One block per (row, chunk). Each block walks `chunk` consecutive elements of one
 // sample through the shared row layout (dense: offset j; strided: three inner dims),
 // reading fp32/fp16/bf16 and accumulating in fp32. On the dense path both kernels move
-// four elements per thread per step when every row involved is 4-element aligned.
+// 16 bytes of the narrower input per thread per step (4 fp32 or 8 fp16/bf16 elements:
+// 128-bit loads and stores) when every row involved is 16-byte aligned.
 // Offsets are int64 throughout. No torch headers: see fastsoup_cuda.h.
 #include "fastsoup_cuda.h"
 #include "dtype_convert.cuh"
@@ -14,27 +15,38 @@
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kVec = 4;
 
 using fastsoup_cuda::from_f32;
 using fastsoup_cuda::to_f32;
 
-template <typename T>
-struct alignas(sizeof(T) * kVec) Vec {
-    T v[kVec];
+// Elements per thread per step on the vector path: 16 bytes of the narrower dtype.
+template <typename TP, typename TT>
+__host__ __device__ constexpr int vec_elems() {
+    return 16 / static_cast<int>(sizeof(TP) < sizeof(TT) ? sizeof(TP) : sizeof(TT));
+}
+
+template <typename T, int N>
+struct alignas(16) Vec {
+    T v[N];
 };
 
 template <typename T>
 __device__ __forceinline__ bool is_aligned(const T* p) {
-    return (reinterpret_cast<uintptr_t>(p) % sizeof(Vec<T>)) == 0;
+    return (reinterpret_cast<uintptr_t>(p) % 16) == 0;
 }
 
+// Element j of a row. Strided rows have fewer than 2^32 elements (the launchers check),
+// so the index splits with 32-bit division: a 64-bit division is a subroutine call whose
+// saved registers spill to local memory. Offsets are 64-bit.
 __device__ __forceinline__ int64_t inner_offset(int64_t j, const fastsoup_row_strides& s,
                                                 int64_t size2, int64_t size3, bool dense) {
     if (dense) return j * s.s3;
-    const int64_t i3 = j % size3;
-    const int64_t q = j / size3;
-    return (q / size2) * s.s1 + (q % size2) * s.s2 + i3 * s.s3;
+    const uint32_t jj = static_cast<uint32_t>(j);
+    const uint32_t n3 = static_cast<uint32_t>(size3), n2 = static_cast<uint32_t>(size2);
+    const uint32_t i3 = jj % n3;
+    const uint32_t q = jj / n3;
+    return static_cast<int64_t>(q / n2) * s.s1 + static_cast<int64_t>(q % n2) * s.s2 +
+           static_cast<int64_t>(i3) * s.s3;
 }
 
 __device__ __forceinline__ float block_sum(float v) {
@@ -63,14 +75,15 @@ __global__ void __launch_bounds__(kThreads) mse_forward_kernel(
     const int64_t stop = min(start + chunk, row_numel);
     const TP* prow = pred + row * ps.batch_stride;
     const TT* trow = target + row * ts.batch_stride;
+    constexpr int kVec = vec_elems<TP, TT>();
     float acc = 0.f;
     const bool vec = dense && ps.s3 == 1 && ts.s3 == 1 && is_aligned<TP>(prow) &&
                      is_aligned<TT>(trow);
     if (vec) {
         const int64_t vstop = start + ((stop - start) / kVec) * kVec;
         for (int64_t j = start + threadIdx.x * kVec; j < vstop; j += kThreads * kVec) {
-            const Vec<TP> p = *reinterpret_cast<const Vec<TP>*>(prow + j);
-            const Vec<TT> t = *reinterpret_cast<const Vec<TT>*>(trow + j);
+            const Vec<TP, kVec> p = *reinterpret_cast<const Vec<TP, kVec>*>(prow + j);
+            const Vec<TT, kVec> t = *reinterpret_cast<const Vec<TT, kVec>*>(trow + j);
 #pragma unroll
             for (int k = 0; k < kVec; ++k) {
                 const float d = to_f32(p.v[k]) - to_f32(t.v[k]);
@@ -106,6 +119,7 @@ __global__ void __launch_bounds__(kThreads) mse_backward_kernel(
     const int64_t c = block % n_chunks;
     const int64_t start = c * chunk;
     const int64_t stop = min(start + chunk, row_numel);
+    constexpr int kVec = vec_elems<TP, TT>();
     const float k = coef[row];
     const TP* prow = pred + row * ps.batch_stride;
     const TT* trow = target + row * ts.batch_stride;
@@ -119,18 +133,18 @@ __global__ void __launch_bounds__(kThreads) mse_backward_kernel(
         // `start` is a multiple of the chunk quantum, so aligned rows stay aligned here.
         const int64_t vstop = start + ((stop - start) / kVec) * kVec;
         for (int64_t j = start + threadIdx.x * kVec; j < vstop; j += kThreads * kVec) {
-            const Vec<TP> p = *reinterpret_cast<const Vec<TP>*>(prow + j);
-            const Vec<TT> t = *reinterpret_cast<const Vec<TT>*>(trow + j);
-            Vec<TP> gp;
-            Vec<TT> gt;
+            const Vec<TP, kVec> p = *reinterpret_cast<const Vec<TP, kVec>*>(prow + j);
+            const Vec<TT, kVec> t = *reinterpret_cast<const Vec<TT, kVec>*>(trow + j);
+            Vec<TP, kVec> gp;
+            Vec<TT, kVec> gt;
 #pragma unroll
             for (int v = 0; v < kVec; ++v) {
                 const float g = (k != 0.f) ? k * (to_f32(p.v[v]) - to_f32(t.v[v])) : 0.f;
                 gp.v[v] = from_f32<TP>(g);
                 gt.v[v] = from_f32<TT>(-g);
             }
-            if (gprow) *reinterpret_cast<Vec<TP>*>(gprow + j) = gp;
-            if (gtrow) *reinterpret_cast<Vec<TT>*>(gtrow + j) = gt;
+            if (gprow) *reinterpret_cast<Vec<TP, kVec>*>(gprow + j) = gp;
+            if (gtrow) *reinterpret_cast<Vec<TT, kVec>*>(gtrow + j) = gt;
         }
         j0 = vstop + threadIdx.x;  // scalar tail
     }
@@ -172,7 +186,9 @@ extern "C" cudaError_t fastsoup_mse_forward(
     float* partial, int64_t batch, int64_t row_numel, int64_t size2, int64_t size3,
     int dense, int64_t chunk, int64_t n_chunks, float inv_d, cudaStream_t stream) {
     if (batch <= 0 || n_chunks <= 0) return cudaSuccess;
-    if (chunk <= 0 || chunk % kVec != 0 || batch * n_chunks > 0x7fffffffLL) return cudaErrorInvalidValue;
+    if (!dense && row_numel > static_cast<int64_t>(FASTSOUP_MAX_STRIDED_ROW)) return cudaErrorInvalidValue;
+    if (chunk <= 0 || chunk % FASTSOUP_MSE_CUDA_CHUNK_QUANTUM != 0 || batch * n_chunks > 0x7fffffffLL)
+        return cudaErrorInvalidValue;
     const dim3 grid(static_cast<unsigned>(batch * n_chunks));
     return dispatch2(pred_dtype, target_dtype, [&](auto tp, auto tt) {
         using TP = decltype(tp);
@@ -193,7 +209,9 @@ extern "C" cudaError_t fastsoup_mse_backward(
     int64_t batch, int64_t row_numel, int64_t size2, int64_t size3,
     int dense, int64_t chunk, int64_t n_chunks, cudaStream_t stream) {
     if (batch <= 0 || n_chunks <= 0) return cudaSuccess;
-    if (chunk <= 0 || chunk % kVec != 0 || batch * n_chunks > 0x7fffffffLL) return cudaErrorInvalidValue;
+    if (!dense && row_numel > static_cast<int64_t>(FASTSOUP_MAX_STRIDED_ROW)) return cudaErrorInvalidValue;
+    if (chunk <= 0 || chunk % FASTSOUP_MSE_CUDA_CHUNK_QUANTUM != 0 || batch * n_chunks > 0x7fffffffLL)
+        return cudaErrorInvalidValue;
     const dim3 grid(static_cast<unsigned>(batch * n_chunks));
     return dispatch2(pred_dtype, target_dtype, [&](auto tp, auto tt) {
         using TP = decltype(tp);

@@ -6,9 +6,9 @@
 //   block_tensor int32 [n_blocks]: which tensor table block b belongs to
 //   block_start  int64 [n_blocks]: first element of block b inside its tensor
 //   weights      fp32  [K]
-// Each CUDA block handles one table block of kBlockElems elements; threads stride over
-// it, accumulate in fp32 (inputs read once, in order k = 0..K-1) and store once, so an
-// output may alias one of its inputs. All inputs share one dtype, all outputs another.
+// Each CUDA block handles one table block of kBlockElems elements (see the kernel): fp32
+// accumulation in input order k = 0..K-1 without FMA contraction, one store per element.
+// All inputs share one dtype, all outputs another.
 // No torch headers: plain C launcher below.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -22,10 +22,72 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int64_t kBlockElems = FASTSOUP_WEIGHTED_SUM_CUDA_BLOCK;
+constexpr int kVec = 8;  // elements per thread on the aligned full-block path
+static_assert(kThreads * kVec == kBlockElems, "one aligned pass covers a table block");
 
 using fastsoup_cuda::from_f32;
 using fastsoup_cuda::to_f32;
 
+// 8 consecutive elements <-> fp32, with 16-byte vector accesses (the caller checked that
+// the address is 16-byte aligned). The addresses come from the pointer table, so the
+// compiler cannot infer their address space: __ldcg/__stcg make them global accesses
+// (LDG/STG, cached in L2 only: coherent even where an output is one of the inputs).
+__device__ __forceinline__ void load8(const float* p, float (&v)[kVec]) {
+    const float4 a = __ldcg(reinterpret_cast<const float4*>(p));
+    const float4 b = __ldcg(reinterpret_cast<const float4*>(p) + 1);
+    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
+    v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+}
+__device__ __forceinline__ void load8(const __half* p, float (&v)[kVec]) {
+    const uint4 raw = __ldcg(reinterpret_cast<const uint4*>(p));
+    const __half2* h = reinterpret_cast<const __half2*>(&raw);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const float2 f = __half22float2(h[i]);
+        v[2 * i] = f.x;
+        v[2 * i + 1] = f.y;
+    }
+}
+__device__ __forceinline__ void load8(const __nv_bfloat16* p, float (&v)[kVec]) {
+    const uint4 raw = __ldcg(reinterpret_cast<const uint4*>(p));
+    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const float2 f = __bfloat1622float2(h[i]);
+        v[2 * i] = f.x;
+        v[2 * i + 1] = f.y;
+    }
+}
+__device__ __forceinline__ void store8(float* p, const float (&v)[kVec]) {
+    __stcg(reinterpret_cast<float4*>(p), make_float4(v[0], v[1], v[2], v[3]));
+    __stcg(reinterpret_cast<float4*>(p) + 1, make_float4(v[4], v[5], v[6], v[7]));
+}
+__device__ __forceinline__ void store8(__half* p, const float (&v)[kVec]) {
+    uint4 raw;
+    __half2* h = reinterpret_cast<__half2*>(&raw);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) h[i] = __floats2half2_rn(v[2 * i], v[2 * i + 1]);
+    __stcg(reinterpret_cast<uint4*>(p), raw);
+}
+__device__ __forceinline__ void store8(__nv_bfloat16* p, const float (&v)[kVec]) {
+    uint4 raw;
+    __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&raw);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) h[i] = __floats2bfloat162_rn(v[2 * i], v[2 * i + 1]);
+    __stcg(reinterpret_cast<uint4*>(p), raw);
+}
+
+// acc + w * x rounded twice (no FMA contraction), exactly as the CPU kernel and the
+// PyTorch reference round, so a soup summed here is bit-identical to one summed there.
+__device__ __forceinline__ float axpy(float acc, float w, float x) {
+    return __fadd_rn(acc, __fmul_rn(w, x));
+}
+
+// Full blocks whose K + 1 addresses are 16-byte aligned take the vector path: each thread
+// owns 8 consecutive elements, reads each input's address and weight once and loads the
+// input with one or two 16-byte loads. Other blocks (a tensor's tail, unaligned views)
+// take the element-wise path. Every input of an element is read before the element is
+// written, so an output may be one of its inputs (in-place averaging).
 template <typename TIn, typename TOut>
 __global__ void __launch_bounds__(kThreads) weighted_sum_kernel(
     const int64_t* __restrict__ ptrs, const int64_t* __restrict__ numel,
@@ -38,13 +100,30 @@ __global__ void __launch_bounds__(kThreads) weighted_sum_kernel(
     const int64_t end = min(n, start + kBlockElems);
     const int64_t* row = ptrs + t * (K + 1);
     TOut* out = reinterpret_cast<TOut*>(row[0]);
-    for (int64_t i = start + threadIdx.x; i < end; i += kThreads) {
-        const TIn* x0 = reinterpret_cast<const TIn*>(row[1]);
-        float acc = weights[0] * to_f32(x0[i]);
+    bool aligned = end - start == kBlockElems && ((row[0] + start * sizeof(TOut)) & 15) == 0;
+    for (int k = 0; k < K && aligned; ++k)
+        aligned = ((row[1 + k] + start * sizeof(TIn)) & 15) == 0;
+    if (aligned) {
+        const int64_t i = start + static_cast<int64_t>(threadIdx.x) * kVec;
+        float acc[kVec];
+        float x[kVec];
+        load8(reinterpret_cast<const TIn*>(row[1]) + i, x);
+        const float w0 = weights[0];
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) acc[e] = __fmul_rn(w0, x[e]);
         for (int k = 1; k < K; ++k) {
-            const TIn* xk = reinterpret_cast<const TIn*>(row[1 + k]);
-            acc += weights[k] * to_f32(xk[i]);
+            load8(reinterpret_cast<const TIn*>(row[1 + k]) + i, x);
+            const float wk = weights[k];
+#pragma unroll
+            for (int e = 0; e < kVec; ++e) acc[e] = axpy(acc[e], wk, x[e]);
         }
+        store8(out + i, acc);
+        return;
+    }
+    for (int64_t i = start + threadIdx.x; i < end; i += kThreads) {
+        float acc = __fmul_rn(weights[0], to_f32(reinterpret_cast<const TIn*>(row[1])[i]));
+        for (int k = 1; k < K; ++k)
+            acc = axpy(acc, weights[k], to_f32(reinterpret_cast<const TIn*>(row[1 + k])[i]));
         out[i] = from_f32<TOut>(acc);
     }
 }
@@ -55,9 +134,9 @@ cudaError_t launch_out(int out_dtype, const int64_t* ptrs, const int64_t* numel,
                        int64_t n_blocks, cudaStream_t stream) {
     dim3 grid(static_cast<unsigned>(n_blocks));
     switch (out_dtype) {
-        case 0: weighted_sum_kernel<TIn, float><<<grid, kThreads, 0, stream>>>(ptrs, numel, bt, bs, w, K); break;
-        case 1: weighted_sum_kernel<TIn, __half><<<grid, kThreads, 0, stream>>>(ptrs, numel, bt, bs, w, K); break;
-        case 2: weighted_sum_kernel<TIn, __nv_bfloat16><<<grid, kThreads, 0, stream>>>(ptrs, numel, bt, bs, w, K); break;
+        case FASTSOUP_F32: weighted_sum_kernel<TIn, float><<<grid, kThreads, 0, stream>>>(ptrs, numel, bt, bs, w, K); break;
+        case FASTSOUP_F16: weighted_sum_kernel<TIn, __half><<<grid, kThreads, 0, stream>>>(ptrs, numel, bt, bs, w, K); break;
+        case FASTSOUP_BF16: weighted_sum_kernel<TIn, __nv_bfloat16><<<grid, kThreads, 0, stream>>>(ptrs, numel, bt, bs, w, K); break;
         default: return cudaErrorInvalidValue;
     }
     return cudaGetLastError();
@@ -70,8 +149,8 @@ extern "C" {
 // Block size (elements per table block) the tables must be built with.
 int64_t fastsoup_weighted_sum_block_elems(void) { return kBlockElems; }
 
-// Launch the multi-tensor weighted sum on `stream`. Dtype codes: 0 fp32, 1 fp16, 2 bf16
-// (FASTSOUP_F32/F16/BF16). Returns cudaSuccess, cudaErrorInvalidValue for bad
+// Launch the multi-tensor weighted sum on `stream`. Dtype codes: FASTSOUP_F32/F16/BF16
+// (csrc/include/fastsoup_abi.h). Returns cudaSuccess, cudaErrorInvalidValue for bad
 // arguments, or the launch error.
 cudaError_t fastsoup_weighted_sum(const int64_t* ptrs, const int64_t* numel,
                                   const int32_t* block_tensor, const int64_t* block_start,
@@ -80,9 +159,9 @@ cudaError_t fastsoup_weighted_sum(const int64_t* ptrs, const int64_t* numel,
     if (K < 1 || n_blocks < 0 || n_blocks > 0x7fffffffLL) return cudaErrorInvalidValue;
     if (n_blocks == 0) return cudaSuccess;
     switch (in_dtype) {
-        case 0: return launch_out<float>(out_dtype, ptrs, numel, block_tensor, block_start, weights, K, n_blocks, stream);
-        case 1: return launch_out<__half>(out_dtype, ptrs, numel, block_tensor, block_start, weights, K, n_blocks, stream);
-        case 2: return launch_out<__nv_bfloat16>(out_dtype, ptrs, numel, block_tensor, block_start, weights, K, n_blocks, stream);
+        case FASTSOUP_F32: return launch_out<float>(out_dtype, ptrs, numel, block_tensor, block_start, weights, K, n_blocks, stream);
+        case FASTSOUP_F16: return launch_out<__half>(out_dtype, ptrs, numel, block_tensor, block_start, weights, K, n_blocks, stream);
+        case FASTSOUP_BF16: return launch_out<__nv_bfloat16>(out_dtype, ptrs, numel, block_tensor, block_start, weights, K, n_blocks, stream);
         default: return cudaErrorInvalidValue;
     }
 }

@@ -21,6 +21,8 @@ enum fastsoup_dtype {
 #define FASTSOUP_WEIGHTED_SUM_CUDA_BLOCK 2048
 // The CUDA per-sample MSE kernels take row chunks that are multiples of this.
 #define FASTSOUP_MSE_CUDA_CHUNK_QUANTUM 1024
+// Most elements of a strided (non-dense) row the CUDA row kernels index (32-bit split).
+#define FASTSOUP_MAX_STRIDED_ROW 4294967295
 
 #ifdef __cplusplus
 }

@@ -36,6 +36,7 @@ def dtype_code(dtype) -> int:
 # ---------------------------------------------------------------- block sizes
 WEIGHTED_SUM_CUDA_BLOCK = 2048     # elements per block of the CUDA weighted-sum table
 MSE_CUDA_CHUNK_QUANTUM = 1024      # CUDA per-sample MSE: row chunks are multiples of this
+MAX_STRIDED_ROW = 2 ** 32 - 1      # CUDA row kernels: most elements of a strided row
 
 # ---------------------------------------------------------------- ambient coefficient table
 # One [B, 16] table of per-sample coefficients drives every ambient kernel: bilinear A at
@@ -61,4 +62,4 @@ def c_values() -> Dict[str, int]:
     """The values the C header defines, keyed as the extensions' ``abi()`` reports them."""
     return {"F32": F32, "F16": F16, "BF16": BF16, "F64": F64,
             "WEIGHTED_SUM_CUDA_BLOCK": WEIGHTED_SUM_CUDA_BLOCK,
-            "MSE_CUDA_CHUNK_QUANTUM": MSE_CUDA_CHUNK_QUANTUM}
+            "MSE_CUDA_CHUNK_QUANTUM": MSE_CUDA_CHUNK_QUANTUM, "MAX_STRIDED_ROW": MAX_STRIDED_ROW}

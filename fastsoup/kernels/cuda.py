@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 import torch
 
 from . import _ext
-from .abi import MSE_CUDA_CHUNK_QUANTUM, WEIGHTED_SUM_CUDA_BLOCK, dtype_code
+from .abi import MAX_STRIDED_ROW, MSE_CUDA_CHUNK_QUANTUM, WEIGHTED_SUM_CUDA_BLOCK, dtype_code
 from .layout import RowLayout, row_chunks, weighted_sum_tables
 
 
@@ -23,9 +23,16 @@ def _extension():
     return ext
 
 
+def _check_rows(layout: RowLayout) -> None:
+    if not layout.dense and layout.row_numel > MAX_STRIDED_ROW:
+        raise ValueError(f"the CUDA kernels index strided rows of at most {MAX_STRIDED_ROW} "
+                         f"elements, got {layout.row_numel}: pass contiguous tensors")
+
+
 def mse_forward(pred: torch.Tensor, target: torch.Tensor, layout: RowLayout,
                 chunk: Optional[int] = None) -> torch.Tensor:
     """fp32 ``[B]`` per-sample MSE (see :func:`fastsoup.kernels.triton.mse.mse_forward`)."""
+    _check_rows(layout)
     chunk, n_chunks = row_chunks(layout, pred.device, MSE_CUDA_CHUNK_QUANTUM, chunk)
     partial = _extension().per_sample_mse_forward(
         pred, target, list(layout.sizes), [list(st) for st in layout.strides[:2]],
@@ -38,6 +45,7 @@ def mse_backward(coef: torch.Tensor, pred: torch.Tensor, target: torch.Tensor,
                  layout: RowLayout, chunk: Optional[int] = None) -> None:
     """Write ``grad_pred = coef_i (pred − target)`` and/or ``grad_target = −grad_pred``
     (see :func:`fastsoup.kernels.triton.mse.mse_backward`)."""
+    _check_rows(layout)
     chunk, n_chunks = row_chunks(layout, pred.device, MSE_CUDA_CHUNK_QUANTUM, chunk)
     _extension().per_sample_mse_backward(
         coef, pred, target, grad_pred, grad_target, list(layout.sizes),

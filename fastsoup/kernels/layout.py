@@ -19,6 +19,7 @@ copies (the one contiguous retry).
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 from dataclasses import dataclass
@@ -192,6 +193,10 @@ def on_device_of(pick):
 
 
 # ----------------------------------------------------------------- multi-tensor tables
+_TABLES: "collections.OrderedDict" = collections.OrderedDict()
+TABLE_CACHE_SIZE = 16
+
+
 def weighted_sum_tables(outs: Sequence[torch.Tensor], inputs: Sequence[Sequence[torch.Tensor]],
                         block: int):
     """Device tables of a one-launch multi-tensor weighted sum over ``block``-element blocks.
@@ -199,20 +204,39 @@ def weighted_sum_tables(outs: Sequence[torch.Tensor], inputs: Sequence[Sequence[
     Returns ``(ptrs int64 [P, K + 1], numel int64 [P], block_tensor int32 [nb],
     block_start int64 [nb])``: the addresses of ``outs[p]`` then ``inputs[0..K-1][p]``,
     each tensor's size, and for every block the tensor it belongs to and its first element.
+
+    The tables depend only on the addresses and sizes, so they are cached on those (a few
+    recent lists per device): averaging the same replicas every N steps, or re-running a
+    merge window layout, builds them once and then pays only for the key.
     """
     device = outs[0].device
     K = len(inputs)
+    rows = [(outs[p].data_ptr(),) + tuple(inputs[k][p].data_ptr() for k in range(K))
+            for p in range(len(outs))]
     numels = [o.numel() for o in outs]
-    ptrs = torch.tensor([[outs[p].data_ptr()] + [inputs[k][p].data_ptr() for k in range(K)]
-                         for p in range(len(outs))], dtype=torch.int64, device=device)
-    ids: List[int] = []
-    starts: List[int] = []
-    for p, n in enumerate(numels):
-        nb = -(-n // block)
-        ids.extend([p] * nb)
-        starts.extend(range(0, nb * block, block))
-    if len(ids) > MAX_GRID_X:
-        raise ValueError(f"{len(ids)} blocks exceed the grid limit of {MAX_GRID_X}")
-    return (ptrs, torch.tensor(numels, dtype=torch.int64, device=device),
-            torch.tensor(ids, dtype=torch.int32, device=device),
-            torch.tensor(starts, dtype=torch.int64, device=device))
+    key = (str(device), block, tuple(rows), tuple(numels))
+    hit = _TABLES.get(key)
+    if hit is not None:
+        _TABLES.move_to_end(key)
+        return hit
+    tables = _build_weighted_sum_tables(rows, numels, block, device)
+    _TABLES[key] = tables
+    if len(_TABLES) > TABLE_CACHE_SIZE:
+        _TABLES.popitem(last=False)
+    return tables
+
+
+def _build_weighted_sum_tables(rows, numels, block: int, device):
+    """Vectorised on ``device``: block ``b`` of tensor ``p`` starts at element
+    ``(b − first_block[p]) · block``."""
+    ptrs = torch.tensor(rows, dtype=torch.int64, device=device)
+    numel = torch.tensor(numels, dtype=torch.int64, device=device)
+    n_blocks = [_cdiv(n, block) for n in numels]
+    total = sum(n_blocks)
+    if total > MAX_GRID_X:
+        raise ValueError(f"{total} blocks exceed the grid limit of {MAX_GRID_X}")
+    counts = torch.tensor(n_blocks, dtype=torch.int64, device=device)
+    ids = torch.repeat_interleave(torch.arange(len(numels), device=device), counts)
+    first = torch.cumsum(counts, 0) - counts
+    starts = (torch.arange(total, dtype=torch.int64, device=device) - first[ids]) * block
+    return ptrs, numel, ids.to(torch.int32), starts

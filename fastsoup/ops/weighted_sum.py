@@ -11,7 +11,9 @@ otherwise; the one-launch Triton and CUDA launchers of :mod:`fastsoup.kernels`, 
 share one signature), behind the ``torch.library.custom_op`` ``fastsoup::weighted_sum_``
 (mutates ``outs``; a fake implementation is registered).
 ``outs[p]`` may be one of the ``inputs[k][p]`` (in-place averaging into a replica): every
-backend reads all K inputs of an element before writing it.
+backend reads all K inputs of an element before writing it. An output that shares memory
+with an input at another position (tied weights listed twice, a swap) is computed into a
+temporary first on every backend; outputs that share memory with each other are refused.
 """
 from __future__ import annotations
 
@@ -139,10 +141,65 @@ def _backend_for(outs: Sequence[Tensor], inputs) -> str:
 
 
 # ------------------------------------------------------------------------ custom op
+def _span(t: Tensor) -> Tuple[int, int]:
+    """Byte range ``[lo, hi)`` that ``t``'s elements occupy (a superset for strided views)."""
+    if t.numel() == 0:
+        return t.data_ptr(), t.data_ptr()
+    lo_off = sum((n - 1) * st for n, st in zip(t.shape, t.stride()) if st < 0)
+    hi_off = sum((n - 1) * st for n, st in zip(t.shape, t.stride()) if st > 0)
+    return t.data_ptr() + lo_off * t.element_size(), t.data_ptr() + (hi_off + 1) * t.element_size()
+
+
+def _same_view(a: Tensor, b: Tensor) -> bool:
+    return (a.data_ptr() == b.data_ptr() and a.dtype == b.dtype and a.shape == b.shape
+            and a.stride() == b.stride())
+
+
+def _hazards(outs, inputs) -> List[int]:
+    """Outputs that must be computed into a temporary: those sharing memory with an input
+    other than themselves at their own position (``outs[p]`` may be ``inputs[k][p]``: every
+    backend reads an element's inputs before writing it). Raises when outputs overlap."""
+    out_spans = sorted((_span(o) + (p,)) for p, o in enumerate(outs) if o.numel())
+    for (lo_a, hi_a, pa), (lo_b, hi_b, pb) in zip(out_spans, out_spans[1:]):
+        if lo_b < hi_a:
+            raise ValueError(f"outs[{pa}] and outs[{pb}] share memory: each output must be "
+                             "its own tensor (list tied parameters once)")
+    spans = sorted(_span(t) + (k, p) for k, inp in enumerate(inputs) for p, t in enumerate(inp)
+                   if t.numel())
+    starts = [sp[0] for sp in spans]
+    max_end, m = [], 0
+    for sp in spans:
+        m = max(m, sp[1])
+        max_end.append(m)
+    hazards = []
+    for p, o in enumerate(outs):
+        if not o.numel():
+            continue
+        lo, hi = _span(o)
+        i = bisect.bisect_left(starts, hi) - 1  # spans starting before this output ends
+        while i >= 0 and max_end[i] > lo:
+            s_lo, s_hi, k, q = spans[i]
+            if s_hi > lo and not (q == p and _same_view(o, inputs[k][p])):
+                hazards.append(p)
+                break
+            i -= 1
+    return hazards
+
+
 @torch.library.custom_op("fastsoup::weighted_sum_", mutates_args=("outs",))
 def _weighted_sum_op(outs: List[Tensor], inputs: List[Tensor], weights: List[float]) -> None:
     K, P = len(weights), len(outs)
     nested = [inputs[k * P:(k + 1) * P] for k in range(K)]
+    staged = _hazards(outs, nested)
+    if staged:  # an output overlaps another position's input: compute aside, then copy
+        final = list(outs)
+        outs = list(outs)
+        for p in staged:
+            outs[p] = torch.empty_like(outs[p])
+        _weighted_sum_op(outs, inputs, weights)
+        for p in staged:
+            final[p].copy_(outs[p])
+        return
     backend = _backend_for(outs, nested)
     if backend == "reference":
         if outs and outs[0].device.type == "cpu" and _cpu_fused(outs, nested, weights):

@@ -289,3 +289,46 @@ def test_gpu_in_place_average_of_replicas():
     fs.weighted_sum_(reps[0], reps, [0.25] * 4)
     for p in range(3):
         assert torch.allclose(reps[0][p].float(), exp[p], atol=2e-2, rtol=1e-2)
+
+
+# ------------------------------------------------------------------------ aliasing
+def _alias_backends():
+    backends = ["reference"]
+    try:
+        import triton  # noqa: F401
+
+        backends.append("triton")
+    except Exception:
+        pass
+    return backends
+
+
+@pytest.mark.parametrize("backend", _alias_backends())
+def test_output_aliasing_an_input_at_another_position_is_staged(backend):
+    """Tied weights listed twice: outs[0] is inputs[k][1]. Every backend computes from the
+    inputs as they were, not from an output written earlier in the call."""
+    if backend == "triton" and not __import__("fastsoup._backend", fromlist=["x"]).interpreter_active():
+        pytest.skip("the Triton interpreter is off")
+    a = torch.tensor([1.0, 2.0, 3.0])
+    b = torch.tensor([11.0, 12.0, 13.0])
+    with fs.use_backend(backend):
+        fs.weighted_sum_([a, b], [[b, a], [b, a]], [0.5, 0.5])   # a swap
+    assert a.tolist() == [11.0, 12.0, 13.0] and b.tolist() == [1.0, 2.0, 3.0]
+    x = torch.tensor([2.0, 4.0, 6.0])
+    y = torch.tensor([10.0, 10.0, 10.0])
+    with fs.use_backend(backend):
+        fs.weighted_sum_([x, y], [[x, x], [y, x]], [0.5, 0.5])
+    assert x.tolist() == [6.0, 7.0, 8.0] and y.tolist() == [2.0, 4.0, 6.0]
+
+
+def test_outputs_sharing_memory_are_refused():
+    w = torch.zeros(4)
+    with pytest.raises(ValueError, match="share memory"):
+        fs.weighted_sum_([w[:3], w[1:]], [[torch.ones(3), torch.ones(3)]], [1.0])
+
+
+def test_in_place_output_at_its_own_position_still_runs_in_place():
+    a = torch.tensor([1.0, 2.0])
+    b = torch.tensor([3.0, 4.0])
+    fs.weighted_sum_([a], [[a], [b]], [0.5, 0.5])
+    assert a.tolist() == [2.0, 3.0]

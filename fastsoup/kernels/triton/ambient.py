@@ -299,7 +299,7 @@ def _coefficient_kernel(
     Formulas: see the reference in :mod:`fastsoup.ops.ambient`.
     """
     pid = tl.program_id(0)
-    offs = pid * BLOCK_B + tl.arange(0, BLOCK_B)
+    offs = pid.to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
     mask = offs < B
     row = out_ptr + offs.to(tl.int64) * _COLS
     zero = tl.zeros([BLOCK_B], dtype=tl.float64)

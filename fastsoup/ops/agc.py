@@ -94,6 +94,12 @@ def low_loss_keep_mask(losses: Tensor, k: Optional[int] = None,
         return keep
     if not is_compiling() and torch.isnan(losses).any():  # NaN sorts last while compiling
         raise NonFiniteLossError("losses contain NaN: cannot rank them")
+    return _drop_lowest(losses, n_drop)
+
+
+def _drop_lowest(losses: Tensor, n_drop: int) -> Tensor:
+    """The keep mask without the ``n_drop`` lowest of NaN-free ``losses`` (no host sync)."""
+    keep = torch.ones(losses.shape[0], dtype=torch.bool, device=losses.device)
     order = torch.sort(losses.detach(), stable=True).indices  # ties keep index order
     keep[order[:n_drop]] = False
     return keep
@@ -586,7 +592,7 @@ def agc_loss(pred: Tensor, target: Tensor, *, timesteps: Optional[Tensor] = None
         # Non-finite samples (only present with nonfinite="exclude") rank last and are
         # removed separately, so the k lowest are always finite losses.
         ranked = torch.where(g_finite, g_l, torch.full_like(g_l, float("inf")))
-        keep = low_loss_keep_mask(ranked, k=n_drop) & g_finite
+        keep = _drop_lowest(ranked, n_drop) & g_finite  # ranked has no NaN
         dropped = ~keep & g_finite
         if n_drop > 0:
             threshold = torch.where(dropped, g_l, torch.full_like(g_l, -float("inf"))).max()

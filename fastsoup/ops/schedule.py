@@ -100,6 +100,20 @@ def schedule_on_device(ac: Tensor, device: torch.device, kind: str = "float64",
     return value
 
 
+_HOST_SCHEDULES: Dict[int, Tuple[weakref.ref, int, list]] = {}
+
+
+def schedule_values(ac: Tensor) -> list:
+    """``alphas_cumprod`` as Python floats (float64), read once per schedule tensor: host
+    arithmetic on a fixed timestep (``t_n``) then costs no tensor read per call."""
+    hit = _HOST_SCHEDULES.get(id(ac))
+    if hit is not None and hit[0]() is ac and hit[1] == ac._version:
+        return hit[2]
+    values = ac.detach().to(device="cpu", dtype=torch.float64).tolist()
+    _HOST_SCHEDULES[id(ac)] = (weakref.ref(ac), ac._version, values)
+    return values
+
+
 def vp_alpha_sigma(schedule, timesteps) -> Tuple[Tensor, Tensor]:
     """``α_t = sqrt(ᾱ_t)``, ``σ_t = sqrt(1 − ᾱ_t)`` as float32 ``[B]`` tensors.
 

@@ -26,15 +26,18 @@ A training step::
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Any, Callable, NamedTuple, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from ..ops import (
     ambient_loss_vp, vp_alpha_sigma, vp_reverse_step_coefficients, vp_reverse_step_from_eps,
 )
+from ..ops.schedule import schedule_values, vp_alpha_sigma_unchecked
 from ..ops._checks import check_float_tensor, check_same_shape
 from ._checks import check_timesteps, scheduler_alphas_cumprod
 from .fixed_noise import AmbientDataset, FixedNoise
@@ -61,10 +64,13 @@ def _check_t_n(t_n: Any, num: int) -> int:
 
 
 def _alpha_sigma_n(schedule: Any, t_n: int) -> Tuple[float, float]:
+    """``(α, σ)`` at ``t_n`` as Python floats (float32 values, as vp_alpha_sigma gives),
+    computed where ``alphas_cumprod`` lives (on the CPU for diffusers: no device sync)."""
     ac = _alphas_cumprod(schedule)
     t_n = _check_t_n(t_n, ac.numel())
-    a, s = vp_alpha_sigma(ac, t_n)
-    return float(a[0]), float(s[0])
+    abar = schedule_values(ac)[t_n]  # a Python float64, cached: no tensor read per call
+    # float64 square roots rounded once to float32: the values vp_alpha_sigma gives
+    return float(np.float32(math.sqrt(abar))), float(np.float32(math.sqrt(max(1.0 - abar, 0.0))))
 
 
 # ----------------------------------------------------------------------------- data
@@ -199,8 +205,12 @@ def ambient_vp_batch(x_n: Tensor, noise_scheduler: Any, t_n: int, *,
         check_float_tensor("extra_noise", extra_noise)
         check_same_shape("x_n", x_n, "extra_noise", extra_noise)
         z = extra_noise
-    alpha_t, sigma_t = vp_alpha_sigma(ac, timesteps)
-    alpha_n, sigma_n = vp_alpha_sigma(ac, torch.full((B,), t_n, dtype=torch.long, device=device))
+    # no host sync: drawn timesteps are in range (given ones were checked above, in one
+    # transfer), the schedule is cached on the device, and (α_n, σ_n) are host numbers
+    alpha_t, sigma_t = vp_alpha_sigma_unchecked(ac, timesteps)
+    a_n, s_n = _alpha_sigma_n(ac, t_n)
+    alpha_n = torch.full((B,), a_n, dtype=torch.float32, device=device)
+    sigma_n = torch.full((B,), s_n, dtype=torch.float32, device=device)
     # the loss op's arithmetic: float64 from the float32 schedule values it receives
     a = alpha_t.double() / alpha_n.double()
     b = (sigma_t.double() ** 2 - a * a * sigma_n.double() ** 2).clamp_min(0).sqrt()

@@ -31,7 +31,7 @@ from ..io.safetensors import DTYPES, TORCH_NAMES
 from ..kernels import cpu as cpu_kernels
 from . import mmap as input_maps
 from .errors import Diagnostics, MergeError, PlanError
-from .mmap import PAGE, InputFiles, InputMaps, WindowBuffer, align_down
+from .mmap import PAGE, InputFiles, WindowBuffer, align_down
 from .plan import OutTensor, Plan
 from .writer import SafetensorsFileWriter
 

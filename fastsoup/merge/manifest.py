@@ -43,8 +43,8 @@ from typing import Any, Dict, List, Optional
 
 from .._version import __version__
 from .errors import MergeError
-from .formats import Layout, WeightFile
 from ..io.safetensors import file_identity
+from .formats import Layout, WeightFile
 
 FORMAT = "fastsoup.merge/1"
 METADATA_KEY = "fastsoup"

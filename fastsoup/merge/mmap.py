@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import mmap
 import os
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import numpy as np
 

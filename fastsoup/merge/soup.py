@@ -18,9 +18,8 @@ import os
 from typing import Dict, List, Mapping, Optional, Sequence
 
 from .api import PathLike, merge
-from .errors import MergeError
+from .errors import MergeError, from_cli
 from .formats import resolve
-from .errors import from_cli
 from .manifest import cached_file_sha256, describe
 from .manifest import read as read_manifest
 from .options import dtype_user_name

@@ -67,6 +67,29 @@ def _as_tensor_output(out: Any, n: int) -> Tensor:
     return out
 
 
+def _check_training_space(out: Tensor, done: int) -> None:
+    """Samples must be in the model's training space, channels first: raise at once (on
+    the first chunk, before hours of generation) for the two common slips with diffusers
+    pipelines: ``output_type="np"`` (channels-last ``[n, H, W, C]``) and images in
+    ``[0, 1]`` (``output_type="pt"``/``"np"``) where a pixel model trains on ``[-1, 1]``."""
+    where = f"samples {done}..{done + out.shape[0] - 1}"
+    if out.dim() == 4 and out.shape[-1] in (1, 3, 4) and out.shape[1] not in (1, 3, 4):
+        raise ValueError(
+            f"generate returned channels-last {where} of shape {tuple(out.shape)} "
+            "([n, H, W, C], e.g. diffusers' output_type='np'); the bank stores [n, C, H, W] "
+            "as the model sees it: return torch.from_numpy(images).permute(0, 3, 1, 2) "
+            "(pass check_samples=False if this layout is really your model's)")
+    if out.numel() >= 64:
+        lo, hi = torch.stack([out.min(), out.max()]).float().tolist()
+        if lo >= 0.0 and hi <= 1.0:
+            raise ValueError(
+                f"generate returned {where} with values in [{lo:.3g}, {hi:.3g}], i.e. images "
+                "in [0, 1] (diffusers' output_type='pt' or 'np'); the bank stores the "
+                "training space: pixels in [-1, 1] for a pixel model (return images * 2 - 1) "
+                "or latents for a latent model (output_type='latent'). Pass "
+                "check_samples=False if [0, 1] is really your model's training space")
+
+
 class KnowledgeBank(torch.utils.data.Dataset):
     """Samples of the pre-trained model, replayed during Diff-Tuning (retention).
 
@@ -118,7 +141,7 @@ class KnowledgeBank(torch.utils.data.Dataset):
                  batch_size: int = 16, seed: int = 0, source: str = "",
                  dtype: Optional[torch.dtype] = None, generator_device: Union[str, torch.device] = "cpu",
                  labels: Optional[Tensor] = None, progress: Optional[Callable[[int, int], None]] = None,
-                 ) -> "KnowledgeBank":
+                 check_samples: bool = True) -> "KnowledgeBank":
         """Generate ``num_samples`` samples with the pre-trained model, once.
 
         Args:
@@ -139,6 +162,11 @@ class KnowledgeBank(torch.utils.data.Dataset):
                 labels_chunk)`` with the chunk's ``[n]`` labels, and the labels are stored
                 with the samples.
             progress: optional ``progress(done, total)`` callback.
+            check_samples: check every chunk as it arrives (before the next one is
+                generated): channels first (a channels-last ``[n, H, W, C]`` array, as
+                ``output_type="np"`` gives, raises) and not images in ``[0, 1]`` (as
+                ``output_type="pt"``/``"np"`` give; a pixel model trains on ``[-1, 1]``);
+                each error says what to return instead. ``False`` skips both.
 
         Examples (diffusers)::
 
@@ -185,6 +213,8 @@ class KnowledgeBank(torch.utils.data.Dataset):
             else:
                 raw = generate(n, generator, labels[done:done + n])
             out = _as_tensor_output(raw, n).detach().to("cpu")
+            if check_samples:
+                _check_training_space(out, done)
             if chunks and out.shape[1:] != chunks[0].shape[1:]:
                 raise ValueError(f"generate returned samples of shape {tuple(out.shape[1:])} after "
                                  f"{tuple(chunks[0].shape[1:])}")

@@ -117,10 +117,14 @@ def test_knowledge_bank_with_a_diffusers_pipeline(tmp_path):
     assert float(bank.latents.min()) >= -1 and float(bank.latents.max()) <= 1
     again = KnowledgeBank.generate(gen, 3, batch_size=2, seed=0, source="tiny DDPM")
     assert torch.equal(bank.latents, again.latents)
-    # a pipeline output object (.images) is accepted and stored as returned: the bank does
-    # not guess layouts (here NHWC numpy), so the recipe above converts explicitly
+    # a pipeline output object (.images) is accepted; its NHWC [0, 1] numpy images are
+    # refused on the first chunk (the recipe above converts them), unless told otherwise
+    with pytest.raises(ValueError, match="channels-last"):
+        KnowledgeBank.generate(
+            lambda n, g: pipe(batch_size=n, generator=g, num_inference_steps=2, output_type="np"), 2)
     out = KnowledgeBank.generate(
-        lambda n, g: pipe(batch_size=n, generator=g, num_inference_steps=2, output_type="np"), 2)
+        lambda n, g: pipe(batch_size=n, generator=g, num_inference_steps=2, output_type="np"), 2,
+        check_samples=False)
     assert out.latents.shape == (2, 8, 8, 3)
 
 
@@ -137,3 +141,38 @@ def test_replay_stream_and_sample():
     assert bank.sample(5, torch.Generator().manual_seed(1)).shape == (5, 1)
     with pytest.raises(ValueError, match="exceeds the bank"):
         bank.stream(11)
+
+
+# ---------------------------------------------------------------- training-space checks
+def _counting(make):
+    calls = []
+
+    def gen(n, g):
+        calls.append(n)
+        return make(n, g)
+    return gen, calls
+
+
+def test_generate_refuses_zero_one_images_on_the_first_chunk():
+    import numpy as np
+
+    gen, calls = _counting(lambda n, g: torch.rand(n, 3, 8, 8, generator=g))   # output_type="pt"
+    with pytest.raises(ValueError, match=r"\[0, 1\].*images \* 2 - 1.*output_type='latent'"):
+        KnowledgeBank.generate(gen, 64, batch_size=4)
+    assert calls == [4]                          # stopped before generating more
+    gen, calls = _counting(lambda n, g: np.random.default_rng(0).random((n, 8, 8, 3),
+                                                                         dtype=np.float32))
+    with pytest.raises(ValueError, match=r"channels-last.*permute\(0, 3, 1, 2\)"):
+        KnowledgeBank.generate(gen, 64, batch_size=4)  # output_type="np": NHWC
+    assert calls == [4]
+
+
+def test_generate_accepts_the_training_space():
+    pix = KnowledgeBank.generate(lambda n, g: torch.rand(n, 3, 8, 8, generator=g) * 2 - 1, 8,
+                                 batch_size=4)
+    assert pix.latents.shape == (8, 3, 8, 8)
+    lat = KnowledgeBank.generate(lambda n, g: torch.randn(n, 4, 8, 8, generator=g), 8)
+    assert lat.latents.shape == (8, 4, 8, 8)
+    ok = KnowledgeBank.generate(lambda n, g: torch.rand(n, 3, 8, 8, generator=g), 4,
+                                check_samples=False)
+    assert ok.latents.min() >= 0

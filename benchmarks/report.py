@@ -7,12 +7,15 @@
 
 Writes ``benchmarks/results/<device>-<date>.md`` and ``.json``: per benchmark group a
 table of median time (p20–p80), effective bandwidth, speed-up against the group's
-baseline (the way users write it today) and fraction of the group's ceiling (device copy
-bandwidth, or the I/O floor for merging), with peak extra memory. Conventions the suites
+baseline (the way users write it today), the modelled time of the row's bytes at the
+device's measured copy bandwidth and the fraction of the ceiling (that model where the row
+has one, else the group's ``copy``/``floor`` row, e.g. the I/O floor for merging), with
+peak extra memory. Conventions the suites
 follow: ``benchmark.extra_info["impl"]`` names the implementation, ``extra_info["role"]``
 is ``"baseline"`` or ``"ceiling"`` where it applies (``eager`` and ``copy``/``floor``
 are recognised without it), ``extra_info["effective_GBps"]`` and ``median_s`` come from
-``benchmarks/harness.py``.
+``benchmarks/harness.py``, with ``model_s`` (``bytes_moved`` / measured copy bandwidth) and
+``copy_GBps`` for rows that declare the bytes they move.
 
 The README's performance section (between the ``perf:start``/``perf:end`` markers) is
 generated from the committed results files, newest per device.
@@ -43,6 +46,7 @@ SUITES = {
     "weighted_sum": "bench_weighted_sum.py",
     "merge": "bench_merge.py",
     "train_step": "bench_train_step.py",
+    "dispatch": "bench_dispatch.py",
 }
 BASELINE_IMPLS = ("eager", "naive", "foreach")
 CEILING_IMPLS = ("copy", "floor", "io-floor", "io_floor")
@@ -129,6 +133,7 @@ def summarise(benchmarks: List[dict]) -> Dict[str, List[dict]]:
         for b in sorted(items, key=lambda b: b["stats"]["median"]):
             info = b.get("extra_info", {})
             st = b["stats"]
+            model_s = info.get("model_s")
             data = sorted(st.get("data") or [st["median"]])
             p20 = info.get("p20_s", data[int(0.2 * (len(data) - 1))])
             p80 = info.get("p80_s", data[int(0.8 * (len(data) - 1))])
@@ -143,13 +148,31 @@ def summarise(benchmarks: List[dict]) -> Dict[str, List[dict]]:
                 "rounds": st.get("rounds"),
                 "GBps": bw,
                 "speedup_vs_baseline": (base_t / st["median"]) if base_t else None,
-                "fraction_of_ceiling": (bw / ceil_bw) if (bw and ceil_bw and _role(b) != "ceiling")
-                else ((ceil_t / st["median"]) if (ceil_t and not bw and _role(b) != "ceiling") else None),
+                "model_ms": model_s * 1e3 if model_s else None,
+                "copy_GBps": info.get("copy_GBps"),
+                "fraction_of_ceiling": fraction_of_ceiling(b, model_s, bw, ceil_bw, ceil_t),
                 "peak_extra_MiB": info.get("peak_extra_mem_MiB", info.get("peak_rss_MiB")),
                 "name": b["name"],
             })
         table[group] = rows
     return table
+
+
+def fraction_of_ceiling(b: dict, model_s, bw, ceil_bw, ceil_t):
+    """``model_s / median`` when the row carries the copy-bandwidth model (every row that
+    declares its bytes, the ceiling rows included: a small copy that fits in a cache can
+    beat DRAM bandwidth); else the group's ceiling row: bandwidth ratio, or time ratio
+    for rows without bytes (the merge's I/O floor). None for the ceiling row itself."""
+    median = b["stats"]["median"]
+    if model_s and median:
+        return model_s / median
+    if _role(b) == "ceiling":
+        return None
+    if bw and ceil_bw:
+        return bw / ceil_bw
+    if ceil_t and not bw:
+        return ceil_t / median
+    return None
 
 
 def _fmt(x, spec):
@@ -169,20 +192,27 @@ def to_markdown(meta: dict, table: Dict[str, List[dict]]) -> str:
              "(other work on the machine makes timings noisy)", "",
              "Median of the timed rounds, with p20–p80. GB/s counts the bytes the operation "
              "must move. *vs baseline*: speed-up over the group's baseline (how users write it "
-             "today). *of ceiling*: fraction of the group's ceiling (copy bandwidth or I/O floor). "
+             "today). *model ms*: the bytes it must move at the device's copy bandwidth "
+             "(a large `copy_`, measured in the same run: see the group's note). "
+             "*of ceiling*: model ms / median where a model exists, else the fraction of the "
+             "group's ceiling row (copy or I/O floor). "
              "*peak MiB*: extra GPU memory during the op (GPU runs) or the merge process's "
              "peak resident set (merges).",
              ""]
     for group, rows in table.items():
-        lines += [f"## {group}", "",
-                  "| impl | backend | median ms | p20–p80 ms | GB/s | vs baseline | of ceiling | peak MiB |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|"]
+        lines += [f"## {group}", ""]
+        copy = [r["copy_GBps"] for r in rows if r.get("copy_GBps")]
+        if copy:
+            lines += [f"Model: bytes / {copy[0]:.1f} GB/s (measured copy bandwidth).", ""]
+        lines += ["| impl | backend | median ms | p20–p80 ms | GB/s | vs baseline | model ms | of ceiling | peak MiB |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
         for r in rows:
             impl = r["impl"] + (f" ({r['role']})" if r["role"] else "")
             lines.append(
                 f"| {impl} | {r['backend'] or '-'} | {r['median_ms']:.3f} | "
                 f"{r['p20_ms']:.3f}–{r['p80_ms']:.3f} | {_fmt(r['GBps'], '.1f')} | "
                 f"{_fmt(r['speedup_vs_baseline'], '.2f') + '×' if r['speedup_vs_baseline'] else '-'} | "
+                f"{_fmt(r.get('model_ms'), '.3f')} | "
                 f"{_fmt(r['fraction_of_ceiling'] * 100 if r['fraction_of_ceiling'] else None, '.0f') + '%' if r['fraction_of_ceiling'] else '-'} | "
                 f"{_fmt(r['peak_extra_MiB'], '.1f')} |")
         lines.append("")

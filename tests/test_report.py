@@ -51,3 +51,72 @@ def test_update_readme_rewrites_only_the_marked_section(tmp_path, monkeypatch):
     text = (tmp_path / "README.md").read_text()
     assert text.startswith("head\n") and text.endswith("tail\n") and "old" not in text
     assert "### GPU-Z (2026-01-02)" in text and "| g | fastsoup (-) | 1.000 | 2.00× | - |" in text
+
+
+def _modelled(group, impl, median, model, role=None):
+    b = _bench(group, impl, median, gbps=1.0, role=role)
+    b["extra_info"].update(model_s=model, copy_GBps=2.5, bytes_moved=int(model * 2.5e9))
+    return b
+
+
+def test_ceiling_model_ratio_and_markdown():
+    """Rows carrying the copy-bandwidth model read as model / median, ceiling rows too;
+    rows without it fall back to the group's ceiling row."""
+    rows = [_modelled("k", "eager", 4e-3, 1e-3), _modelled("k", "fastsoup", 2e-3, 1e-3),
+            _modelled("k", "copy", 0.5e-3, 0.25e-3), _bench("k", "unmodelled", 1e-3, 0.5)]
+    table = report.summarise(rows)
+    k = {r["impl"]: r for r in table["k"]}
+    assert abs(k["fastsoup"]["fraction_of_ceiling"] - 0.5) < 1e-9
+    assert abs(k["eager"]["fraction_of_ceiling"] - 0.25) < 1e-9
+    assert abs(k["copy"]["fraction_of_ceiling"] - 0.5) < 1e-9  # a ceiling row has a model too
+    assert abs(k["fastsoup"]["model_ms"] - 1.0) < 1e-9
+    assert abs(k["unmodelled"]["fraction_of_ceiling"] - 0.5 / 1.0) < 1e-9  # vs copy's GB/s
+    assert k["unmodelled"]["model_ms"] is None
+    meta = {"device": "X", "date": "2026-01-01", "size": "small", "versions": {"torch": "t"},
+            "machine": "m", "command": "c"}
+    md = report.to_markdown(meta, table)
+    assert "Model: bytes / 2.5 GB/s (measured copy bandwidth)." in md
+    assert "| model ms | of ceiling |" in md
+    assert "| fastsoup | - | 2.000 | 2.000–2.000 | 1.0 | 2.00× | 1.000 | 50% | - |" in md
+    assert "| unmodelled | - | 1.000 | 1.000–1.000 | 0.5 | 4.00× | - | 50% | - |" in md
+
+
+def test_ceiling_row_without_model_has_no_fraction():
+    table = report.summarise([_bench("g", "copy", 1e-3, 100.0), _bench("g", "fastsoup", 2e-3, 50.0)])
+    g = {r["impl"]: r for r in table["g"]}
+    assert g["copy"]["fraction_of_ceiling"] is None
+    assert abs(g["fastsoup"]["fraction_of_ceiling"] - 0.5) < 1e-9
+
+
+def test_harness_measure_records_the_model(monkeypatch):
+    """measure() adds model_s = bytes_moved / measured copy bandwidth (one measurement per
+    process, cached)."""
+    import sys
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import harness
+    finally:
+        sys.path.pop(0)
+    monkeypatch.setenv("FASTSOUP_BENCH_COPY_MB", "1")
+    monkeypatch.setattr(harness, "_COPY", {})
+
+    class Bench:
+        def __init__(self):
+            self.extra_info = {}
+
+        def pedantic(self, fn, rounds, iterations, warmup_rounds):
+            for _ in range(rounds):
+                fn()
+            self.stats = type("S", (), {"stats": type("D", (), {"data": [2e-3, 1e-3, 3e-3]})()})()
+
+    b = Bench()
+    harness.measure(b, lambda: None, bytes_moved=10**6, rounds=3)
+    info = b.extra_info
+    bw = harness.copy_bandwidth()
+    assert bw > 0 and harness._COPY["bytes"] == 2**20
+    assert info["median_s"] == 2e-3 and abs(info["copy_GBps"] - bw / 1e9) < 1e-12
+    assert abs(info["model_s"] - 10**6 / bw) < 1e-15
+    b2 = Bench()
+    harness.measure(b2, lambda: None, rounds=3)  # no bytes: no model
+    assert "model_s" not in b2.extra_info

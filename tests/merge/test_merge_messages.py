@@ -2,8 +2,6 @@
 command line follows Unix conventions (issue 10)."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -176,8 +174,3 @@ def test_help_version_and_space_separated_weights(tmp_path, capsys):
     with safe_open(str(tmp_path / "p.safetensors"), "pt") as f:
         assert f.metadata()["modelspec.title"] == "Soup"
 
-
-def test_fastsoup_version_in_a_subprocess():
-    res = subprocess.run([sys.executable, "-m", "fastsoup.cli", "--version"], capture_output=True,
-                         text=True, timeout=120)
-    assert res.returncode == 0 and res.stdout.startswith("fastsoup ")

@@ -113,12 +113,16 @@ static void check_mse_dtype(int code, const char* name) {
         throw py::value_error(std::string("per_sample_mse: unsupported dtype code for ") + name);
 }
 
-static void mse_forward_py(uintptr_t pred, int pred_dtype, int64_t pred_row_stride,
-                           uintptr_t target, int target_dtype, int64_t target_row_stride,
-                           uintptr_t out, int64_t B, int64_t D, int threads) {
+static void check_mse_args(int pred_dtype, int target_dtype, int64_t B, int64_t D) {
     check_mse_dtype(pred_dtype, "pred");
     check_mse_dtype(target_dtype, "target");
     if (B < 0 || D < 0) throw py::value_error("per_sample_mse: negative size");
+}
+
+static void mse_forward_py(uintptr_t pred, int pred_dtype, int64_t pred_row_stride,
+                           uintptr_t target, int target_dtype, int64_t target_row_stride,
+                           uintptr_t out, int64_t B, int64_t D, int threads) {
+    check_mse_args(pred_dtype, target_dtype, B, D);
     py::gil_scoped_release release;
     fastsoup::mse::forward(reinterpret_cast<const void*>(pred), pred_dtype, pred_row_stride,
                            reinterpret_cast<const void*>(target), target_dtype, target_row_stride,
@@ -130,9 +134,7 @@ static void mse_backward_py(uintptr_t pred, int pred_dtype, int64_t pred_row_str
                             uintptr_t coef, uintptr_t grad_pred, int64_t grad_pred_row_stride,
                             uintptr_t grad_target, int64_t grad_target_row_stride,
                             int64_t B, int64_t D, int threads) {
-    check_mse_dtype(pred_dtype, "pred");
-    check_mse_dtype(target_dtype, "target");
-    if (B < 0 || D < 0) throw py::value_error("per_sample_mse: negative size");
+    check_mse_args(pred_dtype, target_dtype, B, D);
     py::gil_scoped_release release;
     fastsoup::mse::backward(reinterpret_cast<const void*>(pred), pred_dtype, pred_row_stride,
                             reinterpret_cast<const void*>(target), target_dtype, target_row_stride,
@@ -142,13 +144,8 @@ static void mse_backward_py(uintptr_t pred, int pred_dtype, int64_t pred_row_str
 }
 
 PYBIND11_MODULE(_C, m) {
-    m.def("abi", [] {
-        return std::map<std::string, int64_t>{
-            {"F32", FASTSOUP_F32}, {"F16", FASTSOUP_F16}, {"BF16", FASTSOUP_BF16}, {"F64", FASTSOUP_F64},
-            {"WEIGHTED_SUM_CUDA_BLOCK", FASTSOUP_WEIGHTED_SUM_CUDA_BLOCK},
-            {"MSE_CUDA_CHUNK_QUANTUM", FASTSOUP_MSE_CUDA_CHUNK_QUANTUM},
-            {"MAX_STRIDED_ROW", FASTSOUP_MAX_STRIDED_ROW}};
-    }, "The constants of csrc/include/fastsoup_abi.h this extension was built with");
+    m.def("abi", &fastsoup_abi_values,
+          "The constants of csrc/include/fastsoup_abi.h this extension was built with");
     m.doc() = "fastsoup CPU kernels";
     m.def("build_info", &build_info, "Compiler and SIMD level this extension was built with");
     m.def("weighted_sum", &weighted_sum_py, py::arg("out"), py::arg("out_dtype"),

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cstring>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "dtype_convert.h"
@@ -95,13 +96,16 @@ void parallel_items(int64_t items, int nt, F&& fn) {
     for (auto& th : pool) th.join();
 }
 
+// Calls f(P, T) with pred and target cast to the element types of their dtype codes.
 template <typename F>
-void dispatch(int pd, int td, F&& f) {
+void with_rows(const void* pred, int pd, const void* target, int td, F&& f) {
     auto inner = [&](auto tp) {
+        using TP = decltype(tp);
+        const TP* P = static_cast<const TP*>(pred);
         switch (td) {
-            case ws::F32: f(tp, float{}); break;
-            case ws::F16: f(tp, _Float16{}); break;
-            case ws::BF16: f(tp, uint16_t{}); break;
+            case ws::F32: f(P, static_cast<const float*>(target)); break;
+            case ws::F16: f(P, static_cast<const _Float16*>(target)); break;
+            case ws::BF16: f(P, static_cast<const uint16_t*>(target)); break;
         }
     };
     switch (pd) {
@@ -110,6 +114,9 @@ void dispatch(int pd, int td, F&& f) {
         case ws::BF16: inner(uint16_t{}); break;
     }
 }
+
+template <typename T>
+using elem_t = std::remove_const_t<std::remove_pointer_t<T>>;
 
 }  // namespace
 
@@ -121,11 +128,7 @@ void forward(const void* pred, int pred_dtype, int64_t pred_row_stride,
     const int64_t items = B * per_row;
     std::vector<double> partial(static_cast<size_t>(items), 0.0);
     const int nt = thread_count(threads, B * D, items);
-    dispatch(pred_dtype, target_dtype, [&](auto tp, auto tt) {
-        using TP = decltype(tp);
-        using TT = decltype(tt);
-        const TP* P = static_cast<const TP*>(pred);
-        const TT* T = static_cast<const TT*>(target);
+    with_rows(pred, pred_dtype, target, target_dtype, [&](auto P, auto T) {
         parallel_items(items, nt, [&](int64_t it) {
             const int64_t b = it / per_row, c = it % per_row;
             const int64_t lo = c * CHUNK, n = std::min(CHUNK, D - lo);
@@ -148,13 +151,9 @@ void backward(const void* pred, int pred_dtype, int64_t pred_row_stride,
     const int64_t per_row = (D + CHUNK - 1) / CHUNK;
     const int64_t items = B * per_row;
     const int nt = thread_count(threads, B * D, items);
-    dispatch(pred_dtype, target_dtype, [&](auto tp, auto tt) {
-        using TP = decltype(tp);
-        using TT = decltype(tt);
-        const TP* P = static_cast<const TP*>(pred);
-        const TT* T = static_cast<const TT*>(target);
-        TP* GP = static_cast<TP*>(grad_pred);
-        TT* GT = static_cast<TT*>(grad_target);
+    with_rows(pred, pred_dtype, target, target_dtype, [&](auto P, auto T) {
+        auto* GP = static_cast<elem_t<decltype(P)>*>(grad_pred);
+        auto* GT = static_cast<elem_t<decltype(T)>*>(grad_target);
         parallel_items(items, nt, [&](int64_t it) {
             const int64_t b = it / per_row, c = it % per_row;
             const int64_t lo = c * CHUNK, n = std::min(CHUNK, D - lo);

@@ -139,13 +139,8 @@ void weighted_sum(const at::Tensor& ptrs, const at::Tensor& numel, const at::Ten
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.doc() = "fastsoup CUDA kernels";
-    m.def("abi", [] {
-        return std::map<std::string, int64_t>{
-            {"F32", FASTSOUP_F32}, {"F16", FASTSOUP_F16}, {"BF16", FASTSOUP_BF16}, {"F64", FASTSOUP_F64},
-            {"WEIGHTED_SUM_CUDA_BLOCK", FASTSOUP_WEIGHTED_SUM_CUDA_BLOCK},
-            {"MSE_CUDA_CHUNK_QUANTUM", FASTSOUP_MSE_CUDA_CHUNK_QUANTUM},
-            {"MAX_STRIDED_ROW", FASTSOUP_MAX_STRIDED_ROW}};
-    }, "The constants of csrc/include/fastsoup_abi.h this extension was built with");
+    m.def("abi", &fastsoup_abi_values,
+          "The constants of csrc/include/fastsoup_abi.h this extension was built with");
     m.def("per_sample_mse_forward", &per_sample_mse_forward,
           "Per-sample MSE partial sums [B, n_chunks] (fp32, scaled by 1/D)");
     m.def("per_sample_mse_backward", &per_sample_mse_backward,

@@ -178,6 +178,20 @@ cudaError_t dispatch2(int a, int b, F&& f) {
     }
 }
 
+// Checks what every row launch shares (a chunk of the quantum, a 1-d grid of at most
+// 2^31 - 1 blocks, strided rows the 32-bit index split covers), then calls
+// f(TP{}, TT{}, grid) with the C++ types of the two dtype codes.
+template <typename F>
+cudaError_t launch_rows(int pred_dtype, int target_dtype, int64_t batch, int64_t row_numel,
+                        int dense, int64_t chunk, int64_t n_chunks, F&& f) {
+    if (batch <= 0 || n_chunks <= 0) return cudaSuccess;
+    if (!dense && row_numel > static_cast<int64_t>(FASTSOUP_MAX_STRIDED_ROW)) return cudaErrorInvalidValue;
+    if (chunk <= 0 || chunk % FASTSOUP_MSE_CUDA_CHUNK_QUANTUM != 0 || batch * n_chunks > 0x7fffffffLL)
+        return cudaErrorInvalidValue;
+    const dim3 grid(static_cast<unsigned>(batch * n_chunks));
+    return dispatch2(pred_dtype, target_dtype, [&](auto tp, auto tt) { return f(tp, tt, grid); });
+}
+
 }  // namespace
 
 extern "C" cudaError_t fastsoup_mse_forward(
@@ -185,12 +199,8 @@ extern "C" cudaError_t fastsoup_mse_forward(
     const void* target, int target_dtype, fastsoup_row_strides target_strides,
     float* partial, int64_t batch, int64_t row_numel, int64_t size2, int64_t size3,
     int dense, int64_t chunk, int64_t n_chunks, float inv_d, cudaStream_t stream) {
-    if (batch <= 0 || n_chunks <= 0) return cudaSuccess;
-    if (!dense && row_numel > static_cast<int64_t>(FASTSOUP_MAX_STRIDED_ROW)) return cudaErrorInvalidValue;
-    if (chunk <= 0 || chunk % FASTSOUP_MSE_CUDA_CHUNK_QUANTUM != 0 || batch * n_chunks > 0x7fffffffLL)
-        return cudaErrorInvalidValue;
-    const dim3 grid(static_cast<unsigned>(batch * n_chunks));
-    return dispatch2(pred_dtype, target_dtype, [&](auto tp, auto tt) {
+    return launch_rows(pred_dtype, target_dtype, batch, row_numel, dense, chunk, n_chunks,
+                       [&](auto tp, auto tt, dim3 grid) {
         using TP = decltype(tp);
         using TT = decltype(tt);
         mse_forward_kernel<TP, TT><<<grid, kThreads, 0, stream>>>(
@@ -208,12 +218,8 @@ extern "C" cudaError_t fastsoup_mse_backward(
     void* grad_target, fastsoup_row_strides grad_target_strides,
     int64_t batch, int64_t row_numel, int64_t size2, int64_t size3,
     int dense, int64_t chunk, int64_t n_chunks, cudaStream_t stream) {
-    if (batch <= 0 || n_chunks <= 0) return cudaSuccess;
-    if (!dense && row_numel > static_cast<int64_t>(FASTSOUP_MAX_STRIDED_ROW)) return cudaErrorInvalidValue;
-    if (chunk <= 0 || chunk % FASTSOUP_MSE_CUDA_CHUNK_QUANTUM != 0 || batch * n_chunks > 0x7fffffffLL)
-        return cudaErrorInvalidValue;
-    const dim3 grid(static_cast<unsigned>(batch * n_chunks));
-    return dispatch2(pred_dtype, target_dtype, [&](auto tp, auto tt) {
+    return launch_rows(pred_dtype, target_dtype, batch, row_numel, dense, chunk, n_chunks,
+                       [&](auto tp, auto tt, dim3 grid) {
         using TP = decltype(tp);
         using TT = decltype(tt);
         mse_backward_kernel<TP, TT><<<grid, kThreads, 0, stream>>>(

@@ -38,22 +38,27 @@ __device__ __forceinline__ void load8(const float* p, float (&v)[kVec]) {
     v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
     v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
 }
-__device__ __forceinline__ void load8(const __half* p, float (&v)[kVec]) {
-    const uint4 raw = __ldcg(reinterpret_cast<const uint4*>(p));
-    const __half2* h = reinterpret_cast<const __half2*>(&raw);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        const float2 f = __half22float2(h[i]);
-        v[2 * i] = f.x;
-        v[2 * i + 1] = f.y;
-    }
+// 16-bit types: 8 elements are 4 pairs in one 16-byte word.
+template <typename T> struct Pair2;
+template <> struct Pair2<__half> { using type = __half2; };
+template <> struct Pair2<__nv_bfloat16> { using type = __nv_bfloat162; };
+__device__ __forceinline__ float2 pair_to_f32(__half2 h) { return __half22float2(h); }
+__device__ __forceinline__ float2 pair_to_f32(__nv_bfloat162 h) { return __bfloat1622float2(h); }
+template <typename T> __device__ __forceinline__ typename Pair2<T>::type pair_from_f32(float a, float b);
+template <> __device__ __forceinline__ __half2 pair_from_f32<__half>(float a, float b) {
+    return __floats2half2_rn(a, b);
 }
-__device__ __forceinline__ void load8(const __nv_bfloat16* p, float (&v)[kVec]) {
+template <> __device__ __forceinline__ __nv_bfloat162 pair_from_f32<__nv_bfloat16>(float a, float b) {
+    return __floats2bfloat162_rn(a, b);
+}
+
+template <typename T>
+__device__ __forceinline__ void load8(const T* p, float (&v)[kVec]) {
     const uint4 raw = __ldcg(reinterpret_cast<const uint4*>(p));
-    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
+    const auto* h = reinterpret_cast<const typename Pair2<T>::type*>(&raw);
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-        const float2 f = __bfloat1622float2(h[i]);
+        const float2 f = pair_to_f32(h[i]);
         v[2 * i] = f.x;
         v[2 * i + 1] = f.y;
     }
@@ -62,18 +67,12 @@ __device__ __forceinline__ void store8(float* p, const float (&v)[kVec]) {
     __stcg(reinterpret_cast<float4*>(p), make_float4(v[0], v[1], v[2], v[3]));
     __stcg(reinterpret_cast<float4*>(p) + 1, make_float4(v[4], v[5], v[6], v[7]));
 }
-__device__ __forceinline__ void store8(__half* p, const float (&v)[kVec]) {
+template <typename T>
+__device__ __forceinline__ void store8(T* p, const float (&v)[kVec]) {
     uint4 raw;
-    __half2* h = reinterpret_cast<__half2*>(&raw);
+    auto* h = reinterpret_cast<typename Pair2<T>::type*>(&raw);
 #pragma unroll
-    for (int i = 0; i < 4; ++i) h[i] = __floats2half2_rn(v[2 * i], v[2 * i + 1]);
-    __stcg(reinterpret_cast<uint4*>(p), raw);
-}
-__device__ __forceinline__ void store8(__nv_bfloat16* p, const float (&v)[kVec]) {
-    uint4 raw;
-    __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&raw);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) h[i] = __floats2bfloat162_rn(v[2 * i], v[2 * i + 1]);
+    for (int i = 0; i < 4; ++i) h[i] = pair_from_f32<T>(v[2 * i], v[2 * i + 1]);
     __stcg(reinterpret_cast<uint4*>(p), raw);
 }
 

@@ -26,4 +26,17 @@ enum fastsoup_dtype {
 
 #ifdef __cplusplus
 }
+
+#include <cstdint>
+#include <map>
+#include <string>
+
+// The values above by name, as the extensions' abi() reports them (the Python side's
+// fastsoup/kernels/abi.py:c_values() must return the same).
+inline std::map<std::string, int64_t> fastsoup_abi_values() {
+    return {{"F32", FASTSOUP_F32}, {"F16", FASTSOUP_F16}, {"BF16", FASTSOUP_BF16}, {"F64", FASTSOUP_F64},
+            {"WEIGHTED_SUM_CUDA_BLOCK", FASTSOUP_WEIGHTED_SUM_CUDA_BLOCK},
+            {"MSE_CUDA_CHUNK_QUANTUM", FASTSOUP_MSE_CUDA_CHUNK_QUANTUM},
+            {"MAX_STRIDED_ROW", FASTSOUP_MAX_STRIDED_ROW}};
+}
 #endif

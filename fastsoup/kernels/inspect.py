@@ -229,7 +229,7 @@ def compile_launch(launch: Launch, arch: int):
 def _variant_text(fn, constexprs: dict, signature: dict) -> str:
     names = fn.arg_names
     parts = [f"{names[k[0]]}={v}" for k, v in sorted(constexprs.items())
-             if isinstance(v, (bool, int, str)) or hasattr(v, "name")]
+             if len(k) == 1 and (isinstance(v, (bool, int, str)) or hasattr(v, "name"))]
     dtypes = sorted({v for k, v in signature.items() if isinstance(v, str) and v.startswith("*")})
     return " ".join(parts + ["ptrs=" + "/".join(d[1:] for d in dtypes)])
 

@@ -33,8 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..abi import (COEF_COLS, COEF_KINDS, COL_SCALE, COL_VALID, MAX_BILINEAR_INPUTS,
-                   MAX_LINEAR_INPUTS, MAX_LINEAR_OUTPUTS)
+from ..abi import (COEF_COLS, COEF_KINDS, COL_A, COL_B, COL_SCALE, COL_VALID,
+                   MAX_BILINEAR_INPUTS, MAX_LINEAR_INPUTS, MAX_LINEAR_OUTPUTS)
 from ..layout import RowLayout, on_device_of, row_chunks
 from .rows import load_f32 as _ld
 from .rows import row_offsets as _offs
@@ -50,44 +50,53 @@ FP_FUSION_COEFFICIENTS = False
 BLOCK_B = 128  # samples per program of the coefficient kernel
 # The table layout (kernels/abi.py) as kernel constants.
 _COLS = tl.constexpr(COEF_COLS)
+_A = tl.constexpr(COL_A)
+_B = tl.constexpr(COL_B)
 _SCALE = tl.constexpr(COL_SCALE)
 _VALID = tl.constexpr(COL_VALID)
 
 
 @triton.jit
-def _bilinear_uv(
-    row, j, mask,
-    x0, x1, x2, x3, x4, x5,
-    a0, a1, a2, a3, a4, a5, b0, b1, b2, b3, b4, b5,
-    sb0, s10, s20, s30, sb1, s11, s21, s31, sb2, s12, s22, s32,
-    sb3, s13, s23, s33, sb4, s14, s24, s34, sb5, s15, s25, s35,
-    S2, S3,
-    N_IN: tl.constexpr, SQUARE: tl.constexpr, DENSE: tl.constexpr,
-):
-    """u = Σ_k a_k x_k and v = Σ_k b_k x_k (v = u when SQUARE) for one block, in fp32."""
-    x = _ld(x0, row, sb0, s10, s20, s30, j, mask, S2, S3, DENSE)
-    u = a0 * x
-    v = b0 * x
-    if N_IN > 1:
-        x = _ld(x1, row, sb1, s11, s21, s31, j, mask, S2, S3, DENSE)
-        u += a1 * x
-        v += b1 * x
-    if N_IN > 2:
-        x = _ld(x2, row, sb2, s12, s22, s32, j, mask, S2, S3, DENSE)
-        u += a2 * x
-        v += b2 * x
-    if N_IN > 3:
-        x = _ld(x3, row, sb3, s13, s23, s33, j, mask, S2, S3, DENSE)
-        u += a3 * x
-        v += b3 * x
-    if N_IN > 4:
-        x = _ld(x4, row, sb4, s14, s24, s34, j, mask, S2, S3, DENSE)
-        u += a4 * x
-        v += b4 * x
-    if N_IN > 5:
-        x = _ld(x5, row, sb5, s15, s25, s35, j, mask, S2, S3, DENSE)
-        u += a5 * x
-        v += b5 * x
+def _row(cb, base: tl.constexpr):
+    """Six consecutive table columns from ``base`` (the table has 16: always in bounds)."""
+    return (tl.load(cb + base), tl.load(cb + base + 1), tl.load(cb + base + 2),
+            tl.load(cb + base + 3), tl.load(cb + base + 4), tl.load(cb + base + 5))
+
+
+@triton.jit
+def _program(coef_ptr, c_sb, CHUNK):
+    """This program's sample ``row`` and ``chunk`` (int64), the chunk's first element and
+    the sample's coefficient-table row."""
+    row = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1).to(tl.int64)
+    return row, chunk, chunk * CHUNK, coef_ptr + row * c_sb
+
+
+@triton.jit
+def _ldk(xs, strides, k: tl.constexpr, row, j, mask, S2, S3, DENSE: tl.constexpr):
+    """Element block ``j`` of sample ``row`` of input ``k`` as fp32."""
+    st = strides[k]
+    return _ld(xs[k], row, st[0], st[1], st[2], st[3], j, mask, S2, S3, DENSE)
+
+
+@triton.jit
+def _row4(cb, base: tl.constexpr):
+    """Four consecutive table columns from ``base``: one output's C_m0..C_m3."""
+    return (tl.load(cb + base), tl.load(cb + base + 1), tl.load(cb + base + 2),
+            tl.load(cb + base + 3))
+
+
+@triton.jit
+def _bilinear_uv(xs, strides, a, b, row, j, mask, S2, S3,
+                 N_IN: tl.constexpr, SQUARE: tl.constexpr, DENSE: tl.constexpr):
+    """u = Σ_k a_k x_k and v = Σ_k b_k x_k (v = u when SQUARE) for one block, in fp32.
+    ``xs``: the N_IN input pointers; ``strides``: their (batch, s1, s2, s3) strides."""
+    u = tl.zeros(j.shape, dtype=tl.float32)
+    v = tl.zeros(j.shape, dtype=tl.float32)
+    for k in tl.static_range(N_IN):
+        x = _ldk(xs, strides, k, row, j, mask, S2, S3, DENSE)
+        u += a[k] * x
+        v += b[k] * x
     if SQUARE:
         v = u
     return u, v
@@ -95,40 +104,19 @@ def _bilinear_uv(
 
 @triton.jit
 def _bilinear_partial_kernel(
-    x0, x1, x2, x3, x4, x5, coef_ptr, partial_ptr,
-    sb0, s10, s20, s30, sb1, s11, s21, s31, sb2, s12, s22, s32,
-    sb3, s13, s23, s33, sb4, s14, s24, s34, sb5, s15, s25, s35,
+    xs, coef_ptr, partial_ptr, strides,
     c_sb, D, S2, S3, CHUNK, n_chunks, inv_D,
     N_IN: tl.constexpr, SQUARE: tl.constexpr, BLOCK: tl.constexpr, DENSE: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    chunk = tl.program_id(1).to(tl.int64)
-    start = chunk * CHUNK
-    cb = coef_ptr + row * c_sb  # the table has 16 columns: every load below is in bounds
-    a0 = tl.load(cb + 0)
-    a1 = tl.load(cb + 1)
-    a2 = tl.load(cb + 2)
-    a3 = tl.load(cb + 3)
-    a4 = tl.load(cb + 4)
-    a5 = tl.load(cb + 5)
-    b0 = tl.load(cb + 6)
-    b1 = tl.load(cb + 7)
-    b2 = tl.load(cb + 8)
-    b3 = tl.load(cb + 9)
-    b4 = tl.load(cb + 10)
-    b5 = tl.load(cb + 11)
+    row, chunk, start, cb = _program(coef_ptr, c_sb, CHUNK)
+    a = _row(cb, _A)
+    b = _row(cb, _B)
     scale = tl.load(cb + _SCALE)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for off in range(0, CHUNK, BLOCK):
         j = start + off + tl.arange(0, BLOCK).to(tl.int64)
         mask = j < D
-        u, v = _bilinear_uv(
-            row, j, mask, x0, x1, x2, x3, x4, x5,
-            a0, a1, a2, a3, a4, a5, b0, b1, b2, b3, b4, b5,
-            sb0, s10, s20, s30, sb1, s11, s21, s31, sb2, s12, s22, s32,
-            sb3, s13, s23, s33, sb4, s14, s24, s34, sb5, s15, s25, s35,
-            S2, S3, N_IN, SQUARE, DENSE,
-        )
+        u, v = _bilinear_uv(xs, strides, a, b, row, j, mask, S2, S3, N_IN, SQUARE, DENSE)
         acc += u * v
     total = tl.sum(acc, axis=0) * inv_D
     # scale == 0 (a masked sample) stores an exact 0 even if the row holds inf/NaN
@@ -136,142 +124,62 @@ def _bilinear_partial_kernel(
 
 
 @triton.jit
-def _store_grad(gptr, row, gsb, gs1, gs2, gs3, j, mask, S2, S3, s, a, b, u, v,
-                DENSE: tl.constexpr):
-    # s == 0 (a masked or excluded sample) writes exact zeros even if the row holds inf/NaN.
-    g = tl.where(s == 0.0, 0.0, s * (a * v + b * u))
-    tl.store(gptr + _offs(row, gsb, gs1, gs2, gs3, j, S2, S3, DENSE),
-             g.to(gptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
 def _bilinear_grad_kernel(
-    x0, x1, x2, x3, x4, x5, coef_ptr, grad_ptr,
-    g0, g1, g2, g3, g4, g5,
-    sb0, s10, s20, s30, sb1, s11, s21, s31, sb2, s12, s22, s32,
-    sb3, s13, s23, s33, sb4, s14, s24, s34, sb5, s15, s25, s35,
-    gsb0, gs10, gs20, gs30, gsb1, gs11, gs21, gs31, gsb2, gs12, gs22, gs32,
-    gsb3, gs13, gs23, gs33, gsb4, gs14, gs24, gs34, gsb5, gs15, gs25, gs35,
+    xs, coef_ptr, grad_ptr, gs, strides, gstrides,
     c_sb, D, S2, S3, CHUNK, inv_D,
     N_IN: tl.constexpr, SQUARE: tl.constexpr, BLOCK: tl.constexpr, DENSE: tl.constexpr,
-    W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr,
-    W3: tl.constexpr, W4: tl.constexpr, W5: tl.constexpr,
+    WRITE: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    chunk = tl.program_id(1).to(tl.int64)
-    start = chunk * CHUNK
-    cb = coef_ptr + row * c_sb
-    a0 = tl.load(cb + 0)
-    a1 = tl.load(cb + 1)
-    a2 = tl.load(cb + 2)
-    a3 = tl.load(cb + 3)
-    a4 = tl.load(cb + 4)
-    a5 = tl.load(cb + 5)
-    b0 = tl.load(cb + 6)
-    b1 = tl.load(cb + 7)
-    b2 = tl.load(cb + 8)
-    b3 = tl.load(cb + 9)
-    b4 = tl.load(cb + 10)
-    b5 = tl.load(cb + 11)
+    """``gs[k] = s_i (a_k v + b_k u)`` for the inputs whose bit is set in ``WRITE``."""
+    row, chunk, start, cb = _program(coef_ptr, c_sb, CHUNK)
+    a = _row(cb, _A)
+    b = _row(cb, _B)
     s = tl.load(grad_ptr + row).to(tl.float32) * tl.load(cb + _SCALE) * inv_D  # g_i c_i / D
     for off in range(0, CHUNK, BLOCK):
         j = start + off + tl.arange(0, BLOCK).to(tl.int64)
         mask = j < D
-        u, v = _bilinear_uv(
-            row, j, mask, x0, x1, x2, x3, x4, x5,
-            a0, a1, a2, a3, a4, a5, b0, b1, b2, b3, b4, b5,
-            sb0, s10, s20, s30, sb1, s11, s21, s31, sb2, s12, s22, s32,
-            sb3, s13, s23, s33, sb4, s14, s24, s34, sb5, s15, s25, s35,
-            S2, S3, N_IN, SQUARE, DENSE,
-        )
-        if W0:
-            _store_grad(g0, row, gsb0, gs10, gs20, gs30, j, mask, S2, S3, s,
-                        a0, b0, u, v, DENSE)
-        if W1:
-            _store_grad(g1, row, gsb1, gs11, gs21, gs31, j, mask, S2, S3, s,
-                        a1, b1, u, v, DENSE)
-        if W2:
-            _store_grad(g2, row, gsb2, gs12, gs22, gs32, j, mask, S2, S3, s,
-                        a2, b2, u, v, DENSE)
-        if W3:
-            _store_grad(g3, row, gsb3, gs13, gs23, gs33, j, mask, S2, S3, s,
-                        a3, b3, u, v, DENSE)
-        if W4:
-            _store_grad(g4, row, gsb4, gs14, gs24, gs34, j, mask, S2, S3, s,
-                        a4, b4, u, v, DENSE)
-        if W5:
-            _store_grad(g5, row, gsb5, gs15, gs25, gs35, j, mask, S2, S3, s,
-                        a5, b5, u, v, DENSE)
-
-
-@triton.jit
-def _linear_out(x0v, x1v, x2v, x3v, c0, c1, c2, c3, N_IN: tl.constexpr):
-    y = c0 * x0v
-    if N_IN > 1:
-        y += c1 * x1v
-    if N_IN > 2:
-        y += c2 * x2v
-    if N_IN > 3:
-        y += c3 * x3v
-    return y
+        u, v = _bilinear_uv(xs, strides, a, b, row, j, mask, S2, S3, N_IN, SQUARE, DENSE)
+        for k in tl.static_range(N_IN):
+            if (WRITE >> k) & 1:
+                # s == 0 (a masked or excluded sample) writes exact zeros even over inf/NaN
+                g = tl.where(s == 0.0, 0.0, s * (a[k] * v + b[k] * u))
+                gst = gstrides[k]
+                gptr = gs[k]
+                tl.store(gptr + _offs(row, gst[0], gst[1], gst[2], gst[3], j, S2, S3, DENSE),
+                         g.to(gptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _linear_kernel(
-    x0, x1, x2, x3, y0, y1, y2, y3, coef_ptr,
-    sb0, s10, s20, s30, sb1, s11, s21, s31, sb2, s12, s22, s32, sb3, s13, s23, s33,
-    tb0, t10, t20, t30, tb1, t11, t21, t31, tb2, t12, t22, t32, tb3, t13, t23, t33,
+    xs, ys, coef_ptr, strides, ystrides,
     c_sb, D, S2, S3, CHUNK,
     N_IN: tl.constexpr, N_OUT: tl.constexpr, BLOCK: tl.constexpr, DENSE: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    chunk = tl.program_id(1).to(tl.int64)
-    start = chunk * CHUNK
-    cb = coef_ptr + row * c_sb  # C_mk at 4m + k; all 16 loads are in bounds
-    c00 = tl.load(cb + 0)
-    c01 = tl.load(cb + 1)
-    c02 = tl.load(cb + 2)
-    c03 = tl.load(cb + 3)
-    c10 = tl.load(cb + 4)
-    c11 = tl.load(cb + 5)
-    c12 = tl.load(cb + 6)
-    c13 = tl.load(cb + 7)
-    c20 = tl.load(cb + 8)
-    c21 = tl.load(cb + 9)
-    c22 = tl.load(cb + 10)
-    c23 = tl.load(cb + 11)
-    c30 = tl.load(cb + 12)
-    c31 = tl.load(cb + 13)
-    c32 = tl.load(cb + 14)
-    c33 = tl.load(cb + 15)
+    """``ys[m] = Σ_k C_mk xs[k]``, ``C_mk`` at table column 4m + k."""
+    row, chunk, start, cb = _program(coef_ptr, c_sb, CHUNK)
+    c0 = _row4(cb, 0)
+    c1 = _row4(cb, 4)
+    c2 = _row4(cb, 8)
+    c3 = _row4(cb, 12)
     for off in range(0, CHUNK, BLOCK):
         j = start + off + tl.arange(0, BLOCK).to(tl.int64)
         mask = j < D
-        x0v = _ld(x0, row, sb0, s10, s20, s30, j, mask, S2, S3, DENSE)
-        x1v = x0v
-        x2v = x0v
-        x3v = x0v
-        if N_IN > 1:
-            x1v = _ld(x1, row, sb1, s11, s21, s31, j, mask, S2, S3, DENSE)
-        if N_IN > 2:
-            x2v = _ld(x2, row, sb2, s12, s22, s32, j, mask, S2, S3, DENSE)
-        if N_IN > 3:
-            x3v = _ld(x3, row, sb3, s13, s23, s33, j, mask, S2, S3, DENSE)
-        y = _linear_out(x0v, x1v, x2v, x3v, c00, c01, c02, c03, N_IN)
-        tl.store(y0 + _offs(row, tb0, t10, t20, t30, j, S2, S3, DENSE),
-                 y.to(y0.dtype.element_ty), mask=mask)
-        if N_OUT > 1:
-            y = _linear_out(x0v, x1v, x2v, x3v, c10, c11, c12, c13, N_IN)
-            tl.store(y1 + _offs(row, tb1, t11, t21, t31, j, S2, S3, DENSE),
-                     y.to(y1.dtype.element_ty), mask=mask)
-        if N_OUT > 2:
-            y = _linear_out(x0v, x1v, x2v, x3v, c20, c21, c22, c23, N_IN)
-            tl.store(y2 + _offs(row, tb2, t12, t22, t32, j, S2, S3, DENSE),
-                     y.to(y2.dtype.element_ty), mask=mask)
-        if N_OUT > 3:
-            y = _linear_out(x0v, x1v, x2v, x3v, c30, c31, c32, c33, N_IN)
-            tl.store(y3 + _offs(row, tb3, t13, t23, t33, j, S2, S3, DENSE),
-                     y.to(y3.dtype.element_ty), mask=mask)
+        y0 = tl.zeros([BLOCK], dtype=tl.float32)
+        y1 = tl.zeros([BLOCK], dtype=tl.float32)
+        y2 = tl.zeros([BLOCK], dtype=tl.float32)
+        y3 = tl.zeros([BLOCK], dtype=tl.float32)
+        for k in tl.static_range(N_IN):
+            x = _ldk(xs, strides, k, row, j, mask, S2, S3, DENSE)
+            y0 += c0[k] * x
+            y1 += c1[k] * x
+            y2 += c2[k] * x
+            y3 += c3[k] * x
+        ys_ = (y0, y1, y2, y3)
+        for m in tl.static_range(N_OUT):
+            yst = ystrides[m]
+            yptr = ys[m]
+            tl.store(yptr + _offs(row, yst[0], yst[1], yst[2], yst[3], j, S2, S3, DENSE),
+                     ys_[m].to(yptr.dtype.element_ty), mask=mask)
 
 
 # ---------------------------------------------------------------------- coefficient table
@@ -404,10 +312,9 @@ def _pad(items: Sequence, n: int, fill):
     return items + [fill] * (n - len(items))
 
 
-def _flat_strides(layout: RowLayout, first: int, count: int, n: int):
-    strides = [layout.strides[first + i] for i in range(count)]
-    strides = _pad(strides, n, strides[0])
-    return [s for st in strides for s in st]
+def _strides(layout: RowLayout, first: int, count: int) -> tuple:
+    """The (batch, s1, s2, s3) strides of tensors ``first .. first + count − 1``."""
+    return tuple(tuple(layout.strides[first + i]) for i in range(count))
 
 
 def _chunks(layout: RowLayout, device: torch.device, chunk: Optional[int]):
@@ -435,8 +342,7 @@ def bilinear_forward(xs: Sequence[torch.Tensor], coef: torch.Tensor, square: boo
     partial = torch.empty((B, n_chunks), dtype=torch.float32, device=xs[0].device)
     _, S2, S3 = layout.sizes
     _bilinear_partial_kernel[(B, n_chunks)](
-        *_pad(xs, MAX_BILINEAR_INPUTS, xs[0]), coef, partial,
-        *_flat_strides(layout, 0, n, MAX_BILINEAR_INPUTS),
+        tuple(xs), coef, partial, _strides(layout, 0, n),
         coef.stride(0), D, S2, S3, chunk, n_chunks, 1.0 / D,
         N_IN=n, SQUARE=square, BLOCK=BLOCK, DENSE=layout.dense, num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION_ROWS,
     )
@@ -458,17 +364,12 @@ def bilinear_backward(xs: Sequence[torch.Tensor], coef: torch.Tensor, grad: torc
     _check_coef(coef, B)
     chunk, n_chunks = _chunks(layout, xs[0].device, chunk)
     _, S2, S3 = layout.sizes
-    write = [g is not None for g in grads]
-    outs = [g if g is not None else x for g, x in zip(grads, xs)]
-    flags = _pad(write, MAX_BILINEAR_INPUTS, False)
+    write = sum(1 << k for k, g in enumerate(grads) if g is not None)
+    outs = tuple(g if g is not None else x for g, x in zip(grads, xs))
     _bilinear_grad_kernel[(B, n_chunks)](
-        *_pad(xs, MAX_BILINEAR_INPUTS, xs[0]), coef, grad,
-        *_pad(outs, MAX_BILINEAR_INPUTS, outs[0]),
-        *_flat_strides(layout, 0, n, MAX_BILINEAR_INPUTS),
-        *_flat_strides(layout, n, n, MAX_BILINEAR_INPUTS),
+        tuple(xs), coef, grad, outs, _strides(layout, 0, n), _strides(layout, n, n),
         coef.stride(0), layout.row_numel, S2, S3, chunk, 1.0 / layout.row_numel,
-        N_IN=n, SQUARE=square, BLOCK=BLOCK, DENSE=layout.dense,
-        W0=flags[0], W1=flags[1], W2=flags[2], W3=flags[3], W4=flags[4], W5=flags[5],
+        N_IN=n, SQUARE=square, BLOCK=BLOCK, DENSE=layout.dense, WRITE=write,
         num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION_ROWS,
     )
 
@@ -489,9 +390,7 @@ def linear_forward(xs: Sequence[torch.Tensor], coef: torch.Tensor,
     chunk, n_chunks = _chunks(layout, xs[0].device, chunk)
     _, S2, S3 = layout.sizes
     _linear_kernel[(B, n_chunks)](
-        *_pad(xs, MAX_LINEAR_INPUTS, xs[0]), *_pad(outs, MAX_LINEAR_OUTPUTS, outs[0]), coef,
-        *_flat_strides(layout, 0, n_in, MAX_LINEAR_INPUTS),
-        *_flat_strides(layout, n_in, n_out, MAX_LINEAR_OUTPUTS),
+        tuple(xs), tuple(outs), coef, _strides(layout, 0, n_in), _strides(layout, n_in, n_out),
         coef.stride(0), layout.row_numel, S2, S3, chunk,
         N_IN=n_in, N_OUT=n_out, BLOCK=BLOCK, DENSE=layout.dense, num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION_ROWS,
     )

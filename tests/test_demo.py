@@ -10,6 +10,7 @@ import torch
 pytest.importorskip("diffusers")
 from PIL import Image  # noqa: E402  (diffusers brings Pillow)
 
+from fastsoup import demo  # noqa: E402
 from fastsoup.cli import main as cli_main  # noqa: E402
 from fastsoup.train.data import STYLES, nearest_neighbour_rms, procedural_images, shard_datasets  # noqa: E402
 
@@ -18,19 +19,32 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_demo_smallest_setting_writes_grid_and_report(tmp_path, capsys):
     out = tmp_path / "demo"
-    rc = cli_main(["demo", "--shards", "2", "--rounds", "2", "--steps", "2", "--per-shard", "4",
-                   "--size", "8", "--samples", "2", "--sample-steps", "2", "--width", "8",
-                   "--batch", "4", "--out", str(out)])
+    threads = torch.get_num_threads()
+    rc = cli_main(["demo", "--shards", "2", "--rounds", "2", "--steps", "2", "--finetune-steps", "2",
+                   "--per-shard", "4", "--size", "8", "--samples", "2", "--sample-steps", "2",
+                   "--width", "8", "--batch", "4", "--out", str(out)])
     assert rc == 0
+    assert torch.get_num_threads() == threads          # the demo restores torch's thread count
     printed = capsys.readouterr().out
-    assert f"demo output: {out}" in printed and "round 2/2" in printed
+    assert f"demo output: {out}" in printed and "round 2/2" in printed and "fine-tuning:" in printed
+    # not a terminal: plain progress lines instead of a progress bar
+    assert "training: 12/12 steps (100%)" in printed
     report = json.loads((out / "report.json").read_text())
-    assert len(report["history"]) == 2 * 2
-    assert set(report["memorisation"]) == {"shard 0", "shard 1", "soup"}
+    assert len(report["history"]) == 2 * 3
+    assert [h["phase"] for h in report["history"]] == ["iet"] * 4 + ["fine-tune"] * 2
+    assert set(report["models"]) == {"shard 0", "shard 1", "soup", demo.AVERAGE_ROW}
+    assert report["models"]["shard 1"]["style"] == "rings" and report["models"]["soup"]["style"] is None
+    for m in report["models"].values():
+        assert len(m["labels"]) == 2 and 0 <= m["training_style_fraction"] <= 1
+        assert set(m["labels"]) <= set(report["classifier"]["classes"])
+    assert report["classifier"]["heldout_style_accuracy"] > 0.8
+    assert len(report["findings"]) == 4 and all(f.endswith(".") for f in report["findings"])
     assert report["soup"]["weights"] == [0.5, 0.5]
+    assert len(report["grid_rows"]) == 2 + 4 and report["grid_rows"][0].startswith("training data: stripes")
     img = Image.open(out / "grid.png")
-    assert img.size[0] > 0 and img.size[1] > 0
-    assert (out / "report.md").read_text().startswith("# fastsoup demo report")
+    assert img.size[0] > 2 * (8 * 4 + 2) and img.size[1] == 6 * (8 * 4 + 2) + 2   # label column + 6 rows
+    md = (out / "report.md").read_text()
+    assert md.startswith("# fastsoup demo report") and "## Findings" in md
     # the soup really is the weighted average of the saved shard models
     from safetensors.torch import load_file
 
@@ -38,6 +52,50 @@ def test_demo_smallest_setting_writes_grid_and_report(tmp_path, capsys):
     soup = load_file(out / "soup" / "diffusion_pytorch_model.safetensors")
     for key, value in soup.items():
         torch.testing.assert_close(value, (shards[0][key] + shards[1][key]) / 2, rtol=1e-6, atol=1e-7)
+
+
+def test_demo_thread_default(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert demo.default_threads() == 3
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert demo.default_threads() == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert demo.default_threads() == 4
+
+
+def test_demo_findings_state_the_baselines():
+    hist = [{"excluded_duplicates": 30, "seen_duplicates": 100, "excluded_unique": 10, "seen_unique": 200}]
+
+    def model(style, own, covered, n=10):
+        return {"style": style, "labels": ["x"] * n, "own_style_fraction": own,
+                "training_style_fraction": 0.9, "styles_covered": covered, "nn_rms_mean": 0.3,
+                "heldout_nn_rms_mean": 0.5, "copies": 1, "copies_of_duplicate": 1,
+                "heldout_copy_fraction": 0.05}
+
+    r = {"history": hist, "styles": ["stripes", "rings"], "copy_threshold": 0.1,
+         "classifier": {"heldout_style_accuracy": 0.97, "heldout_images": 500},
+         "models": {"shard 0": model("stripes", 0.8, ["stripes"]), "shard 1": model("rings", 1.0, ["rings"]),
+                    "soup": model(None, None, ["rings", "stripes"])}}
+    f = demo.findings(r)
+    assert f[0].startswith("AGC excluded 30% of the duplicated") and "against 5% of the unique" in f[0]
+    assert "(6.0x)" in f[0]
+    assert "90% of the shard models' and the soup's samples" in f[1] and "80%-100%" in f[1]
+    assert "cover 2 of the 2 training styles" in f[2] and "cover 1-1 styles" in f[2]
+    assert "0.300" in f[3] and "(0.500)" in f[3] and "3 of 30 samples" in f[3] and "5% of fresh" in f[3]
+
+
+def test_style_classifier_separates_styles_and_rejects_noise():
+    clf = demo.StyleClassifier(16, per_class=60)
+    assert clf.heldout_style_accuracy > 0.85
+    x = procedural_images("checker", 6, 16, seed=99)
+    assert clf.predict(demo.repaint(x, "checker")).count("checker") >= 5   # repainting keeps the style
+    noise = torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(0)).clamp(-1, 1)
+    assert clf.predict(noise).count("other") >= 5
+
+
+def test_demo_error_hint_works_from_a_source_tree():
+    assert "fastsoup[" not in demo.INSTALL_HINT and "make demo" in demo.INSTALL_HINT
 
 
 def test_demo_rejects_bad_flags(tmp_path):

@@ -25,6 +25,7 @@ three paths interleaved round by round, per-call µs and the paired difference
 from __future__ import annotations
 
 import contextlib
+import os
 import statistics
 import time
 
@@ -193,10 +194,19 @@ def interleaved(op: str, size, rounds: int, inner: int) -> dict:
     return {"times": times, "diff": diff}
 
 
+def _git_head() -> str:
+    import subprocess
+
+    try:
+        return "git " + subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                       text=True, cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    except OSError:
+        return "git -"
+
+
 def main(argv=None) -> int:
     import argparse
     import datetime as _dt
-    import os
     import platform
     import sys
 
@@ -231,6 +241,7 @@ def main(argv=None) -> int:
         f"- machine: {platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()} "
         f"{platform.release()}; torch threads: 1",
         "- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
+        f"- source: {_git_head()} (HEAD when the run started; a shared working tree)",
         f"- load average (1/5/15 min) before: {tuple(round(x, 2) for x in load_before)}, "
         f"after: {tuple(round(x, 2) for x in load_after)} (a shared machine: timings are noisy)",
         f"- {args.rounds} rounds; each round times {args.inner} consecutive calls of each path "

@@ -302,6 +302,7 @@ def _table(ws: dict, launch: dict, meta: dict) -> str:
     L = [f"# fastsoup host cost per launch: {meta['machine']}", "",
          f"- date: {meta['date']}", f"- command: `{meta['command']}`",
          "- versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
+         f"- source: {meta['source']} (HEAD when the run started; a shared working tree)",
          f"- torch threads: {meta['threads']}",
          f"- load average (1/5/15 min) before: {meta['load_before']}, after: {meta['load_after']} "
          "(a shared machine: timings are noisy; medians)", "",
@@ -341,6 +342,14 @@ def _table(ws: dict, launch: dict, meta: dict) -> str:
     return "\n".join(L)
 
 
+def _git_head() -> str:
+    try:
+        return "git " + subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                       text=True, cwd=ROOT).stdout.strip()
+    except OSError:
+        return "git -"
+
+
 def main(argv=None) -> int:
     import argparse
     import datetime as _dt
@@ -374,7 +383,7 @@ def main(argv=None) -> int:
                 argv if argv is not None else sys.argv[1:]),
             "machine": f"cpu ({os.cpu_count()} cores, {platform.machine()}, {platform.system()} "
                        f"{platform.release()})",
-            "versions": versions, "threads": torch.get_num_threads(), "load_before": load_before,
+            "source": _git_head(), "versions": versions, "threads": torch.get_num_threads(), "load_before": load_before,
             "load_after": tuple(round(x, 2) for x in os.getloadavg())}
     text = _table(ws, launch, meta)
     print(text)

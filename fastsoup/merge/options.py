@@ -20,6 +20,8 @@ _DTYPE_ALIASES = {"float32": "F32", "float16": "F16", "half": "F16", "bfloat16":
 ACCUMULATE = ("fp32", "fp64")                       # --accumulate / accumulate=
 KEY_POLICIES = ("strict", "intersection", "union")  # --keys / keys=
 HASH_MODES = ("sha256", "none")                     # --hash / hash=
+METHODS = ("average", "ties", "dare", "slerp")      # --method / method=
+DEFAULT_DENSITY = 0.2                               # --density / density= (TIES, DARE)
 DEFAULT_MEMORY = 256 * 2**20                        # --memory / memory=
 DEFAULT_MEMORY_TEXT = "256MiB"
 
@@ -88,6 +90,12 @@ class MergeOptions:
     hash: str = "sha256"
     drop_cache: bool = False
     metadata: Tuple[Tuple[str, str], ...] = ()   # the user's --metadata KEY=VALUE entries
+    method: str = "average"                      # a METHODS entry (see merge/methods.py)
+    density: Optional[float] = None              # TIES/DARE: fraction of entries kept
+    seed: int = 0                                # DARE: the drop masks' seed
+    weights_for: Tuple[Tuple[str, Tuple[float, ...]], ...] = ()  # (glob, weights), first wins
+    lora_rank: Optional[int] = None              # LoRA soups: compress to this rank (SVD)
+    force: bool = False                          # merge inputs naming different bases
 
     @property
     def acc64(self) -> bool:
@@ -101,7 +109,10 @@ class MergeOptions:
                  device: str = "cpu", dry_run: bool = False, overwrite: bool = False,
                  quiet: Optional[bool] = None, hash: str = "sha256",
                  drop_cache: bool = False,
-                 metadata: Optional[Mapping[str, str]] = None) -> "MergeOptions":
+                 metadata: Optional[Mapping[str, str]] = None, method: str = "average",
+                 density: Optional[float] = None, seed: Optional[int] = None,
+                 weights_for=None, lora_rank: Optional[int] = None,
+                 force: bool = False) -> "MergeOptions":
         """The options of :func:`fastsoup.merge` as given (user names, sizes as text),
         checked; raises :class:`MergeError` naming the first bad value."""
         if hash not in HASH_MODES:
@@ -121,11 +132,49 @@ class MergeOptions:
         if keys not in KEY_POLICIES:
             raise MergeError(f"unknown key policy {keys!r} (choose {', '.join(KEY_POLICIES)})")
         meta = check_metadata(metadata)
-        return cls(keys=keys, dtype=out_dtype, accumulate=accumulate, variant=variant,
+        from .keyweights import check_weights_for
+
+        method_opts = dict(method=method, density=_check_density(method, density),
+                           seed=_check_seed(method, seed), weights_for=check_weights_for(weights_for),
+                           lora_rank=_check_rank(lora_rank), force=bool(force))
+        return cls(**method_opts, keys=keys, dtype=out_dtype, accumulate=accumulate, variant=variant,
                    allow_pickle=allow_pickle, max_shard_size=shard_bytes, memory=memory_bytes,
                    threads=threads if threads is not None else (os.cpu_count() or 1),
                    device=device, dry_run=dry_run, overwrite=overwrite, quiet=quiet, hash=hash,
                    drop_cache=drop_cache, metadata=meta)
+
+
+def _check_density(method: str, density) -> Optional[float]:
+    """``density=`` (TIES, DARE): a number in (0, 1]; refused for the other methods."""
+    if method not in METHODS:
+        raise MergeError(f"unknown merge method {method!r} (choose {', '.join(METHODS)})")
+    if density is None:
+        return DEFAULT_DENSITY if method in ("ties", "dare") else None
+    if method not in ("ties", "dare"):
+        raise MergeError(f"density applies to the ties and dare methods, not {method!r}")
+    if isinstance(density, bool) or not isinstance(density, (int, float)) or \
+            not 0.0 < float(density) <= 1.0:
+        raise MergeError(f"density must be a number in (0, 1] (the fraction of task-vector "
+                         f"entries kept), got {density!r}")
+    return float(density)
+
+
+def _check_seed(method: str, seed) -> int:
+    if seed is None:
+        return 0
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise MergeError(f"seed must be a non-negative integer, got {seed!r}")
+    if method != "dare":
+        raise MergeError(f"seed applies to the dare method (its random drop masks), not {method!r}")
+    return seed
+
+
+def _check_rank(rank) -> Optional[int]:
+    if rank is None:
+        return None
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise MergeError(f"lora_rank must be a positive integer, got {rank!r}")
+    return rank
 
 
 RESERVED_METADATA = ("format", "fastsoup")  # written by fastsoup itself

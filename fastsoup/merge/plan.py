@@ -44,6 +44,8 @@ class OutTensor:
     shape: Tuple[int, ...]
     op: str                   # "sum" (floating) or "copy" (integer/bool, must be equal)
     sources: List[Source]
+    special: Optional[dict] = None  # a per-tensor method or LoRA product (merge/methods.py,
+    #                                 merge/lora.py) computed instead of the weighted sum
 
     @property
     def numel(self) -> int:

@@ -602,8 +602,8 @@ def _markdown(r: Dict) -> str:
     lines += [f"* {s}" for s in r["findings"]]
     lines += ["", "## Samples", "",
               "| model | style | own style | in a training style | styles covered | classified as | "
-              "nearest-training RMS (mean) | fresh images' (mean) | copies |",
-              "|---|---|---:|---:|---|---|---:|---:|---:|"]
+              "nearest-training RMS (mean) | fresh images' (mean) | copies | fresh images' copies |",
+              "|---|---|---:|---:|---|---|---:|---:|---:|---:|"]
     for name, m in r["models"].items():
         own = "-" if m["own_style_fraction"] is None else f"{m['own_style_fraction']:.0%}"
         counts = ", ".join(f"{k} {v}" for k, v in m["counts"].items())

@@ -45,6 +45,8 @@ def test_demo_smallest_setting_writes_grid_and_report(tmp_path, capsys):
     assert img.size[0] > 2 * (8 * 4 + 2) and img.size[1] == 6 * (8 * 4 + 2) + 2   # label column + 6 rows
     md = (out / "report.md").read_text()
     assert md.startswith("# fastsoup demo report") and "## Findings" in md
+    samples = md.split("## Samples")[1].split("\n\n")[1].splitlines()
+    assert len(samples) == 2 + 4 and len({line.count("|") for line in samples}) == 1   # aligned columns
     # the soup really is the weighted average of the saved shard models
     from safetensors.torch import load_file
 

@@ -40,8 +40,8 @@ from fidelity.common import (  # noqa: E402
 SIZES = {
     "smoke": dict(dim=2, components=4, n=32, copies=8, steps=20, batch=32, rounds=2, shards=2,
                   samples=128, sample_steps=10, seeds=1, hidden=32),
-    "full": dict(dim=2, components=4, n=64, copies=32, steps=3000, batch=64, rounds=10, shards=4,
-                 samples=2000, sample_steps=100, seeds=3, hidden=128),
+    "full": dict(dim=2, components=4, n=64, copies=32, steps=2000, batch=64, rounds=10, shards=4,
+                 samples=1000, sample_steps=100, seeds=3, hidden=128),
 }
 METHODS = ("plain", "AGC", "IET", "IET + AGC")
 

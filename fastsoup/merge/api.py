@@ -56,6 +56,8 @@ def merge(inputs: Sequence[PathLike], output: Optional[PathLike],
           threads: Optional[int] = None, device: str = "cpu", dry_run: bool = False,
           overwrite: bool = False, quiet: Optional[bool] = None, hash: str = "sha256",
           drop_cache: bool = False, metadata: Optional[Mapping[str, str]] = None,
+          method: str = "average", density: Optional[float] = None, seed: Optional[int] = None,
+          weights_for=None, lora_rank: Optional[int] = None, force: bool = False,
           progress: Union[None, bool, Callable] = None,
           _expect_hashes: Optional[Dict[str, str]] = None,
           _manifest_extra: Optional[dict] = None) -> MergeReport:
@@ -101,6 +103,15 @@ def merge(inputs: Sequence[PathLike], output: Optional[PathLike],
         hash: "sha256" (default; hashed in a background thread during the merge) or
             "none": the constituents' content hashes in the manifest.
         drop_cache: also drop consumed input ranges from the page cache.
+        method: "average" (default), "ties", "dare" (both need ``base``) or "slerp" (two
+            inputs); see :mod:`fastsoup.merge.methods`. LoRA adapters are detected and
+            merged exactly as products (:mod:`fastsoup.merge.lora`).
+        density: TIES/DARE: fraction of task-vector entries kept (default 0.2).
+        seed: DARE: seed of the drop masks (default 0).
+        weights_for: per-key weights, ``{"unet/down_blocks.*": [0.7, 0.3], ...}`` or
+            ``["PATTERN=w1,w2", ...]`` (globs, first match wins; :mod:`.keyweights`).
+        lora_rank: compress a LoRA soup to this rank (truncated SVD).
+        force: merge inputs whose metadata declares different base models.
         metadata: entries for the soup's ``__metadata__`` (``{"modelspec.title": "My
             soup"}``). The soup keeps only the input metadata every input shares; ``format``
             and ``fastsoup`` (the manifest) are written by fastsoup.
@@ -117,10 +128,14 @@ def merge(inputs: Sequence[PathLike], output: Optional[PathLike],
         keys=keys, dtype=dtype, accumulate=accumulate, variant=variant,
         allow_pickle=allow_pickle, max_shard_size=max_shard_size, memory=memory,
         threads=threads, device=device, dry_run=dry_run, overwrite=overwrite, quiet=quiet,
-        hash=hash, drop_cache=drop_cache, metadata=metadata)
+        hash=hash, drop_cache=drop_cache, metadata=metadata, method=method, density=density,
+        seed=seed, weights_for=weights_for, lora_rank=lora_rank, force=force)
     if opts.metadata:
         manifest_extra["metadata"] = dict(opts.metadata)
     layouts, plan, output = _plan(inputs, output, weights, base, normalize, opts)
+    from .strategy import manifest_extra as _method_manifest
+
+    manifest_extra.update(_method_manifest(plan, opts))
     report = plan_report(plan, output, opts)
     _raise_fd_limit()  # every input file stays mapped (one descriptor each) for the run
     if opts.dry_run:  # integer/bool tensors are compared too (they are small): a full check
@@ -201,9 +216,9 @@ def _plan(inputs, output, weights, base, normalize, opts: MergeOptions):
     check_paths(layouts, output, planned=planned_output)
     constituents = layouts[: len(inputs)]
     base_layout = layouts[len(inputs)] if base is not None else None
-    plan = build_plan(constituents, weights=weights, base=base_layout, normalize=normalize,
-                      keys=opts.keys, dtype=opts.dtype, max_shard_size=opts.max_shard_size,
-                      accumulate=opts.accumulate)
+    from .strategy import build  # the weighted sum, methods, per-key weights, LoRA soups
+
+    plan = build(constituents, base_layout, weights=weights, normalize=normalize, opts=opts)
     if plan.kind == "file" and not output.endswith(".safetensors"):
         raise MergeError(f"{output}: the output is a single safetensors file; name it *.safetensors")
     if not planned_output:
@@ -306,7 +321,10 @@ class _Run:
         meta = output_metadata(self.plan, self.manifest, dict(self.opts.metadata))
         for path, (_, f) in zip(file_paths(self.plan, self.out), self.plan.output_files()):
             self.writers.append(SafetensorsFileWriter(path, f, meta))
-        self.stats = execute(self.plan, self.writers, memory=self.opts.memory,
+        from .strategy import stream
+
+        self.stats = stream(self.plan, self.writers, execute, memory=self.opts.memory,
+                             manifest_extra=self.manifest_extra,
                              threads=self.opts.threads, acc64=self.opts.acc64,
                              device=self.opts.device,
                              progress=self.progress.update if self.progress else None,
@@ -389,7 +407,10 @@ def _resolve_all(paths: Sequence[PathLike], variant, allow_pickle, what="input")
     layouts, problems = [], []
     for i, p in enumerate(paths):
         try:
-            layouts.append(resolve(os.fspath(p), variant=variant, allow_pickle=allow_pickle))
+            from .hub import local_path
+
+            layouts.append(resolve(local_path(os.fspath(p)), variant=variant,
+                                   allow_pickle=allow_pickle))
         except MergeError as exc:
             problems.append(f"{what} {i + 1}: {exc}")
     if problems:

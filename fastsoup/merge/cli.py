@@ -32,7 +32,7 @@ import sys
 from typing import List, Optional
 
 from .._version import __version__
-from .options import ACCUMULATE, DEFAULT_MEMORY_TEXT, DTYPE_NAMES, HASH_MODES, KEY_POLICIES
+from .options import ACCUMULATE, DEFAULT_MEMORY_TEXT, DTYPE_NAMES, HASH_MODES, KEY_POLICIES, METHODS
 
 PROG = "fastsoup-merge"
 VERBS = ("add", "remove")
@@ -94,6 +94,19 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="print the report as JSON on stdout (every warning in full)")
     p.add_argument("-q", "--quiet", action="store_true",
                    help="no progress, no warnings, no summary (errors still print)")
+    p.add_argument("--method", choices=list(METHODS), default=None,
+                   help="average (default), ties or dare (task vectors over --base), slerp (two "
+                   "models); LoRA adapters are always merged exactly as products")
+    p.add_argument("--density", type=float, help="ties/dare: fraction of task-vector entries "
+                   "kept (default 0.2)")
+    p.add_argument("--seed", type=int, help="dare: seed of the drop masks (default 0)")
+    p.add_argument("--weights-for", action="append", metavar="PATTERN=W,W...", default=[],
+                   help="weights for the keys matching a glob (repeatable, first match wins; "
+                   "--weights for the rest)")
+    p.add_argument("--lora-rank", type=int, help="compress a LoRA soup to this rank "
+                   "(truncated SVD; the relative error dropped is in the manifest)")
+    p.add_argument("--force", action="store_true", default=None,
+                   help="merge inputs whose metadata names different base models")
     p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
 
 
@@ -167,6 +180,11 @@ def _options(args) -> dict:
         opts["keys"] = args.keys
     if args.accumulate is not None:
         opts["accumulate"] = args.accumulate
+    for name in ("method", "density", "seed", "lora_rank", "force"):
+        if getattr(args, name) is not None:
+            opts[name] = getattr(args, name)
+    if args.weights_for:
+        opts["weights_for"] = list(args.weights_for)
     return opts
 
 

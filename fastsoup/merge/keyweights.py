@@ -170,3 +170,18 @@ def holder_sources(plan, qualified: str) -> Dict[int, tuple]:
             wf, info = plan.inputs[k].components[cname].tensors[key]
             out[k] = (wf, info, key)
     return out
+
+
+def for_add(entries, weight: Optional[float] = None) -> Dict[str, List[float]]:
+    """A soup's recorded per-key weights with a weight for one more constituent: ``weight``
+    if given, else the vector's common value (its mean when the values differ)."""
+    out = {}
+    for pattern, ws in from_manifest(entries).items():
+        w = weight if weight is not None else (ws[0] if len(set(ws)) == 1 else sum(ws) / len(ws))
+        out[pattern] = ws + [float(w)]
+    return out
+
+
+def for_remove(entries, j: int) -> Dict[str, List[float]]:
+    """A soup's recorded per-key weights without constituent ``j``'s entry."""
+    return {p: ws[:j] + ws[j + 1:] for p, ws in from_manifest(entries).items()}

@@ -39,6 +39,10 @@ def _soup_options(m: dict, options: dict) -> dict:
         opts["dtype"] = dtype_user_name(m["dtype"])
     if opts.get("metadata") is None and m.get("metadata"):
         opts["metadata"] = dict(m["metadata"])
+    from .strategy import recorded_options  # method, density, seed, per-key weights, LoRA rank
+
+    for k, v in recorded_options(m).items():
+        opts.setdefault(k, v)
     return opts
 
 
@@ -127,6 +131,10 @@ def soup_add(soup: PathLike, new: PathLike, output: PathLike, weight: Optional[f
         if weight is None:
             weight = raw[0] if len(set(raw)) == 1 else sum(raw) / len(raw)
         weights = raw + [float(weight)]
+    if m.get("weights_for") and "weights_for" not in options:  # one more weight per pattern
+        from .keyweights import for_add
+
+        options = dict(options, weights_for=for_add(m["weights_for"], weight))
     return _recompute(m, entries, [os.fspath(new)], output, weights, options)
 
 
@@ -180,6 +188,10 @@ def soup_remove(soup: PathLike, old: PathLike, output: PathLike, *,
         raise MergeError(f"removing {old} would leave one constituent; a soup of one model is "
                          f"that model ({keep[0]['path']})")
     weights = None if m.get("default_weights") else [float(e["weight"]) for e in keep]
+    if m.get("weights_for") and "weights_for" not in options:  # its weight leaves each pattern
+        from .keyweights import for_remove
+
+        options = dict(options, weights_for=for_remove(m["weights_for"], idx[0]))
     return _recompute(m, keep, [], output, weights, options)
 
 

@@ -97,3 +97,23 @@ def stream(plan, writers, execute, *, maps, memory: int, progress=None,
         for k, v in errors.items():
             manifest_extra["lora"][k] = f"{v:.6e}"
     return stats
+
+
+def recorded_options(m: dict) -> dict:
+    """The :func:`fastsoup.merge` options a soup's manifest ``m`` records about its method,
+    per-key weights and LoRA rank (what :mod:`.soup` recomputes it with)."""
+    from .keyweights import from_manifest
+
+    out = {}
+    if m.get("method") not in (None, "average"):
+        out["method"] = m["method"]
+        if m.get("density") is not None:
+            out["density"] = m["density"]
+        if m["method"] == "dare" and m.get("seed") is not None:
+            out["seed"] = m["seed"]
+    if m.get("weights_for"):
+        out["weights_for"] = from_manifest(m["weights_for"])
+    lora = m.get("lora")
+    if isinstance(lora, dict) and lora.get("mode") == "compressed" and lora.get("rank"):
+        out["lora_rank"] = lora["rank"]
+    return out

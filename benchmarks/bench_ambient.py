@@ -25,6 +25,7 @@ import torch
 
 import fastsoup as fs
 from fastsoup import _backend
+import fastsoup.ops  # noqa: F401  (registers every op's backend policy before _backend.choose)
 from harness import DEVICE, SIZE, measure
 
 SHAPES = {

@@ -83,6 +83,7 @@ def cuda_status() -> tuple:
 
 
 def _parse_env() -> Dict[str, str]:
+    _register_all()
     raw = os.environ.get("FASTSOUP_BACKEND", "").strip()
     mapping, problems = _parse_backend_spec(raw, tuple(sorted(OPS)))
     for problem in problems:
@@ -118,8 +119,22 @@ def _parse_backend_spec(raw: str, ops: tuple) -> tuple:
     return out, problems
 
 
+_all_registered = False
+
+
+def _register_all() -> None:
+    """Every op registers itself when its module is imported; ``import fastsoup`` loads
+    them on first use, so readers of the registry import them first (once)."""
+    global _all_registered
+    if not _all_registered:
+        from . import ops  # noqa: F401
+
+        _all_registered = True
+
+
 def backend_env_problems() -> list:
     """Problems found in ``FASTSOUP_BACKEND`` (for ``fastsoup info``)."""
+    _register_all()
     raw = os.environ.get("FASTSOUP_BACKEND", "").strip()
     return list(_parse_backend_spec(raw, tuple(sorted(OPS)))[1])
 
@@ -178,6 +193,8 @@ class Choice:
 def choose(op: str, device: torch.device | str) -> Choice:
     """The backend that runs ``op`` on tensors of ``device``, with the reason."""
     if op not in OPS:
+        _register_all()
+    if op not in OPS:
         raise KeyError(f"unknown fastsoup op {op!r}")
     device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
     requested, source = _requested(op)
@@ -222,6 +239,7 @@ def _warn_once(op: str, name: str, why: str) -> None:
 
 def explain(device: Optional[str] = None) -> Dict[str, Choice]:
     """Backend choice for every registered op on ``device`` (default: cuda if present)."""
+    _register_all()
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return {op: choose(op, device) for op in sorted(OPS)}

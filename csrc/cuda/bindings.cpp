@@ -17,8 +17,8 @@ extern "C" {
 int64_t fastsoup_weighted_sum_block_elems(void);
 cudaError_t fastsoup_weighted_sum(const int64_t* ptrs, const int64_t* numel,
                                   const int32_t* block_tensor, const int64_t* block_start,
-                                  const float* weights, int K, int64_t n_blocks,
-                                  int in_dtype, int out_dtype, cudaStream_t stream);
+                                  const float* weights, const int32_t* in_codes, int K,
+                                  int64_t n_blocks, int out_dtype, cudaStream_t stream);
 }
 
 namespace {
@@ -105,10 +105,11 @@ void per_sample_mse_backward(const at::Tensor& coef, const at::Tensor& pred,
 
 // Multi-tensor weighted sum (csrc/cuda/weighted_sum.cu). The tables are built in
 // fastsoup/kernels/layout.py: ptrs int64 [P, K+1], numel int64 [P], block_tensor int32
-// [n_blocks], block_start int64 [n_blocks], weights fp32 [K], all on the outputs' device.
+// [n_blocks], block_start int64 [n_blocks], weights fp32 [K], in_codes int32 [K] (each
+// input's dtype code, validated by the caller), all on the outputs' device.
 void weighted_sum(const at::Tensor& ptrs, const at::Tensor& numel, const at::Tensor& block_tensor,
-                  const at::Tensor& block_start, const at::Tensor& weights, int64_t K,
-                  int64_t in_dtype, int64_t out_dtype) {
+                  const at::Tensor& block_start, const at::Tensor& weights,
+                  const at::Tensor& in_codes, int64_t K, int64_t out_dtype) {
     check_cuda(ptrs, "ptrs");
     TORCH_CHECK(ptrs.scalar_type() == at::kLong && ptrs.is_contiguous() && ptrs.dim() == 2 &&
                     ptrs.size(1) == K + 1, "ptrs must be contiguous int64 [P, K + 1]");
@@ -121,15 +122,17 @@ void weighted_sum(const at::Tensor& ptrs, const at::Tensor& numel, const at::Ten
                 "block_start must be contiguous int64 with one entry per block");
     TORCH_CHECK(weights.scalar_type() == at::kFloat && weights.is_contiguous() && weights.numel() == K,
                 "weights must be contiguous float32 [K]");
-    for (const at::Tensor* t : {&numel, &block_tensor, &block_start, &weights})
+    TORCH_CHECK(in_codes.scalar_type() == at::kInt && in_codes.is_contiguous() && in_codes.numel() == K,
+                "in_codes must be contiguous int32 [K]");
+    for (const at::Tensor* t : {&numel, &block_tensor, &block_start, &weights, &in_codes})
         TORCH_CHECK(t->device() == ptrs.device(), "weighted_sum tables must share one device");
     TORCH_CHECK(fastsoup_weighted_sum_block_elems() == FASTSOUP_WEIGHTED_SUM_CUDA_BLOCK,
                 "weighted_sum block size mismatch between the binding and the kernel");
     const c10::cuda::CUDAGuard guard(ptrs.device());
     check_launch(fastsoup_weighted_sum(ptrs.data_ptr<int64_t>(), numel.data_ptr<int64_t>(),
                                        block_tensor.data_ptr<int32_t>(), block_start.data_ptr<int64_t>(),
-                                       weights.data_ptr<float>(), static_cast<int>(K),
-                                       block_tensor.numel(), static_cast<int>(in_dtype),
+                                       weights.data_ptr<float>(), in_codes.data_ptr<int32_t>(),
+                                       static_cast<int>(K), block_tensor.numel(),
                                        static_cast<int>(out_dtype),
                                        c10::cuda::getCurrentCUDAStream().stream()),
                  "weighted_sum");

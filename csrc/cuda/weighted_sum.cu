@@ -8,7 +8,7 @@
 //   weights      fp32  [K]
 // Each CUDA block handles one table block of kBlockElems elements (see the kernel): fp32
 // accumulation in input order k = 0..K-1 without FMA contraction, one store per element.
-// All inputs share one dtype, all outputs another.
+// Inputs may differ in dtype (each is read in its own); all outputs share one dtype.
 // No torch headers: plain C launcher below.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -82,16 +82,36 @@ __device__ __forceinline__ float axpy(float acc, float w, float x) {
     return __fadd_rn(acc, __fmul_rn(w, x));
 }
 
+// Input k's elements, by its dtype code (uniform across a block: no divergence).
+__device__ __forceinline__ int64_t elem_bytes(int code) { return code == FASTSOUP_F32 ? 4 : 2; }
+
+__device__ __forceinline__ void load8_as(int64_t addr, int code, int64_t i, float (&x)[kVec]) {
+    switch (code) {
+        case FASTSOUP_F32: load8(reinterpret_cast<const float*>(addr) + i, x); break;
+        case FASTSOUP_F16: load8(reinterpret_cast<const __half*>(addr) + i, x); break;
+        default: load8(reinterpret_cast<const __nv_bfloat16*>(addr) + i, x); break;
+    }
+}
+
+__device__ __forceinline__ float load1_as(int64_t addr, int code, int64_t i) {
+    switch (code) {
+        case FASTSOUP_F32: return reinterpret_cast<const float*>(addr)[i];
+        case FASTSOUP_F16: return to_f32(reinterpret_cast<const __half*>(addr)[i]);
+        default: return to_f32(reinterpret_cast<const __nv_bfloat16*>(addr)[i]);
+    }
+}
+
 // Full blocks whose K + 1 addresses are 16-byte aligned take the vector path: each thread
-// owns 8 consecutive elements, reads each input's address and weight once and loads the
-// input with one or two 16-byte loads. Other blocks (a tensor's tail, unaligned views)
-// take the element-wise path. Every input of an element is read before the element is
-// written, so an output may be one of its inputs (in-place averaging).
-template <typename TIn, typename TOut>
+// owns 8 consecutive elements, reads each input's address, dtype and weight once and loads
+// the input with one or two 16-byte loads. Other blocks (a tensor's tail, unaligned views)
+// take the element-wise path. Each input is read in its own dtype (no converted copies).
+// Every input of an element is read before the element is written, so an output may be
+// one of its inputs (in-place averaging).
+template <typename TOut>
 __global__ void __launch_bounds__(kThreads) weighted_sum_kernel(
     const int64_t* __restrict__ ptrs, const int64_t* __restrict__ numel,
     const int32_t* __restrict__ block_tensor, const int64_t* __restrict__ block_start,
-    const float* __restrict__ weights, int K) {
+    const float* __restrict__ weights, const int32_t* __restrict__ in_codes, int K) {
     const int64_t b = blockIdx.x;
     const int64_t t = block_tensor[b];
     const int64_t start = block_start[b];
@@ -101,17 +121,17 @@ __global__ void __launch_bounds__(kThreads) weighted_sum_kernel(
     TOut* out = reinterpret_cast<TOut*>(row[0]);
     bool aligned = end - start == kBlockElems && ((row[0] + start * sizeof(TOut)) & 15) == 0;
     for (int k = 0; k < K && aligned; ++k)
-        aligned = ((row[1 + k] + start * sizeof(TIn)) & 15) == 0;
+        aligned = ((row[1 + k] + start * elem_bytes(in_codes[k])) & 15) == 0;
     if (aligned) {
         const int64_t i = start + static_cast<int64_t>(threadIdx.x) * kVec;
         float acc[kVec];
         float x[kVec];
-        load8(reinterpret_cast<const TIn*>(row[1]) + i, x);
+        load8_as(row[1], in_codes[0], i, x);
         const float w0 = weights[0];
 #pragma unroll
         for (int e = 0; e < kVec; ++e) acc[e] = __fmul_rn(w0, x[e]);
         for (int k = 1; k < K; ++k) {
-            load8(reinterpret_cast<const TIn*>(row[1 + k]) + i, x);
+            load8_as(row[1 + k], in_codes[k], i, x);
             const float wk = weights[k];
 #pragma unroll
             for (int e = 0; e < kVec; ++e) acc[e] = axpy(acc[e], wk, x[e]);
@@ -120,25 +140,10 @@ __global__ void __launch_bounds__(kThreads) weighted_sum_kernel(
         return;
     }
     for (int64_t i = start + threadIdx.x; i < end; i += kThreads) {
-        float acc = __fmul_rn(weights[0], to_f32(reinterpret_cast<const TIn*>(row[1])[i]));
-        for (int k = 1; k < K; ++k)
-            acc = axpy(acc, weights[k], to_f32(reinterpret_cast<const TIn*>(row[1 + k])[i]));
+        float acc = __fmul_rn(weights[0], load1_as(row[1], in_codes[0], i));
+        for (int k = 1; k < K; ++k) acc = axpy(acc, weights[k], load1_as(row[1 + k], in_codes[k], i));
         out[i] = from_f32<TOut>(acc);
     }
-}
-
-template <typename TIn>
-cudaError_t launch_out(int out_dtype, const int64_t* ptrs, const int64_t* numel,
-                       const int32_t* bt, const int64_t* bs, const float* w, int K,
-                       int64_t n_blocks, cudaStream_t stream) {
-    dim3 grid(static_cast<unsigned>(n_blocks));
-    switch (out_dtype) {
-        case FASTSOUP_F32: weighted_sum_kernel<TIn, float><<<grid, kThreads, 0, stream>>>(ptrs, numel, bt, bs, w, K); break;
-        case FASTSOUP_F16: weighted_sum_kernel<TIn, __half><<<grid, kThreads, 0, stream>>>(ptrs, numel, bt, bs, w, K); break;
-        case FASTSOUP_BF16: weighted_sum_kernel<TIn, __nv_bfloat16><<<grid, kThreads, 0, stream>>>(ptrs, numel, bt, bs, w, K); break;
-        default: return cudaErrorInvalidValue;
-    }
-    return cudaGetLastError();
 }
 
 }  // namespace
@@ -148,21 +153,30 @@ extern "C" {
 // Block size (elements per table block) the tables must be built with.
 int64_t fastsoup_weighted_sum_block_elems(void) { return kBlockElems; }
 
-// Launch the multi-tensor weighted sum on `stream`. Dtype codes: FASTSOUP_F32/F16/BF16
-// (csrc/include/fastsoup_abi.h). Returns cudaSuccess, cudaErrorInvalidValue for bad
-// arguments, or the launch error.
+// Launch the multi-tensor weighted sum on `stream`. `in_codes` (device, int32 [K]) holds
+// each input's dtype code and `out_dtype` the outputs' (FASTSOUP_F32/F16/BF16 of
+// csrc/include/fastsoup_abi.h; the caller validates the input codes). Returns
+// cudaSuccess, cudaErrorInvalidValue for bad arguments, or the launch error.
 cudaError_t fastsoup_weighted_sum(const int64_t* ptrs, const int64_t* numel,
                                   const int32_t* block_tensor, const int64_t* block_start,
-                                  const float* weights, int K, int64_t n_blocks,
-                                  int in_dtype, int out_dtype, cudaStream_t stream) {
+                                  const float* weights, const int32_t* in_codes, int K,
+                                  int64_t n_blocks, int out_dtype, cudaStream_t stream) {
     if (K < 1 || n_blocks < 0 || n_blocks > 0x7fffffffLL) return cudaErrorInvalidValue;
     if (n_blocks == 0) return cudaSuccess;
-    switch (in_dtype) {
-        case FASTSOUP_F32: return launch_out<float>(out_dtype, ptrs, numel, block_tensor, block_start, weights, K, n_blocks, stream);
-        case FASTSOUP_F16: return launch_out<__half>(out_dtype, ptrs, numel, block_tensor, block_start, weights, K, n_blocks, stream);
-        case FASTSOUP_BF16: return launch_out<__nv_bfloat16>(out_dtype, ptrs, numel, block_tensor, block_start, weights, K, n_blocks, stream);
+    const dim3 grid(static_cast<unsigned>(n_blocks));
+    switch (out_dtype) {
+        case FASTSOUP_F32:
+            weighted_sum_kernel<float><<<grid, kThreads, 0, stream>>>(ptrs, numel, block_tensor, block_start, weights, in_codes, K);
+            break;
+        case FASTSOUP_F16:
+            weighted_sum_kernel<__half><<<grid, kThreads, 0, stream>>>(ptrs, numel, block_tensor, block_start, weights, in_codes, K);
+            break;
+        case FASTSOUP_BF16:
+            weighted_sum_kernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(ptrs, numel, block_tensor, block_start, weights, in_codes, K);
+            break;
         default: return cudaErrorInvalidValue;
     }
+    return cudaGetLastError();
 }
 
 }  // extern "C"

@@ -59,5 +59,7 @@ def weighted_sum_multi(outs: Sequence[torch.Tensor], inputs: Sequence[Sequence[t
     table, numel, bt, bs = weighted_sum_tables(outs, inputs, WEIGHTED_SUM_CUDA_BLOCK)
     if bt.numel() == 0:
         return
-    _extension().weighted_sum(table, numel, bt, bs, weights, len(inputs),
-                              dtype_code(inputs[0][0].dtype), dtype_code(outs[0].dtype))
+    codes = torch.tensor([dtype_code(inp[0].dtype) for inp in inputs], dtype=torch.int32,
+                         device=weights.device)
+    _extension().weighted_sum(table, numel, bt, bs, weights, codes, len(inputs),
+                              dtype_code(outs[0].dtype))

@@ -228,8 +228,13 @@ def compile_launch(launch: Launch, arch: int):
 
 def _variant_text(fn, constexprs: dict, signature: dict) -> str:
     names = fn.arg_names
-    parts = [f"{names[k[0]]}={v}" for k, v in sorted(constexprs.items())
-             if len(k) == 1 and (isinstance(v, (bool, int, str)) or hasattr(v, "name"))]
+    def text(v):
+        if isinstance(v, tuple):
+            return "(" + ",".join(text(x) for x in v) + ")"
+        return str(v)
+
+    parts = [f"{names[k[0]]}={text(v)}" for k, v in sorted(constexprs.items())
+             if len(k) == 1 and (isinstance(v, (bool, int, str, tuple)) or hasattr(v, "name"))]
     dtypes = sorted({v for k, v in signature.items() if isinstance(v, str) and v.startswith("*")})
     return " ".join(parts + ["ptrs=" + "/".join(d[1:] for d in dtypes)])
 
@@ -289,13 +294,15 @@ def _scenarios() -> List[Tuple[str, Callable[[], None]]]:
                                  64, 0.5, 2)
         out.append((f"ambient coefficients {kind}", coefs))
     sd_params = [(320, 4, 3, 3), (320,), (1280, 320), (77, 768)]
-    for in_dt, out_dt in ((torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32),
-                          (torch.float16, torch.float32)):
-        def wsum(in_dt=in_dt, out_dt=out_dt):
+    for in_dts, out_dt in (((torch.bfloat16, torch.bfloat16), torch.bfloat16),
+                           ((torch.float32, torch.float32), torch.float32),
+                           ((torch.float16, torch.float16), torch.float32),
+                           ((torch.bfloat16, torch.float32), torch.bfloat16)):
+        def wsum(in_dts=in_dts, out_dt=out_dt):
             outs = [torch.empty(s, dtype=out_dt) for s in sd_params]
-            ins = [[torch.empty(s, dtype=in_dt) for s in sd_params] for _ in range(2)]
-            weighted_sum.weighted_sum_multi(outs, ins, torch.empty(2))
-        out.append((f"weighted_sum {str(in_dt)[6:]}->{str(out_dt)[6:]}", wsum))
+            ins = [[torch.empty(s, dtype=dt) for s in sd_params] for dt in in_dts]
+            weighted_sum.weighted_sum_multi(outs, ins, torch.empty(len(in_dts)))
+        out.append((f"weighted_sum {'+'.join(str(d)[6:] for d in in_dts)}->{str(out_dt)[6:]}", wsum))
     return out
 
 

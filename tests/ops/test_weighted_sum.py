@@ -207,7 +207,8 @@ def test_cuda_glue_tables(monkeypatch):
     outs, ins = _lists(torch.float16, torch.float32, K=2, seed=9)
     by_ptr = {t.data_ptr(): t for t in outs + [x for inp in ins for x in inp] if t.numel()}
 
-    def fake(table, numel, bt, bs, w, K, in_code, out_code):
+    def fake(table, numel, bt, bs, w, in_codes, K, out_code):
+        assert in_codes.tolist() == [abi.dtype_code(inp[0].dtype) for inp in ins]
         assert table.shape == (len(outs), K + 1) and bt.numel() == bs.numel()
         for b in range(bt.numel()):
             p, start = int(bt[b]), int(bs[b])
@@ -332,3 +333,30 @@ def test_in_place_output_at_its_own_position_still_runs_in_place():
     b = torch.tensor([3.0, 4.0])
     fs.weighted_sum_([a], [[a], [b]], [0.5, 0.5])
     assert a.tolist() == [2.0, 3.0]
+
+
+def test_mixed_input_dtypes_are_read_in_their_own_dtype(monkeypatch):
+    """bf16 and fp32 inputs in one call: the Triton kernel reads each in its own dtype
+    (no float32 copy of the bf16 input) and matches the reference."""
+    pytest.importorskip("triton")
+    from fastsoup import _backend
+    from fastsoup.ops import weighted_sum as ws
+
+    if not _backend.interpreter_active():
+        pytest.skip("the Triton interpreter is off")
+    torch.manual_seed(3)
+    shapes = [(3, 5), (1030,), (7,)]
+    a = [torch.randn(s).to(torch.bfloat16) for s in shapes]
+    b = [torch.randn(s) for s in shapes]
+    outs = [torch.empty(s) for s in shapes]
+    ref = [torch.empty(s) for s in shapes]
+    ws.reference_weighted_sum_(ref, [a, b], [0.25, 0.75])
+    copies = []
+    real_to = torch.Tensor.to
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *x, **k: copies.append(self.dtype) or real_to(self, *x, **k))
+    with fs.use_backend("triton"):
+        fs.weighted_sum_(outs, [a, b], [0.25, 0.75])
+    monkeypatch.undo()
+    assert torch.bfloat16 not in copies
+    for o, r in zip(outs, ref):
+        torch.testing.assert_close(o, r, rtol=1e-6, atol=1e-7)

@@ -7,8 +7,8 @@ into BLOCK-element blocks described by two small tables (``block_tensor`` int32,
 addresses, accumulates ``w_k · x_k`` in fp32 and stores once. One launch covers the whole
 list whatever P and the tensor sizes (no launch per tensor per input).
 
-All inputs of one call share one dtype and all outputs another (the caller groups by
-dtype); tensors are contiguous. Offsets are int64. When every address is 16-byte aligned
+Input ``k`` has one dtype across the list and is read in it (inputs may differ from each
+other); all outputs share one dtype (the caller groups by dtype signature); tensors are contiguous. Offsets are int64. When every address is 16-byte aligned
 (the usual case: the launcher checks) full blocks take an unmasked path that the compiler
 turns into 16-byte vector loads and stores; other blocks are masked.
 """
@@ -32,12 +32,12 @@ _TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.
 
 
 @triton.jit
-def _accumulate(row, weights_ptr, offs, mask, K: tl.constexpr, IN_T: tl.constexpr,
+def _accumulate(row, weights_ptr, offs, mask, K: tl.constexpr, IN_TS: tl.constexpr,
                 MASKED: tl.constexpr, BLOCK: tl.constexpr):
     """Σ_k w_k x_k over one block in fp32 (``MASKED=False``: a full block, 16-byte aligned)."""
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for k in tl.static_range(K):
-        src = tl.load(row + 1 + k).to(tl.pointer_type(IN_T))
+        src = tl.load(row + 1 + k).to(tl.pointer_type(IN_TS[k]))  # input k in its own dtype
         w = tl.load(weights_ptr + k)
         if MASKED:
             x = tl.load(src + offs, mask=mask, other=0.0)
@@ -50,7 +50,7 @@ def _accumulate(row, weights_ptr, offs, mask, K: tl.constexpr, IN_T: tl.constexp
 @triton.jit
 def _weighted_sum_kernel(
     table_ptr, numel_ptr, block_tensor_ptr, block_start_ptr, weights_ptr,
-    K: tl.constexpr, IN_T: tl.constexpr, OUT_T: tl.constexpr, BLOCK: tl.constexpr,
+    K: tl.constexpr, IN_TS: tl.constexpr, OUT_T: tl.constexpr, BLOCK: tl.constexpr,
     ALIGNED: tl.constexpr,
 ):
     b = tl.program_id(0)
@@ -65,11 +65,11 @@ def _weighted_sum_kernel(
     offs = start + tl.arange(0, BLOCK).to(tl.int64)
     if ALIGNED and start + BLOCK <= n:
         # a full block: unmasked, so each thread's elements are one or two 16-byte accesses
-        acc = _accumulate(row, weights_ptr, offs, None, K, IN_T, False, BLOCK)
+        acc = _accumulate(row, weights_ptr, offs, None, K, IN_TS, False, BLOCK)
         tl.store(dst + offs, acc.to(OUT_T))
     else:
         mask = offs < n
-        acc = _accumulate(row, weights_ptr, offs, mask, K, IN_T, True, BLOCK)
+        acc = _accumulate(row, weights_ptr, offs, mask, K, IN_TS, True, BLOCK)
         tl.store(dst + offs, acc.to(OUT_T), mask=mask)
 
 
@@ -93,6 +93,7 @@ def weighted_sum_multi(outs: Sequence[torch.Tensor], inputs: Sequence[Sequence[t
         t.data_ptr() % 16 == 0 for inp in inputs for t in inp)
     _weighted_sum_kernel[(nb,)](
         table, numel_t, bt, bs, weights,
-        K=K, IN_T=_TL[inputs[0][0].dtype], OUT_T=_TL[outs[0].dtype], BLOCK=BLOCK,
+        K=K, IN_TS=tuple(_TL[inp[0].dtype] for inp in inputs), OUT_T=_TL[outs[0].dtype],
+        BLOCK=BLOCK,
         ALIGNED=aligned, num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION,
     )

@@ -31,6 +31,7 @@ the commit: any write to the file changes its ctime, which cannot be set back.
 """
 from __future__ import annotations
 
+import collections
 import datetime
 import hashlib
 import json
@@ -170,9 +171,8 @@ class _FileDigest:
 
     CHUNK = 8 << 20
 
-    def __init__(self, wf: WeightFile, slot: int, stop: threading.Event):
+    def __init__(self, wf: WeightFile, stop: threading.Event):
         self.wf = wf
-        self.slot = slot
         self.stop = stop
         self.h = hashlib.sha256()
         self.pos = 0
@@ -197,6 +197,8 @@ class _FileDigest:
             self.pos += len(data)
 
     def update(self, lo: int, view) -> None:
+        if self.stop.is_set():
+            raise InterruptedError("hashing cancelled")
         if not self.in_order:
             return
         if lo < self.pos:  # read out of file order: a second sequential read at the end
@@ -220,14 +222,70 @@ class _FileDigest:
             self.fd = -1
 
 
+class _Strand:
+    """Calls run one at a time, in submission order, on any worker of a shared pool: a
+    file's ranges are hashed in order while the files are spread over every worker as
+    they become free (3 files on 2 cores keep both busy, not one of them)."""
+
+    def __init__(self, pool: ThreadPoolExecutor):
+        self.pool = pool
+        self.lock = threading.Lock()
+        self.queue: "collections.deque" = collections.deque()
+        self.running = False
+
+    def submit(self, fn, *args) -> Future:
+        fut: Future = Future()
+        with self.lock:
+            self.queue.append((fut, fn, args))
+            if self.running:
+                return fut
+            self.running = True
+        try:
+            self.pool.submit(self._drain)
+        except RuntimeError:  # the pool is shut down (the merge was cancelled)
+            self.cancel()
+        return fut
+
+    def _drain(self) -> None:
+        while True:
+            with self.lock:
+                if not self.queue:
+                    self.running = False
+                    return
+                fut, fn, args = self.queue.popleft()
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(fn(*args))
+            except BaseException as exc:  # noqa: BLE001 - handed to whoever waits
+                fut.set_exception(exc)
+
+    def cancel(self) -> None:
+        """Cancel what has not started (nobody waits forever on a shut-down pool)."""
+        with self.lock:
+            items, self.queue = list(self.queue), collections.deque()
+            self.running = False
+        for fut, _, _ in items:
+            fut.cancel()
+
+
+def default_workers() -> int:
+    """Hash workers: the cores this process may use (at most 8). ``hashlib`` releases the
+    GIL, so they run beside the engine's reader, sum and writer threads."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    return max(1, min(8, n))
+
+
 class Hasher:
     """The sha256 of every input file, computed from the bytes the merge reads.
 
     :meth:`feed` takes each range the engine read (a view of its window buffer) and
-    queues it to the file's worker (``workers`` single-thread pools; a file always goes
-    to the same one, so its ranges are hashed in order); the returned future must end
-    before the buffer is reused. :meth:`wait` hashes what the merge did not read and
-    returns ``{path: hex digest}``. Digests of files whose planned identity is in the
+    queues it on the file's strand (a queue run one call at a time, in order, by any of
+    ``workers`` threads); the returned future must end before the buffer is reused.
+    :meth:`wait` hashes what the merge did not read and returns ``{path: hex digest}``. Digests of files whose planned identity is in the
     :class:`HashCache` are taken from it (the identity is checked again before the
     commit)."""
 
@@ -238,8 +296,11 @@ class Hasher:
         self.cache = cache if cache is not None else HashCache(cache_path() if mode != "none" else None)
         self.results: Dict[str, str] = {}
         self.digests: Dict[str, _FileDigest] = {}
-        self.workers = workers or max(1, min(4, (os.cpu_count() or 1) // 2))
+        # one worker per core, files spread over them as they free up (a file's ranges
+        # stay in order): hashing overlaps the reads, the sum and the write
+        self.workers = workers or default_workers()
         self._pools: List[ThreadPoolExecutor] = []
+        self._strands: Dict[str, _Strand] = {}
         self._stop = threading.Event()
 
     def start(self) -> "Hasher":
@@ -253,10 +314,11 @@ class Hasher:
                 if cached is not None:
                     self.results[path] = cached
                 else:
-                    self.digests[path] = _FileDigest(wf, len(self.digests) % self.workers, self._stop)
+                    self.digests[path] = _FileDigest(wf, self._stop)
         n = min(self.workers, max(1, len(self.digests)))
-        self._pools = [ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastsoup-hash")
-                       for _ in range(n)]
+        if self.digests:
+            self._pools = [ThreadPoolExecutor(max_workers=n, thread_name_prefix="fastsoup-hash")]
+            self._strands = {p: _Strand(self._pools[0]) for p in self.digests}
         return self
 
     def feed(self, wf: WeightFile, lo: int, view) -> Optional[Future]:
@@ -264,15 +326,20 @@ class Hasher:
         d = self.digests.get(wf.path)
         if d is None or not self._pools:
             return None
-        return self._pools[d.slot % len(self._pools)].submit(d.update, lo, view)
+        return self._strands[wf.path].submit(d.update, lo, view)
 
     def cancel(self) -> None:
         self._stop.set()
         self._shutdown()
 
     def _shutdown(self) -> None:
+        if self._stop.is_set():  # cancelled: drop queued ranges before waiting
+            for strand in self._strands.values():
+                strand.cancel()
         for pool in self._pools:
             pool.shutdown(wait=True, cancel_futures=True)
+        for strand in self._strands.values():
+            strand.cancel()
         self._pools = []
         for d in self.digests.values():
             d.close()
@@ -283,8 +350,7 @@ class Hasher:
         if self.mode != "sha256":
             return self.results
         try:
-            futures = {p: self._pools[d.slot % len(self._pools)].submit(d.finish)
-                       for p, d in self.digests.items()}
+            futures = {p: self._strands[p].submit(d.finish) for p, d in self.digests.items()}
             for p, fut in futures.items():
                 try:
                     self.results[p] = fut.result()

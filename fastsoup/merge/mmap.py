@@ -236,9 +236,8 @@ def prefetch_window(files: InputFiles, win: list, wbuf: WindowBuffer, digest=Non
         files.read_into(wf, lo, view)
         wbuf.views[(id(it), k)] = view
         pos += hi - lo
-    if digest is not None:
-        for it, k, wf, lo, hi in spans:
-            fut = digest.feed(wf, lo, wbuf.views[(id(it), k)])
+        if digest is not None:  # hashed while the rest of the window is read
+            fut = digest.feed(wf, lo, view)
             if fut is not None:
                 wbuf.pending.append(fut)
     return wbuf

@@ -1,0 +1,141 @@
+"""The digest workers of a merge (:class:`fastsoup.merge.manifest.Hasher`): every file's
+sha256 from the ranges the engine read, hashed in file order on a shared pool of workers
+(a file's strand), files spread over the workers as they free up, and nothing left
+waiting forever when a merge is cancelled."""
+import hashlib
+import os
+import threading
+from concurrent.futures import CancelledError, ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from fastsoup.merge import manifest
+from fastsoup.merge.formats import resolve
+
+from tests.helpers import make_state, save_file_layout
+
+
+def _inputs(tmp_path, n):
+    return [resolve(save_file_layout(str(tmp_path / f"m{i}.safetensors"), make_state(i)))
+            for i in range(n)]
+
+
+def _feed_in_order(hasher, layouts, pieces=5, threads=2):
+    """Feed every file's data section in ``pieces`` ranges (as the engine would), from
+    ``threads`` reader threads, windows interleaving the files."""
+    futs = []
+    per_file = []
+    for lay in layouts:
+        wf = lay.files()[0]
+        data = open(wf.path, "rb").read()
+        lo0 = wf.header.data_start
+        cuts = np.linspace(lo0, len(data), pieces + 1).astype(int)
+        per_file.append([(wf, int(a), memoryview(data)[a:b]) for a, b in zip(cuts[:-1], cuts[1:])])
+    for window in zip(*per_file):
+        for wf, lo, view in window:
+            fut = hasher.feed(wf, lo, view)
+            if fut is not None:
+                futs.append(fut)
+    for f in futs:
+        f.result()
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_digests_equal_sha256_of_the_files(tmp_path, workers):
+    layouts = _inputs(tmp_path, 3)
+    h = manifest.Hasher(layouts, "sha256", cache=manifest.HashCache(None), workers=workers).start()
+    _feed_in_order(h, layouts)
+    got = h.wait()
+    for lay in layouts:
+        p = lay.files()[0].path
+        assert got[p] == hashlib.sha256(open(p, "rb").read()).hexdigest()
+    assert h.bytes_from_merge > 0
+
+
+def test_out_of_order_ranges_are_hashed_by_a_second_read(tmp_path):
+    layouts = _inputs(tmp_path, 2)
+    h = manifest.Hasher(layouts, "sha256", cache=manifest.HashCache(None), workers=2).start()
+    wf = layouts[0].files()[0]
+    data = open(wf.path, "rb").read()
+    mid = (wf.header.data_start + len(data)) // 2
+    h.feed(wf, mid, memoryview(data)[mid:]).result()
+    h.feed(wf, wf.header.data_start, memoryview(data)[wf.header.data_start:mid]).result()
+    got = h.wait()
+    for lay in layouts:
+        p = lay.files()[0].path
+        assert got[p] == hashlib.sha256(open(p, "rb").read()).hexdigest()
+
+
+def test_a_strand_runs_its_calls_one_at_a_time_in_order():
+    pool = ThreadPoolExecutor(max_workers=4)
+    strand = manifest._Strand(pool)
+    seen, active, overlap = [], [0], [False]
+    lock = threading.Lock()
+
+    def call(i):
+        with lock:
+            active[0] += 1
+            overlap[0] |= active[0] > 1
+        seen.append(i)
+        with lock:
+            active[0] -= 1
+        return i
+
+    futs = [strand.submit(call, i) for i in range(500)]
+    assert [f.result(timeout=30) for f in futs] == list(range(500))
+    assert seen == list(range(500)) and not overlap[0]
+    pool.shutdown()
+
+
+def test_strands_share_the_workers_as_they_free_up():
+    """Strands 1 and 3 of 3 on 2 workers run at the same time (a fixed file -> worker
+    assignment would put both on worker 1 and leave worker 2 idle, or here deadlock)."""
+    pool = ThreadPoolExecutor(max_workers=2)
+    a, b, c = (manifest._Strand(pool) for _ in range(3))
+    c_ran = threading.Event()
+    fa = a.submit(lambda: c_ran.wait(timeout=20))
+    fb = b.submit(lambda: None)
+    fb.result(timeout=20)
+    fc = c.submit(c_ran.set)
+    fc.result(timeout=20)
+    assert fa.result(timeout=20) is True
+    pool.shutdown()
+
+
+def test_cancelled_strand_work_never_hangs_a_waiter():
+    pool = ThreadPoolExecutor(max_workers=1)
+    strand = manifest._Strand(pool)
+    gate = threading.Event()
+    first = strand.submit(gate.wait, 20)
+    queued = [strand.submit(lambda: None) for _ in range(3)]
+    strand.cancel()
+    gate.set()
+    assert first.result(timeout=20) is True
+    for f in queued:
+        with pytest.raises(CancelledError):
+            f.result(timeout=20)
+    pool.shutdown()
+    late = strand.submit(lambda: None)  # after the pool is gone: cancelled, not lost
+    with pytest.raises(CancelledError):
+        late.result(timeout=5)
+
+
+def test_hasher_cancel_ends_pending_ranges(tmp_path):
+    layouts = _inputs(tmp_path, 2)
+    h = manifest.Hasher(layouts, "sha256", cache=manifest.HashCache(None), workers=1).start()
+    wf = layouts[0].files()[0]
+    data = open(wf.path, "rb").read()
+    futs = [h.feed(wf, wf.header.data_start, memoryview(data)[wf.header.data_start:])
+            for _ in range(20)]
+    h.cancel()
+    for f in futs:  # each one finished, failed or was cancelled: none waits forever
+        try:
+            f.result(timeout=20)
+        except (CancelledError, InterruptedError):
+            pass
+
+
+def test_default_workers_are_the_usable_cores():
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert manifest.default_workers() == max(1, min(8, n))

@@ -235,6 +235,8 @@ def update_readme() -> bool:
     for path in sorted(glob.glob(os.path.join(RESULTS, "*.json"))):
         with open(path) as f:
             data = json.load(f)
+        if not isinstance(data.get("table"), dict) or "device" not in data.get("meta", {}):
+            continue  # another tool's results (e.g. bench_host_cost.py), not a report run
         meta = data.get("meta", {})
         dev = meta.get("device", os.path.basename(path))
         if dev not in latest or meta.get("date", "") >= latest[dev]["meta"].get("date", ""):

@@ -120,3 +120,21 @@ def test_harness_measure_records_the_model(monkeypatch):
     b2 = Bench()
     harness.measure(b2, lambda: None, rounds=3)  # no bytes: no model
     assert "model_s" not in b2.extra_info
+
+
+def test_update_readme_skips_other_results_files(tmp_path, monkeypatch):
+    """JSON files of other tools in results/ (no report table) are not report runs."""
+    (tmp_path / "README.md").write_text("<!-- perf:start -->\n<!-- perf:end -->\n")
+    results = tmp_path / "benchmarks" / "results"
+    results.mkdir(parents=True)
+    (results / "cpu-host-cost-2026-01-03.json").write_text(json.dumps(
+        {"meta": {"date": "2026-01-03"}, "weighted_sum": {}}))
+    meta = {"device": "cpu-2core", "date": "2026-01-02", "size": "small",
+            "versions": {"torch": "t"}, "machine": "m", "command": "c"}
+    table = report.summarise([_bench("g", "eager", 2e-3), _bench("g", "fastsoup", 1e-3)])
+    (results / "cpu-2core-2026-01-02.json").write_text(json.dumps({"meta": meta, "table": table}))
+    monkeypatch.setattr(report, "ROOT", str(tmp_path))
+    monkeypatch.setattr(report, "RESULTS", str(results))
+    assert report.update_readme()
+    text = (tmp_path / "README.md").read_text()
+    assert "### cpu-2core (2026-01-02)" in text and "host-cost" not in text

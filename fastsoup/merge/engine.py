@@ -31,6 +31,7 @@ from ..io.safetensors import DTYPES, TORCH_NAMES
 from ..kernels import cpu as cpu_kernels
 from . import mmap as input_maps
 from .errors import Diagnostics, MergeError, PlanError
+from .formats import WeightFile
 from .mmap import PAGE, InputFiles, WindowBuffer, align_down
 from .plan import OutTensor, Plan
 from .writer import SafetensorsFileWriter
@@ -80,7 +81,95 @@ def make_items(files: List[Tuple[int, List[OutTensor]]], window: int, staging: i
     return items
 
 
-def make_windows(items: List[Item], window: int) -> List[List[Item]]:
+@dataclass
+class RunSource:
+    """One input's bytes of a :class:`Run`: ``[lo, hi)`` of ``file`` (absolute offsets; a
+    pickle input has no header and is read by ``key`` from byte ``start`` of its tensor)."""
+
+    file: WeightFile
+    dtype: str
+    weight: float
+    key: str
+    start: int
+    lo: int
+    hi: int
+
+
+@dataclass
+class Run:
+    """Consecutive work items computed as one: contiguous in the output file and, for every
+    input, contiguous in its file, with the same op, dtypes and weights. A weighted sum
+    is elementwise, so a run of many small tensors is one kernel call over their
+    concatenation (one read and one digest range per input): per-tensor work leaves the
+    loop, and checkpoints of tens of thousands of tensors stream like large ones."""
+
+    file_index: int
+    op: str
+    out_dtype: str
+    out_offset: int                 # byte offset in the output file
+    n: int                          # elements
+    sources: List[RunSource]        # the sources read (the first one only for a copy)
+    items: List[Item]
+
+    @property
+    def out_nbytes(self) -> int:
+        return self.n * DTYPES[self.out_dtype].itemsize
+
+    @property
+    def in_nbytes(self) -> int:
+        return sum(s.hi - s.lo for s in self.sources)
+
+    @property
+    def last_key(self) -> str:
+        return self.items[-1].tensor.qualified
+
+
+def _run_sources(it: Item) -> List[RunSource]:
+    t = it.tensor
+    out = []
+    for s in (t.sources[:1] if t.op == "copy" else t.sources):
+        es = DTYPES[s.dtype].itemsize
+        start, stop = it.lo * es, it.hi * es
+        if s.file.header is not None:
+            begin = s.file.header.data_start + s.file.header.tensors[s.key].begin
+            lo, hi = begin + start, begin + stop
+        else:  # a loaded pickle input: never fused
+            lo, hi = 0, stop - start
+        out.append(RunSource(s.file, s.dtype, s.weight, s.key, start, lo, hi))
+    return out
+
+
+def make_runs(items: List[Item], writers: List[SafetensorsFileWriter], window: int,
+              staging: int) -> List[Run]:
+    """Fuse consecutive ``items`` into :class:`Run` s of at most ``window`` input bytes and
+    ``staging`` output bytes (items were cut to fit both)."""
+    runs: List[Run] = []
+    cur: Optional[Run] = None
+    for it in items:
+        t = it.tensor
+        srcs = _run_sources(it)
+        out_offset = writers[it.file_index].offsets[t.key] + it.lo * DTYPES[t.dtype].itemsize
+        n = it.hi - it.lo
+        if (cur is not None and cur.file_index == it.file_index and cur.op == t.op
+                and cur.out_dtype == t.dtype and cur.out_offset + cur.out_nbytes == out_offset
+                and len(cur.sources) == len(srcs)
+                and cur.out_nbytes + n * DTYPES[t.dtype].itemsize <= staging
+                and cur.in_nbytes + sum(s.hi - s.lo for s in srcs) <= window
+                and all(a.file.header is not None and b.file.header is not None
+                        and a.file.path == b.file.path and a.hi == b.lo and a.dtype == b.dtype
+                        and a.weight == b.weight for a, b in zip(cur.sources, srcs))):
+            for a, b in zip(cur.sources, srcs):
+                a.hi = b.hi
+            cur.n += n
+            cur.items.append(it)
+            continue
+        cur = Run(it.file_index, t.op, t.dtype, out_offset, n, srcs, [it])
+        runs.append(cur)
+    return runs
+
+
+def make_windows(items: list, window: int) -> list:
+    """Consecutive items (or runs) grouped into windows of about ``window`` input bytes."""
     windows, cur, size = [], [], 0
     for it in items:
         if cur and size + it.in_nbytes > window:
@@ -267,6 +356,7 @@ class RunStats:
     prefetch_wait_seconds: float = 0.0   # waiting for the next window's pages
     sum_seconds: float = 0.0             # in the fused sum (and copies)
     write_wait_seconds: float = 0.0      # waiting for the writer thread
+    runs: int = 0                        # kernel calls / copies (items fused into runs)
 
 
 def execute(plan: Plan, writers: List[SafetensorsFileWriter], *, memory: int, threads: int,
@@ -291,7 +381,8 @@ def execute(plan: Plan, writers: List[SafetensorsFileWriter], *, memory: int, th
     assert len(writers) == fi
     maps.open_all(plan)
     items = make_items(files, window, staging_bytes)
-    windows = make_windows(items, window)
+    runs = make_runs(items, writers, window, staging_bytes)
+    windows = make_windows(runs, window)
     reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastsoup-prefetch")
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastsoup-write")
     staging = Staging(staging_bytes, writer)
@@ -308,29 +399,24 @@ def execute(plan: Plan, writers: List[SafetensorsFileWriter], *, memory: int, th
             prefetch = (reader.submit(input_maps.prefetch_window, maps, windows[j + 1],
                                       wbufs[(j + 1) % 2], digest)
                         if j + 1 < len(windows) else None)
-            for it in win:
-                t = it.tensor
-                w = writers[it.file_index]
-                out_es = DTYPES[t.dtype].itemsize
-                dst = staging.reserve(w, w.offsets[t.key] + it.lo * out_es, it.out_nbytes)
+            for run in win:
+                nbytes = run.out_nbytes
+                dst = staging.reserve(writers[run.file_index], run.out_offset, nbytes)
                 t_sum = time.perf_counter()
-                if it.hi > it.lo:
-                    if t.op == "copy":
-                        dst[:] = wb.view(it, 0, maps)
+                if run.n > 0:
+                    if run.op == "copy":
+                        dst[:] = wb.view(run, 0, maps)
                     else:
-                        srcs, dtypes, weights = [], [], []
-                        for k, s in enumerate(t.sources):
-                            srcs.append(wb.view(it, k, maps))
-                            dtypes.append(s.dtype)
-                            weights.append(s.weight)
-                        summer(dst, t.dtype, srcs, dtypes, weights, it.hi - it.lo)
+                        srcs = [wb.view(run, k, maps) for k in range(len(run.sources))]
+                        summer(dst, run.out_dtype, srcs, [s.dtype for s in run.sources],
+                               [s.weight for s in run.sources], run.n)
                         del srcs
                 sum_time += time.perf_counter() - t_sum
-                written += it.out_nbytes
-                read += it.in_nbytes
+                written += nbytes
+                read += run.in_nbytes
                 del dst
                 if progress is not None:
-                    progress(t.qualified, it.out_nbytes)
+                    progress(run.last_key, nbytes)
             input_maps.release_window(maps, win)
         staging.drain()
         for wb in wbufs:  # digest work still running on the last windows' bytes
@@ -345,6 +431,6 @@ def execute(plan: Plan, writers: List[SafetensorsFileWriter], *, memory: int, th
             if own_maps:
                 maps.close()
     return RunStats(seconds=time.perf_counter() - t0, bytes_written=written, bytes_read=read,
-                    items=len(items), windows=len(windows), window_bytes=window,
+                    items=len(items), windows=len(windows), window_bytes=window, runs=len(runs),
                     staging_bytes=staging_bytes, prefetch_wait_seconds=prefetch_wait,
                     sum_seconds=sum_time, write_wait_seconds=staging.wait_seconds)

@@ -15,8 +15,9 @@ summed), the ranges are handed to the digest (:class:`.manifest.Hasher`: the man
 sha256 is computed from these very bytes), and after the sum :func:`release_window`
 drops the ranges from the page cache when asked (``--drop-cache``). Memory stays at two
 window buffers plus two staging buffers whatever the model size.
-Items are duck-typed: ``it.tensor.sources`` (each with ``file``, ``key``, ``dtype``),
-``it.tensor.op``, ``it.lo``, ``it.hi`` (elements).
+A window is a list of runs (:class:`.engine.Run`: ``n`` elements, ``sources`` each with
+``file``, ``key``, ``start``, ``lo``, ``hi``); the ranges one file contributes to a
+window are read, and digested, as one range wherever they touch.
 """
 from __future__ import annotations
 
@@ -175,25 +176,37 @@ def plan_files(plan: Plan) -> List[WeightFile]:
     return list(seen.values())
 
 
-def read_sources(it) -> list:
-    """The sources an item reads: all of them for a sum, the first for a copy (integer
-    tensors were compared across inputs before the run)."""
-    srcs = it.tensor.sources
-    return srcs[:1] if it.tensor.op == "copy" else srcs
-
-
 def window_ranges(files: InputFiles, win: list):
-    """``(item, source index, file, lo, hi)``: the absolute byte ranges of the safetensors
-    inputs ``win`` reads, in reading order."""
-    for it in win:
-        if it.hi <= it.lo:
+    """``(run, source index, file, lo, hi)``: the absolute byte ranges of the safetensors
+    inputs the runs of ``win`` read (:class:`.engine.Run`), in run order."""
+    for run in win:
+        if run.n <= 0:
             continue
-        for k, s in enumerate(read_sources(it)):
+        for k, s in enumerate(run.sources):
             if s.file.header is None:
                 continue
-            es = DTYPES[s.dtype].itemsize
-            lo, hi = files.absolute_range(s.file, s.key, it.lo * es, it.hi * es)
-            yield it, k, s.file, lo, hi
+            yield run, k, s.file, s.lo, s.hi
+
+
+def coalesce(spans) -> List[Tuple[WeightFile, int, int, list]]:
+    """``(file, lo, hi, members)``: the ranges of ``spans`` (``(run, k, file, lo, hi)``)
+    merged per file where they touch or overlap, files in order of first use, ranges in
+    file order: one ``pread`` and one digest range each."""
+    by_file: Dict[str, list] = {}
+    for sp in spans:
+        by_file.setdefault(sp[2].path, []).append(sp)
+    out = []
+    for group in by_file.values():
+        group.sort(key=lambda sp: sp[3])
+        cur = None
+        for sp in group:
+            if cur is not None and sp[3] <= cur[2]:
+                cur[2] = max(cur[2], sp[4])
+                cur[3].append(sp)
+            else:
+                cur = [sp[2], sp[3], sp[4], [sp]]
+                out.append(cur)
+    return [tuple(c) for c in out]
 
 
 class WindowBuffer:
@@ -209,32 +222,33 @@ class WindowBuffer:
         if nbytes > len(self.buf):
             self.buf = np.empty(nbytes, dtype=np.uint8)
 
-    def view(self, it, k: int, files: InputFiles) -> memoryview:
-        """Bytes of source ``k`` of item ``it`` (read by :func:`prefetch_window`)."""
-        got = self.views.get((id(it), k))
+    def view(self, run, k: int, files: InputFiles) -> memoryview:
+        """Bytes of source ``k`` of ``run`` (read by :func:`prefetch_window`)."""
+        got = self.views.get((id(run), k))
         if got is not None:
             return got
-        s = read_sources(it)[k]  # a pickle input: its loaded tensor
-        es = DTYPES[s.dtype].itemsize
-        return pickle_view(s.file, s.key, it.lo * es, it.hi * es)
+        s = run.sources[k]  # a pickle input: its loaded tensor
+        return pickle_view(s.file, s.key, s.start, s.start + (s.hi - s.lo))
 
 
 def prefetch_window(files: InputFiles, win: list, wbuf: WindowBuffer, digest=None) -> WindowBuffer:
     """Read every safetensors range ``win`` needs into ``wbuf`` (after digest work on its
-    previous contents has finished), then hand the ranges to ``digest`` (an object with
-    ``feed(wf, lo, view) -> future | None``) in reading order."""
+    previous contents has finished), each file's touching ranges in one ``pread``, and hand
+    each such range to ``digest`` (an object with ``feed(wf, lo, view) -> future | None``)
+    as soon as it is read, in file order."""
     for fut in wbuf.pending:
         fut.result()
     wbuf.pending = []
-    spans = list(window_ranges(files, win))
-    wbuf.ensure(sum(hi - lo for *_, lo, hi in spans))
+    ranges = coalesce(window_ranges(files, win))
+    wbuf.ensure(sum(hi - lo for _, lo, hi, _ in ranges))
     wbuf.views = {}
     mv = memoryview(wbuf.buf)
     pos = 0
-    for it, k, wf, lo, hi in spans:
+    for wf, lo, hi, members in ranges:
         view = mv[pos: pos + (hi - lo)]
         files.read_into(wf, lo, view)
-        wbuf.views[(id(it), k)] = view
+        for run, k, _, a, b in members:
+            wbuf.views[(id(run), k)] = view[a - lo: b - lo]
         pos += hi - lo
         if digest is not None:  # hashed while the rest of the window is read
             fut = digest.feed(wf, lo, view)
@@ -248,5 +262,5 @@ def release_window(files: InputFiles, win: list) -> None:
     ``drop_cache``; otherwise nothing to do, since nothing is mapped)."""
     if not files.drop_cache:
         return
-    for _, _, wf, lo, hi in window_ranges(files, win):
+    for wf, lo, hi, _ in coalesce(window_ranges(files, win)):
         files.release(wf, align_down(lo), hi)

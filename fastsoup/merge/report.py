@@ -65,7 +65,8 @@ class MergeReport:
     manifest: Optional[dict] = None
     sidecar: Optional[str] = None
     copied_files: List[str] = field(default_factory=list)
-    work_items: Optional[int] = None        # tensor chunks summed (one _C call each)
+    work_items: Optional[int] = None        # tensors and chunks of large tensors
+    kernel_calls: Optional[int] = None      # runs of work items summed in one _C call each
     window_bytes: Optional[int] = None      # input bytes mapped per prefetch window
     staging_bytes: Optional[int] = None     # size of each of the two output buffers
     timings: Dict[str, float] = field(default_factory=dict)  # where the streaming time went
@@ -183,6 +184,7 @@ def record_run(report: MergeReport, stats, *, seconds: float, write_seconds: flo
     report.seconds = seconds
     report.peak_rss = peak_rss()
     report.work_items, report.window_bytes = stats.items, stats.window_bytes
+    report.kernel_calls = getattr(stats, "runs", None)
     report.staging_bytes = stats.staging_bytes
     report.timings = {"stream": stats.seconds, "sum": stats.sum_seconds,
                       "prefetch_wait": stats.prefetch_wait_seconds,

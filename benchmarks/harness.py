@@ -117,6 +117,8 @@ def measure(benchmark, step: Callable[[], None], *, bytes_moved: Optional[int] =
 
     benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=0)
     extra = dict(info)
+    if DEVICE.type == "cuda":  # read before copy_bandwidth() allocates its buffers
+        extra["peak_extra_mem_MiB"] = (torch.cuda.max_memory_allocated() - base_mem) / 2**20
     extra["device"] = torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu"
     extra["torch"] = torch.__version__
     stats = getattr(benchmark, "stats", None)
@@ -133,6 +135,4 @@ def measure(benchmark, step: Callable[[], None], *, bytes_moved: Optional[int] =
             extra["copy_GBps"] = bw / 1e9
             extra["copy_buffer_MiB"] = _COPY["bytes"] / 2**20
             extra["model_s"] = bytes_moved / bw
-    if DEVICE.type == "cuda":
-        extra["peak_extra_mem_MiB"] = (torch.cuda.max_memory_allocated() - base_mem) / 2**20
     benchmark.extra_info.update(extra)

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Union
+import weakref
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -74,6 +75,26 @@ def check_data(names: Sequence[str], tensors: Sequence[Tensor]) -> None:
 
 SIGNS = {"positive": "> 0", "nonnegative": ">= 0"}
 
+# Tensors whose values fastsoup made and knows to be valid schedule scalars (finite, of the
+# right sign, and small enough in magnitude ratio that no coefficient table overflows):
+# the outputs of vp_alpha_sigma and vp_reverse_step_coefficients on a valid schedule. Their
+# value checks are skipped, so the steady training path makes no host sync. Keyed by
+# identity and checked against the tensor's version counter: an in-place change revokes it.
+_VOUCHED: Dict[int, Tuple[weakref.ref, int]] = {}
+
+
+def vouch(*tensors: Tensor) -> None:
+    """Record ``tensors`` as valid schedule scalars (see :func:`is_vouched`)."""
+    for t in tensors:
+        key = id(t)
+        _VOUCHED[key] = (weakref.ref(t, lambda _, key=key: _VOUCHED.pop(key, None)), t._version)
+
+
+def is_vouched(t) -> bool:
+    """True for a tensor :func:`vouch` recorded and nobody has modified in place since."""
+    hit = _VOUCHED.get(id(t)) if isinstance(t, Tensor) else None
+    return hit is not None and hit[0]() is t and hit[1] == t._version
+
 
 def per_sample_scalar(name: str, value: Scalar, batch: int, device: torch.device,
                       sign: Optional[str] = None,
@@ -86,7 +107,8 @@ def per_sample_scalar(name: str, value: Scalar, batch: int, device: torch.device
 
     With ``sign`` (``"positive"`` or ``"nonnegative"``) the values must also be finite and
     of that sign: checked at once for a number, and for a tensor added to ``checks`` (run
-    with the caller's other data-dependent checks in one host transfer).
+    with the caller's other data-dependent checks in one host transfer), except for tensors
+    fastsoup made from a valid schedule (:func:`is_vouched`), which need no check.
     """
     if isinstance(value, bool):
         raise TypeError(f"{name} must be a number or a float tensor, got bool")
@@ -99,6 +121,10 @@ def per_sample_scalar(name: str, value: Scalar, batch: int, device: torch.device
                 raise ValueError(f"{name} must be {SIGNS[sign]}, got {v}")
         return torch.full((batch,), float(value), dtype=torch.float64, device=device)
     out = _per_sample_scalar_tensor(name, value, batch, device)
+    if is_vouched(value):
+        if out is not value:
+            vouch(out)
+        return out
     if sign is not None and checks is not None:
         checks.add(~torch.isfinite(out).all(),
                    lambda: ValueError(f"{name} must be finite, got {_bad_values(out, ~torch.isfinite(out))}"))

@@ -46,7 +46,7 @@ from torch import Tensor
 from .. import _backend
 from ._checks import (DeferredChecks, Scalar, as_weight, check_data, check_reduction,
                       per_sample_scalar)
-from .ambient_coefficients import coefficient_table
+from .ambient_coefficients import check_finite_table, coefficient_table
 from .rows import acc_dtype, row_bilinear
 from ..kernels.abi import COL_VALID
 
@@ -68,23 +68,6 @@ def _reduce(per_sample: Tensor, valid: Tensor, weight, reduction: str) -> Tensor
     if reduction == "sum":
         return total
     return total / valid.sum().clamp_min(1)
-
-
-def _check_table(checks: DeferredChecks, coef: Tensor, error) -> None:
-    """Finite valid scalars must give a finite table: a coefficient that overflows the
-    table's dtype (a tiny σ_t or α_t) raises, naming the argument, instead of a NaN/inf
-    loss. ``error(bad)`` makes the exception from the ``[B]`` mask of bad samples."""
-    bad = lambda: ~torch.isfinite(coef).all(dim=1)  # noqa: E731
-    checks.add(~torch.isfinite(coef).all(), lambda: error(bad()))
-
-
-def _samples(bad: Tensor) -> str:
-    idx = bad.nonzero().flatten()[:4].tolist()
-    return f"sample{'s' if len(idx) > 1 else ''} {', '.join(map(str, idx))}"
-
-
-def _values(values: Tensor, bad: Tensor) -> str:
-    return ", ".join(f"{values[i].item():g}" for i in bad.nonzero().flatten()[:4].tolist())
 
 
 # ----------------------------------------------------------------------- VP loss
@@ -138,11 +121,9 @@ def ambient_loss_vp(eps_pred: Tensor, extra_noise: Tensor, alpha_t: Scalar, sigm
         ("alpha_n", alpha_n, "positive"), ("sigma_n", sigma_n, "nonnegative"))]
     # table: A = B = (−k, 1) over (ε̂, z) so u = r; scale c; see vp_loss_coefficients
     coef = coefficient_table(OP_VP, "vp_" + mode, scalars, acc_dtype((eps_pred, extra_noise)))
-    _check_table(checks, coef, lambda bad: ValueError(
-        f"alpha_t is too small for {coef.dtype} at {_samples(bad)} (alpha_t = "
-        f"{_values(scalars[0], bad)}, alpha_n = {_values(scalars[2], bad)}): the x0-mode "
-        "weight (b/a)² with a = alpha_t/alpha_n would overflow (use mode='eps' or larger "
-        "alpha_t)"))
+    check_finite_table(checks, coef, (("alpha_t", scalars[0]), ("alpha_n", scalars[2])),
+                       "the x0-mode weight (b/a)² with a = alpha_t/alpha_n would overflow "
+                       "(use mode='eps' or larger alpha_t)")
     checks.run()  # one host sync for every data-dependent check
     per_sample = row_bilinear(OP_VP, [eps_pred, extra_noise], coef, square=True)
     return _reduce(per_sample, coef[:, COL_VALID], weight, reduction)
@@ -194,11 +175,9 @@ def ambient_loss_ve(x0_pred: Tensor, x_t: Tensor, x_n: Tensor, sigma_t: Scalar,
     # table: A = B = (1, −p, −q) over (D_θ, x_n, x_t) so u = D_θ − y; scale λ
     coef = coefficient_table(OP_VE, "ve", scalars, acc_dtype((x0_pred, x_t, x_n)),
                              param=sigma_data)
-    _check_table(checks, coef, lambda bad: ValueError(
-        f"sigma_t is too small for {coef.dtype} at {_samples(bad)} (sigma_t = "
-        f"{_values(scalars[0], bad)}, sigma_n = {_values(scalars[1], bad)}): the EDM weight "
-        "λ(σ_t) = (σ_t² + σ_d²)/(σ_t σ_d)², or the pseudo-target's σ_t²/(σ_t² − σ_n²), "
-        "would overflow"))
+    check_finite_table(checks, coef, (("sigma_t", scalars[0]), ("sigma_n", scalars[1])),
+                       "the EDM weight λ(σ_t) = (σ_t² + σ_d²)/(σ_t σ_d)², or the "
+                       "pseudo-target's σ_t²/(σ_t² − σ_n²), would overflow")
     checks.run()  # one host sync for every data-dependent check
     per_sample = row_bilinear(OP_VE, [x0_pred, x_n, x_t], coef, square=True)
     return _reduce(per_sample, coef[:, COL_VALID], weight, reduction)

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend
+from ._checks import is_vouched
 from ..kernels.abi import COEF_COLS, COEF_KINDS, COL_SCALE, COL_VALID, linear_col
 
 KINDS = COEF_KINDS
@@ -141,3 +142,21 @@ def consistency_table(batch: int, device: torch.device, dtype: torch.dtype) -> T
     if row is None:  # eager: made once per device and dtype (no copy to the device per call)
         row = _CONSTANT_TABLES[key] = torch.tensor(values, dtype=dtype, device=device)
     return row.expand(batch, COEF_COLS)
+
+
+def check_finite_table(checks, coef: Tensor, scalars: Sequence[Tuple[str, Tensor]], why: str) -> None:
+    """Finite valid scalars must give a finite table: a coefficient that overflows the
+    table's dtype (a tiny σ_t or α_t) raises, naming ``scalars[0]`` and showing the bad
+    samples' values, instead of a NaN/inf result. Added to the caller's deferred checks
+    (one host transfer for all of them)."""
+    def error():
+        bad = ~torch.isfinite(coef).all(dim=1)
+        idx = bad.nonzero().flatten()[:4].tolist()
+        shown = ", ".join(f"{name} = " + ", ".join(f"{values[i].item():g}" for i in idx)
+                          for name, values in scalars)
+        where = f"sample{'s' if len(idx) > 1 else ''} {', '.join(map(str, idx))}"
+        return ValueError(f"{scalars[0][0]} is too small for {coef.dtype} at {where} ({shown}): {why}")
+
+    if all(is_vouched(values) for _, values in scalars):
+        return  # valid schedule scalars cannot overflow the table (see ops.schedule)
+    checks.add(~torch.isfinite(coef).all(), error)

@@ -14,8 +14,8 @@ from __future__ import annotations
 from torch import Tensor
 
 from .. import _backend
-from ._checks import Scalar, check_data, check_reduction, per_sample_scalar
-from .ambient_coefficients import coefficient_table, consistency_table
+from ._checks import DeferredChecks, Scalar, check_data, check_reduction, per_sample_scalar
+from .ambient_coefficients import check_finite_table, coefficient_table, consistency_table
 from .rows import acc_dtype, row_bilinear
 
 OP_CONSISTENCY = "consistency_loss"
@@ -93,9 +93,14 @@ def consistency_loss_eps(x_t: Tensor, eps_t: Tensor, alpha_t: Scalar, sigma_t: S
     if stop_anchor_grad:
         xs[0], xs[1] = xs[0].detach(), xs[1].detach()
     B, dev = x_t.shape[0], x_t.device
-    scalars = [per_sample_scalar(n, v, B, dev) for n, v in (
-        ("alpha_t", alpha_t), ("sigma_t", sigma_t), ("alpha_s", alpha_s), ("sigma_s", sigma_s))]
+    checks = DeferredChecks()
+    named = (("alpha_t", alpha_t, "positive"), ("sigma_t", sigma_t, "nonnegative"),
+             ("alpha_s", alpha_s, "positive"), ("sigma_s", sigma_s, "nonnegative"))
+    scalars = [per_sample_scalar(n, v, B, dev, sign, checks) for n, v, sign in named]
     # u = h_1 − h_t, v = h_2 − h_t with h = (x − σ ε̂)/α per input pair
     coef = coefficient_table(OP_CONSISTENCY, "consistency_eps", scalars, acc_dtype(xs))
+    check_finite_table(checks, coef, (("alpha_t", scalars[0]), ("alpha_s", scalars[2])),
+                       "the x0-predictions (x − σ ε̂)/α would overflow")
+    checks.run()  # one host sync for every data-dependent check
     per_sample = row_bilinear(OP_CONSISTENCY, xs, coef, square=False)
     return _reduce(per_sample, reduction)

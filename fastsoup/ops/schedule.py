@@ -11,7 +11,7 @@ from typing import Callable, Dict, NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._checks import check_timestep_tensor, is_compiling, timestep_range_error
+from ._checks import check_timestep_tensor, is_compiling, timestep_range_error, vouch
 
 
 class ReverseStepCoefficients(NamedTuple):
@@ -128,11 +128,26 @@ def vp_alpha_sigma(schedule, timesteps) -> Tuple[Tensor, Tensor]:
     return vp_alpha_sigma_unchecked(ac, t)
 
 
+# Smallest ᾱ whose α = sqrt(ᾱ) keeps every ambient coefficient table finite in float32
+# (1/α² ≤ 1e30); a schedule reaching below it still works, its scalars are just checked.
+MIN_VOUCHED_ALPHA_BAR = 1e-30
+
+
+def schedule_is_valid(ac: Tensor) -> bool:
+    """Every ᾱ finite and in [MIN_VOUCHED_ALPHA_BAR, 1] (read once per schedule tensor)."""
+    values = schedule_values(ac)
+    return all(MIN_VOUCHED_ALPHA_BAR <= v <= 1.0 for v in values)  # NaN fails both
+
+
 def vp_alpha_sigma_unchecked(ac: Tensor, t: Tensor) -> Tuple[Tensor, Tensor]:
     """:func:`vp_alpha_sigma` for timesteps already known to be in range (no host sync:
-    the schedule is cached on the device of ``t``)."""
+    the schedule is cached on the device of ``t``). On a valid schedule the results are
+    vouched for (:func:`fastsoup.ops._checks.vouch`): the losses skip their value checks."""
     abar = schedule_on_device(ac, t.device)[t]
-    return abar.sqrt().float(), (1.0 - abar).clamp_min(0).sqrt().float()
+    alpha, sigma = abar.sqrt().float(), (1.0 - abar).clamp_min(0).sqrt().float()
+    if not is_compiling() and schedule_is_valid(ac):
+        vouch(alpha, sigma)
+    return alpha, sigma
 
 
 def vp_reverse_step_coefficients(schedule, t, s) -> ReverseStepCoefficients:
@@ -161,4 +176,7 @@ def vp_reverse_step_coefficients(schedule, t, s) -> ReverseStepCoefficients:
                         torch.zeros_like(sigma_t))
     c_f = ratio * (1 - abar_t / abar_s).clamp_min(0).sqrt()
     c_o = (sigma_s ** 2 - c_f ** 2).clamp_min(0).sqrt()
-    return ReverseStepCoefficients(*(v.float() for v in (alpha_t, sigma_t, alpha_s, sigma_s, c_o, c_f)))
+    out = ReverseStepCoefficients(*(v.float() for v in (alpha_t, sigma_t, alpha_s, sigma_s, c_o, c_f)))
+    if not is_compiling() and schedule_is_valid(ac):
+        vouch(*out)
+    return out

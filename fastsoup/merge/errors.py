@@ -162,3 +162,10 @@ class PlanError(MergeError):
         if len(lines) > len(shown):
             text += f"\n  ... and {len(lines) - len(shown)} more (see the report's 'problems' list)"
         super().__init__(text)
+
+
+def some(items, limit: int) -> str:
+    """The first ``limit`` items joined by "; ", with how many more there are."""
+    items = list(items)
+    more = f" (and {len(items) - limit} more)" if len(items) > limit else ""
+    return "; ".join(items[:limit]) + more

@@ -23,7 +23,7 @@ from typing import Dict, List, Optional, Tuple
 
 from ..io import safetensors
 from ..io.safetensors import DTYPES, TORCH_NAMES, Header, TensorInfo
-from .errors import HeaderError, MergeError
+from .errors import HeaderError, MergeError, some
 
 SAFETENSORS = ".safetensors"
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
@@ -219,8 +219,7 @@ def _sharded_component(index_path: str, name: str, allow_pickle: bool) -> Compon
         if k not in weight_map:
             bad.append(f"{k!r} is stored in {wf.name} but missing from the weight_map")
     if bad:
-        raise MergeError(f"{index_path}: index and shards disagree: " + "; ".join(bad[:20])
-                         + (f" (and {len(bad) - 20} more)" if len(bad) > 20 else ""))
+        raise MergeError(f"{index_path}: index and shards disagree: " + some(bad, 20))
     return comp
 
 

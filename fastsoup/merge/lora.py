@@ -38,7 +38,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from .errors import MergeError
+from .errors import MergeError, some
 
 _FACTOR = re.compile(r"^(?P<prefix>.+)\.(?P<kind>lora_A|lora_B|lora_down|lora_up)"
                      r"(?P<suffix>(\.[^.]+)?\.weight)$")
@@ -92,8 +92,7 @@ def find_modules(layout) -> Dict[str, Module]:
             if down not in infos:
                 problems.append(f"{q!r} has no {_DOWN[m.group('kind')]} partner {down!r}")
     if problems:
-        raise MergeError(f"{layout.path}: incomplete LoRA pairs: " + "; ".join(problems[:5])
-                         + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""))
+        raise MergeError(f"{layout.path}: incomplete LoRA pairs: " + some(problems, 5))
     return modules
 
 
@@ -171,8 +170,7 @@ def plan_soup(constituents, *, weights, normalize, keys, dtype, max_shard_size, 
         r = sum(mods[i][name].rank for i in holders)
         total_rank[name] = min(r, lora_rank) if lora_rank else r
     if problems:
-        raise MergeError("the LoRA adapters cannot be merged: " + "; ".join(problems[:5])
-                         + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""))
+        raise MergeError("the LoRA adapters cannot be merged: " + some(problems, 5))
     fakes = []
     for i, lay in enumerate(constituents):
         shapes = {}
@@ -206,15 +204,7 @@ def plan_soup(constituents, *, weights, normalize, keys, dtype, max_shard_size, 
             m = mods[i].get(name)
             if m is None:
                 continue
-            for part in ("down", "up", "alpha"):
-                q = getattr(m, part)
-                if q is None:
-                    continue
-                cname, key = constituents[i].keys()[q]
-                wf, info = constituents[i].components[cname].tensors[key]
-                src = Source(i, wf, info, coefs[i], key)
-                src.part = part  # which factor of input i's module this is
-                srcs.append(src)
+            srcs.extend(_factor_sources(constituents[i], i, m, coefs[i]))
         t.sources = srcs
         t.special = {"lora": what, "module": name, "rank": total_rank[name],
                      "compress": bool(lora_rank)}
@@ -303,15 +293,7 @@ def plan_bake(constituents, base, *, weights, keys, dtype, max_shard_size, accum
                                 f"{[b.shape[0]] + list(a.shape[1:])} weight, the base's "
                                 f"{t.qualified!r} is {list(info0.shape)}")
                 continue
-            for part in ("down", "up", "alpha"):
-                q = getattr(mod, part)
-                if q is None:
-                    continue
-                cname, key = constituents[i].keys()[q]
-                wfq, infoq = constituents[i].components[cname].tensors[key]
-                src = Source(i, wfq, infoq, weights[i], key)
-                src.part = part
-                srcs.append(src)
+            srcs.extend(_factor_sources(constituents[i], i, mod, weights[i]))
         t.sources = srcs
         t.special = {"lora": "bake", "module": t.qualified}
     if problems:
@@ -411,3 +393,21 @@ def error_summary(cache: dict) -> Optional[dict]:
         return None
     total = math.sqrt(stats["dropped"] / stats["total"]) if stats["total"] > 0 else 0.0
     return {"relative_error_max": stats["max"], "relative_error_total": total}
+
+
+def _factor_sources(constituent, i: int, module, coef) -> list:
+    """One :class:`Source` per stored factor (down, up, alpha) of input ``i``'s module,
+    tagged with the factor it is."""
+    from .plan import Source
+
+    out = []
+    for part in ("down", "up", "alpha"):
+        q = getattr(module, part)
+        if q is None:
+            continue
+        cname, key = constituent.keys()[q]
+        wf, info = constituent.components[cname].tensors[key]
+        src = Source(i, wf, info, coef, key)
+        src.part = part  # which factor of input i's module this is
+        out.append(src)
+    return out

@@ -109,7 +109,7 @@ def stubbed_weighted_sum(backend: str):
     import fastsoup.ops.weighted_sum as ops_ws
 
     saved = [(ops_ws, "_backend_for", ops_ws._backend_for)]
-    ops_ws._backend_for = lambda outs, inputs: backend
+    ops_ws._backend_for = lambda outs, inputs, *signature: backend
     if backend == "triton":
         import fastsoup.kernels.triton.weighted_sum as tws
 

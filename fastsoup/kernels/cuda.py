@@ -53,13 +53,17 @@ def mse_backward(coef: torch.Tensor, pred: torch.Tensor, target: torch.Tensor,
 
 
 def weighted_sum_multi(outs: Sequence[torch.Tensor], inputs: Sequence[Sequence[torch.Tensor]],
-                       weights: torch.Tensor) -> None:
+                       weights: torch.Tensor, tables=None, aligned=None):
     """One launch: ``outs[p] = Σ_k weights[k] · inputs[k][p]`` (see
-    :func:`fastsoup.kernels.triton.weighted_sum.weighted_sum_multi`)."""
-    table, numel, bt, bs = weighted_sum_tables(outs, inputs, WEIGHTED_SUM_CUDA_BLOCK)
+    :func:`fastsoup.kernels.triton.weighted_sum.weighted_sum_multi`; the kernel checks
+    alignment per block itself, so ``aligned`` is passed through)."""
+    if tables is None:
+        tables = weighted_sum_tables(outs, inputs, WEIGHTED_SUM_CUDA_BLOCK)
+    table, numel, bt, bs = tables
     if bt.numel() == 0:
-        return
+        return tables, aligned
     codes = torch.tensor([dtype_code(inp[0].dtype) for inp in inputs], dtype=torch.int32,
                          device=weights.device)
     _extension().weighted_sum(table, numel, bt, bs, weights, codes, len(inputs),
                               dtype_code(outs[0].dtype))
+    return tables, aligned

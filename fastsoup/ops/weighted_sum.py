@@ -18,6 +18,8 @@ temporary first on every backend; outputs that share memory with each other are 
 from __future__ import annotations
 
 import bisect
+import collections
+import contextvars
 from typing import Dict, List, Sequence, Tuple, Union
 
 import torch
@@ -49,7 +51,8 @@ def reference_weighted_sum_(outs: Sequence[Tensor], inputs: Sequence[Sequence[Te
 
 # ------------------------------------------------------------------------ backend table
 def _gpu_launch(backend: str):
-    """``weighted_sum_multi(outs, inputs, weights)`` of a GPU backend (one signature)."""
+    """``weighted_sum_multi(outs, inputs, weights, tables=None, aligned=None)`` of a GPU
+    backend (one signature; returns the tables and alignment it launched with)."""
     if backend == "triton":
         from ..kernels.triton.weighted_sum import weighted_sum_multi
     else:
@@ -65,11 +68,31 @@ def _groups(outs, inputs) -> Dict[Tuple, List[int]]:
     return groups
 
 
-def _fused(backend: str, outs, inputs, weights) -> None:
+# (signature, backend) -> [(positions, device tables, aligned)] for lists whose tensors
+# are all contiguous: a repeated call launches from these without another pass over them.
+_LAUNCHES: "collections.OrderedDict" = collections.OrderedDict()
+
+
+def _fused(backend: str, outs, inputs, weights, signature=None) -> None:
     """Run ``backend`` over the lists, one launch per dtype signature (normally one)."""
     device = outs[0].device
     w = torch.tensor([float(x) for x in weights], dtype=torch.float32, device=device)
     launch = _gpu_launch(backend)
+    plan = _LAUNCHES.get((signature, backend)) if signature is not None else None
+    if plan is not None:
+        for ps, tables, aligned in plan:
+            launch([outs[p] for p in ps], [[inp[p] for p in ps] for inp in inputs], w,
+                   tables=tables, aligned=aligned)
+        return
+    if signature is not None and all(signature[5]):  # every tensor contiguous
+        plan = []
+        for ps in _groups(outs, inputs).values():
+            g_outs, g_inputs = [outs[p] for p in ps], [[inp[p] for p in ps] for inp in inputs]
+            plan.append((ps,) + launch(g_outs, g_inputs, w))
+        _LAUNCHES[(signature, backend)] = plan
+        if len(_LAUNCHES) > _SEEN_SIZE:
+            _LAUNCHES.popitem(last=False)
+        return
     for key, ps in _groups(outs, inputs).items():
         g_outs, copy_back = [], []
         for p in ps:
@@ -131,9 +154,10 @@ def _cpu_fused(outs, inputs, weights) -> bool:
 _CPU_DTYPES = _KERNEL_DTYPES + (torch.float64,)
 
 
-def _backend_for(outs: Sequence[Tensor], inputs) -> str:
-    if any(o.dtype not in _KERNEL_DTYPES for o in outs) or any(
-            t.dtype not in _KERNEL_DTYPES for inp in inputs for t in inp):
+def _backend_for(outs: Sequence[Tensor], inputs, signature=None) -> str:
+    dtypes = signature[6] if signature is not None else (
+        [o.dtype for o in outs] + [t.dtype for inp in inputs for t in inp])
+    if any(d not in _KERNEL_DTYPES for d in set(dtypes)):
         return "reference"  # fp64: the checking dtype
     return _backend.choose(OP, outs[0].device).backend
 
@@ -184,27 +208,65 @@ def _hazards(outs, inputs) -> List[int]:
     return hazards
 
 
+# Lists seen before (IET averages the same replicas every N steps): their checks and
+# hazards depend only on the tensors' addresses, sizes, layouts and dtypes, so a repeated
+# call pays for one pass that reads those, not for the checks (see bench_host_cost.py).
+_SEEN: "collections.OrderedDict" = collections.OrderedDict()
+_SEEN_SIZE = 16
+_SIGNATURE: contextvars.ContextVar = contextvars.ContextVar("weighted_sum_signature", default=None)
+
+
+def _signature(outs, inputs):
+    """What the checks and hazards of the lists depend on, or None for anything but
+    lists of tensors (the full checks then name the problem)."""
+    if not isinstance(outs, (list, tuple)) or not isinstance(inputs, (list, tuple)) or \
+            not all(isinstance(inp, (list, tuple)) for inp in inputs):
+        return None
+    flat = list(outs) + [t for inp in inputs for t in inp]
+    if not all(type(t) is Tensor or isinstance(t, Tensor) for t in flat):
+        return None
+    T = Tensor
+    return (len(outs), tuple(map(len, inputs)), str(outs[0].device) if outs else "",
+            tuple(map(T.data_ptr, flat)), tuple(map(T.numel, flat)),
+            tuple(map(T.is_contiguous, flat)), tuple(t.dtype for t in flat))
+
+
+def _remember(signature, hazards) -> None:
+    _SEEN[signature] = hazards
+    if len(_SEEN) > _SEEN_SIZE:
+        _SEEN.popitem(last=False)
+
+
 @torch.library.custom_op("fastsoup::weighted_sum_", mutates_args=("outs",))
 def _weighted_sum_op(outs: List[Tensor], inputs: List[Tensor], weights: List[float]) -> None:
     K, P = len(weights), len(outs)
     nested = [inputs[k * P:(k + 1) * P] for k in range(K)]
-    staged = _hazards(outs, nested)
+    signature = _SIGNATURE.get()
+    staged = _SEEN.get(signature) if signature is not None else None
+    if staged is None:
+        staged = _hazards(outs, nested)
+        if signature is not None:
+            _remember(signature, staged)
     if staged:  # an output overlaps another position's input: compute aside, then copy
         final = list(outs)
         outs = list(outs)
         for p in staged:
             outs[p] = torch.empty_like(outs[p])
-        _weighted_sum_op(outs, inputs, weights)
+        token = _SIGNATURE.set(None)  # the temporaries are new lists: no hazards
+        try:
+            _weighted_sum_op(outs, inputs, weights)
+        finally:
+            _SIGNATURE.reset(token)
         for p in staged:
             final[p].copy_(outs[p])
         return
-    backend = _backend_for(outs, nested)
+    backend = _backend_for(outs, nested, signature)
     if backend == "reference":
         if outs and outs[0].device.type == "cpu" and _cpu_fused(outs, nested, weights):
             return
         reference_weighted_sum_(outs, nested, weights)
     else:
-        _fused(backend, outs, nested, weights)
+        _fused(backend, outs, nested, weights, signature)
 
 
 @_weighted_sum_op.register_fake
@@ -213,21 +275,26 @@ def _(outs, inputs, weights):
 
 
 # ------------------------------------------------------------------------ public API
-def _check(outs, inputs, weights) -> List[float]:
-    if isinstance(outs, Tensor) or not isinstance(outs, (list, tuple)):
-        raise TypeError("outs must be a list of tensors")
-    if isinstance(inputs, Tensor) or not isinstance(inputs, (list, tuple)):
-        raise TypeError("inputs must be a list (one entry per input k) of lists of tensors")
+def _check_weights(weights, K: int) -> List[float]:
     if isinstance(weights, Tensor):
         if weights.dim() != 1:
             raise ValueError(f"weights must be 1-d [K], got shape {tuple(weights.shape)}")
         weights = weights.detach().cpu().tolist()
     weights = [float(w) for w in weights]
-    K = len(inputs)
     if K == 0:
         raise ValueError("inputs is empty (need at least one input list)")
     if len(weights) != K:
         raise ValueError(f"got {len(weights)} weights for {K} input lists")
+    return weights
+
+
+def _check(outs, inputs, weights) -> List[float]:
+    if isinstance(outs, Tensor) or not isinstance(outs, (list, tuple)):
+        raise TypeError("outs must be a list of tensors")
+    if isinstance(inputs, Tensor) or not isinstance(inputs, (list, tuple)):
+        raise TypeError("inputs must be a list (one entry per input k) of lists of tensors")
+    weights = _check_weights(weights, len(inputs))
+    K = len(inputs)
     P = len(outs)
     for k, inp in enumerate(inputs):
         if isinstance(inp, Tensor) or not isinstance(inp, (list, tuple)):
@@ -268,9 +335,17 @@ def weighted_sum_(outs: Sequence[Tensor], inputs: Sequence[Sequence[Tensor]],
         ``outs``. Accumulation is fp32 (fp64 when a tensor is fp64), rounded once to each
         output dtype. Not differentiable (an in-place update, like an optimizer step).
     """
-    weights = _check(outs, inputs, weights)
+    signature = _signature(outs, inputs)
+    if signature is not None and signature in _SEEN:
+        weights = _check_weights(weights, len(inputs))  # the tensors passed before
+    else:
+        weights = _check(outs, inputs, weights)
     if len(outs) == 0:
         return outs
     flat = [t for inp in inputs for t in inp]
-    _weighted_sum_op(list(outs), flat, weights)
+    token = _SIGNATURE.set(signature)
+    try:
+        _weighted_sum_op(list(outs), flat, weights)
+    finally:
+        _SIGNATURE.reset(token)
     return outs

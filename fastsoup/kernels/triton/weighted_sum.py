@@ -75,7 +75,7 @@ def _weighted_sum_kernel(
 
 @on_device_of(lambda outs, *a: outs[0])
 def weighted_sum_multi(outs: Sequence[torch.Tensor], inputs: Sequence[Sequence[torch.Tensor]],
-                       weights: torch.Tensor) -> None:
+                       weights: torch.Tensor, tables=None, aligned=None):
     """One launch: ``outs[p] = Σ_k weights[k] · inputs[k][p]``.
 
     Args:
@@ -83,17 +83,26 @@ def weighted_sum_multi(outs: Sequence[torch.Tensor], inputs: Sequence[Sequence[t
         inputs: K lists of P contiguous tensors, one dtype for all; ``inputs[k][p]`` has
             ``outs[p].numel()`` elements.
         weights: fp32 ``[K]`` on the tensors' device.
+        tables, aligned: what a previous call over the same lists returned (skips
+            building them); None computes them.
+
+    Returns:
+        ``(tables, aligned)`` for a repeated call.
     """
     K = len(inputs)
-    table, numel_t, bt, bs = weighted_sum_tables(outs, inputs, BLOCK)
+    if tables is None:
+        tables = weighted_sum_tables(outs, inputs, BLOCK)
+    table, numel_t, bt, bs = tables
+    if aligned is None:
+        aligned = all(t.data_ptr() % 16 == 0 for t in outs) and all(
+            t.data_ptr() % 16 == 0 for inp in inputs for t in inp)
     nb = bt.numel()
     if nb == 0:
-        return
-    aligned = all(t.data_ptr() % 16 == 0 for t in outs) and all(
-        t.data_ptr() % 16 == 0 for inp in inputs for t in inp)
+        return tables, aligned
     _weighted_sum_kernel[(nb,)](
         table, numel_t, bt, bs, weights,
         K=K, IN_TS=tuple(_TL[inp[0].dtype] for inp in inputs), OUT_T=_TL[outs[0].dtype],
         BLOCK=BLOCK,
         ALIGNED=aligned, num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION,
     )
+    return tables, aligned

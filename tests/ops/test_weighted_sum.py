@@ -360,3 +360,24 @@ def test_mixed_input_dtypes_are_read_in_their_own_dtype(monkeypatch):
     assert torch.bfloat16 not in copies
     for o, r in zip(outs, ref):
         torch.testing.assert_close(o, r, rtol=1e-6, atol=1e-7)
+
+
+def test_repeated_calls_reuse_the_checks_and_a_changed_list_is_checked_again(monkeypatch):
+    from fastsoup.ops import weighted_sum as ws
+
+    ws._SEEN.clear()
+    calls = []
+    real_check, real_hazards = ws._check, ws._hazards
+    monkeypatch.setattr(ws, "_check", lambda *a: calls.append("check") or real_check(*a))
+    monkeypatch.setattr(ws, "_hazards", lambda *a: calls.append("hazards") or real_hazards(*a))
+    outs = [torch.zeros(3), torch.zeros(2, 2)]
+    ins = [[torch.ones(3), torch.ones(2, 2)], [torch.full((3,), 3.0), torch.full((2, 2), 3.0)]]
+    for _ in range(3):
+        fs.weighted_sum_(outs, ins, [0.5, 0.5])
+    assert calls == ["check", "hazards"] and outs[0].tolist() == [2.0, 2.0, 2.0]
+    ins[1][1] = torch.ones(4)                       # a new tensor: checked again, refused
+    with pytest.raises(ValueError, match=r"inputs\[1\]\[1\] has shape"):
+        fs.weighted_sum_(outs, ins, [0.5, 0.5])
+    ins[1][1] = outs[0][:2].view(2, 1).expand(2, 2)  # now overlaps outs[0]: staged
+    fs.weighted_sum_(outs, ins, [0.5, 0.5])
+    assert outs[1].tolist() == [[1.5, 1.5], [1.5, 1.5]]

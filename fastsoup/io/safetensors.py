@@ -131,11 +131,13 @@ class Header:
 
 
 def _no_duplicates(pairs):
-    out = {}
-    for k, v in pairs:
-        if k in out:
-            raise HeaderError(f"duplicate key {k!r} in the JSON header")
-        out[k] = v
+    out = dict(pairs)
+    if len(out) != len(pairs):  # rare: find the key for the message
+        seen = set()
+        for k, _ in pairs:
+            if k in seen:
+                raise HeaderError(f"duplicate key {k!r} in the JSON header")
+            seen.add(k)
     return out
 
 
@@ -207,46 +209,60 @@ def parse_header(prefix: bytes, file_size: int, path: str = "<bytes>",
                                         for k, v in metadata.items()):
         raise fail("__metadata__ holds a lone surrogate escape (not valid Unicode)")
     tensors: Dict[str, TensorInfo] = {}
+    # lone surrogates can only come from JSON \u escapes: check the names only if there are any
+    check_names = "\\u" in text
     for key, entry in obj.items():
         if not key:
             raise fail("empty tensor name")
-        if not encodable(key):
+        if check_names and not encodable(key):
             raise fail(f"tensor name {key.encode('utf-8', 'backslashreplace').decode()!r} holds a "
                        "lone surrogate escape (not valid Unicode)")
-        if not isinstance(entry, dict):
-            raise fail(f"tensor {key!r}: entry is not an object")
+        if type(entry) is not dict:
+            if not isinstance(entry, dict):
+                raise fail(f"tensor {key!r}: entry is not an object")
         dtype = entry.get("dtype")
         shape = entry.get("shape")
         offsets = entry.get("data_offsets")
-        if not isinstance(dtype, str) or dtype not in DTYPES:
+        spec = DTYPES.get(dtype) if type(dtype) is str else None
+        if spec is None:
             raise fail(f"tensor {key!r}: unknown dtype {dtype!r} "
                        f"(known: {', '.join(sorted(DTYPES))})")
-        if not isinstance(shape, list) or not all(_is_int(s) and s >= 0 for s in shape):
+        if type(shape) is not list:
+            shape_ok = False
+        else:
+            shape_ok = True
+            for d in shape:  # ints (never bools), non-negative
+                if type(d) is not int or d < 0:
+                    shape_ok = False
+                    break
+        if not shape_ok:
             raise fail(f"tensor {key!r}: shape must be a list of non-negative integers, "
                        f"got {shape!r}")
-        if (not isinstance(offsets, list) or len(offsets) != 2
-                or not all(_is_int(o) and o >= 0 for o in offsets)):
+        if (type(offsets) is not list or len(offsets) != 2
+                or type(offsets[0]) is not int or type(offsets[1]) is not int
+                or offsets[0] < 0 or offsets[1] < 0):
             raise fail(f"tensor {key!r}: data_offsets must be [begin, end] non-negative "
                        f"integers, got {offsets!r}")
-        itemsize = DTYPES[dtype].itemsize
+        itemsize = spec.itemsize
+        numel = 1
         extent = itemsize
         for d in shape:  # zero-sized dimensions do not excuse others that overflow
-            extent *= max(d, 1)
-        if any(d > INT64_MAX for d in shape) or extent > INT64_MAX:
+            numel *= d
+            extent *= d if d > 1 else 1
+        if extent > INT64_MAX:  # any dimension > INT64_MAX makes the extent overflow too
             raise fail(f"tensor {key!r}: shape {shape!r} overflows a 64-bit element count or "
                        "byte size")
         begin, end = offsets
         if begin > end:
             raise fail(f"tensor {key!r}: data_offsets begin {begin} > end {end}")
-        info = TensorInfo(dtype, tuple(shape), begin, end)
-        expected = info.numel * DTYPES[dtype].itemsize
+        expected = numel * itemsize
         if expected != end - begin:
             raise fail(f"tensor {key!r}: {dtype} {list(shape)} needs {expected} bytes but "
                        f"data_offsets [{begin}, {end}] hold {end - begin}")
         if end > data_len:
             raise fail(f"tensor {key!r}: data_offsets [{begin}, {end}] run past the end of "
                        f"the data section ({data_len} bytes): truncated file?")
-        tensors[key] = info
+        tensors[key] = TensorInfo(dtype, tuple(shape), begin, end)
 
     ordered = sorted(tensors.items(), key=lambda kv: (kv[1].begin, kv[1].end))
     prev_key, prev_end = None, 0

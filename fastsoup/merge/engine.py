@@ -131,7 +131,7 @@ def _run_sources(it: Item) -> List[RunSource]:
         es = DTYPES[s.dtype].itemsize
         start, stop = it.lo * es, it.hi * es
         if s.file.header is not None:
-            begin = s.file.header.data_start + s.file.header.tensors[s.key].begin
+            begin = s.file.header.data_start + s.info.begin
             lo, hi = begin + start, begin + stop
         else:  # a loaded pickle input: never fused
             lo, hi = 0, stop - start
@@ -142,28 +142,43 @@ def _run_sources(it: Item) -> List[RunSource]:
 def make_runs(items: List[Item], writers: List[SafetensorsFileWriter], window: int,
               staging: int) -> List[Run]:
     """Fuse consecutive ``items`` into :class:`Run` s of at most ``window`` input bytes and
-    ``staging`` output bytes (items were cut to fit both)."""
+    ``staging`` output bytes (items were cut to fit both). One pass, a few comparisons per
+    item and source."""
+    size = {name: spec.itemsize for name, spec in DTYPES.items()}
     runs: List[Run] = []
     cur: Optional[Run] = None
+    cur_in = cur_out = 0
     for it in items:
         t = it.tensor
-        srcs = _run_sources(it)
-        out_offset = writers[it.file_index].offsets[t.key] + it.lo * DTYPES[t.dtype].itemsize
         n = it.hi - it.lo
+        out_es = size[t.dtype]
+        out_offset = writers[it.file_index].offsets[t.key] + it.lo * out_es
         if (cur is not None and cur.file_index == it.file_index and cur.op == t.op
-                and cur.out_dtype == t.dtype and cur.out_offset + cur.out_nbytes == out_offset
-                and len(cur.sources) == len(srcs)
-                and cur.out_nbytes + n * DTYPES[t.dtype].itemsize <= staging
-                and cur.in_nbytes + sum(s.hi - s.lo for s in srcs) <= window
-                and all(a.file.header is not None and b.file.header is not None
-                        and a.file.path == b.file.path and a.hi == b.lo and a.dtype == b.dtype
-                        and a.weight == b.weight for a, b in zip(cur.sources, srcs))):
-            for a, b in zip(cur.sources, srcs):
-                a.hi = b.hi
-            cur.n += n
-            cur.items.append(it)
-            continue
-        cur = Run(it.file_index, t.op, t.dtype, out_offset, n, srcs, [it])
+                and cur.out_dtype == t.dtype and cur.out_offset + cur_out == out_offset
+                and cur_out + n * out_es <= staging):
+            srcs = t.sources[:1] if t.op == "copy" else t.sources
+            add = 0
+            if len(srcs) == len(cur.sources):
+                for a, src in zip(cur.sources, srcs):
+                    h = src.file.header
+                    if (h is None or a.dtype != src.dtype or a.weight != src.weight
+                            or (a.file is not src.file and a.file.path != src.file.path)
+                            or h.data_start + src.info.begin + it.lo * size[src.dtype] != a.hi):
+                        add = -1
+                        break
+                    add += n * size[src.dtype]
+            else:
+                add = -1
+            if add >= 0 and cur_in + add <= window and cur.sources[0].file.header is not None:
+                for a, src in zip(cur.sources, srcs):
+                    a.hi += n * size[src.dtype]
+                cur.n += n
+                cur.items.append(it)
+                cur_in += add
+                cur_out += n * out_es
+                continue
+        cur = Run(it.file_index, t.op, t.dtype, out_offset, n, _run_sources(it), [it])
+        cur_in, cur_out = cur.in_nbytes, cur.out_nbytes
         runs.append(cur)
     return runs
 

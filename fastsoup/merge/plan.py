@@ -8,6 +8,7 @@ first input's layout (file names, shard assignment, tensor order), unless
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -47,11 +48,12 @@ class OutTensor:
     special: Optional[dict] = None  # a per-tensor method or LoRA product (merge/methods.py,
     #                                 merge/lora.py) computed instead of the weighted sum
 
-    @property
+    # computed once: read per tensor by the writer, the engine and the report
+    @functools.cached_property
     def numel(self) -> int:
         return math.prod(self.shape)
 
-    @property
+    @functools.cached_property
     def nbytes(self) -> int:
         return self.numel * DTYPES[self.dtype].itemsize
 
@@ -351,14 +353,17 @@ def _mirror(layouts, key_maps, out_tensors, order, max_shard_size) -> List[OutCo
     comp_layout: Dict[str, Layout] = {}
     by_file: Dict[Tuple[str, str], OutFile] = {}
     # Order: each tensor at its position in the first holder's files (file order, offset).
+    comp_index = [{c: i for i, c in enumerate(lay.components)} for lay in layouts]
+    file_index = [{id(wf): i for c in lay.components.values() for i, wf in enumerate(c.files)}
+                  for lay in layouts]
+
     def position(q):
         for k, km in enumerate(key_maps):
-            if q in km:
-                cname, key = km[q]
-                comp = layouts[k].components[cname]
-                wf, info = comp.tensors[key]
-                return (k, list(layouts[k].components).index(cname),
-                        comp.files.index(wf), info.begin, q)
+            got = km.get(q)
+            if got is not None:
+                cname, key = got
+                wf, info = layouts[k].components[cname].tensors[key]
+                return (k, comp_index[k][cname], file_index[k][id(wf)], info.begin, q)
         raise AssertionError(q)
 
     ordered = sorted(out_tensors, key=position)

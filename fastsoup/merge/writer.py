@@ -9,6 +9,7 @@ files live inside the temporary output of :class:`.output.AtomicOutput`.
 from __future__ import annotations
 
 import errno
+import json
 import os
 from typing import Dict, Optional, Tuple
 
@@ -20,12 +21,35 @@ from .plan import OutFile
 
 
 def header_bytes(out_file: OutFile, metadata: Optional[Dict[str, str]],
-                 reserve: int = 0) -> Tuple[bytes, Dict[str, int]]:
+                 reserve: int = 0, _tensors_json: Optional[list] = None) -> Tuple[bytes, Dict[str, int]]:
     """Serialise the header of ``out_file``: returns (8-byte length + JSON, padded to a
-    multiple of 8 and to at least ``reserve`` bytes) and each tensor's data offset."""
+    multiple of 8 and to at least ``reserve`` bytes) and each tensor's data offset.
+    ``_tensors_json`` (a one-element list) caches the tensors' part of the JSON between
+    calls: the header is rewritten with the final manifest, and re-encoding tens of
+    thousands of entries costs more than the merge of small models."""
     obj, offsets = layout_header(((t.key, t.dtype, t.shape, t.nbytes) for t in out_file.tensors),
-                                 metadata or None)
+                                 None)
+    if _tensors_json is not None:
+        if not _tensors_json:
+            _tensors_json.append(json.dumps(obj, separators=(",", ":"), ensure_ascii=False))
+        body = _tensors_json[0]
+        if metadata:  # what encode_header writes for {"__metadata__": ..., **obj}
+            meta = json.dumps({"__metadata__": dict(metadata)}, separators=(",", ":"),
+                              ensure_ascii=False)
+            body = meta[:-1] + ("," + body[1:] if body != "{}" else "}")
+        return encode_text(body, reserve), offsets
+    if metadata:
+        obj = {"__metadata__": dict(metadata), **obj}
     return encode_header(obj, reserve=reserve), offsets
+
+
+def encode_text(text: str, reserve: int = 0) -> bytes:
+    """:func:`fastsoup.io.safetensors.encode_header` of an already serialised object."""
+    data = text.encode("utf-8")
+    n = max(len(data), reserve - 8)
+    n += (-(8 + n)) % 8
+    data += b" " * (n - len(data))
+    return len(data).to_bytes(8, "little") + data
 
 
 def check_header_size(path: str, nbytes: int) -> None:
@@ -47,7 +71,9 @@ class SafetensorsFileWriter:
     def __init__(self, path: str, out_file: OutFile, metadata: Optional[Dict[str, str]]):
         self.path = path
         self.out_file = out_file
-        self.header, offsets = header_bytes(out_file, metadata, reserve=0)
+        self._tensors_json: list = []
+        self.header, offsets = header_bytes(out_file, metadata, reserve=0,
+                                            _tensors_json=self._tensors_json)
         check_header_size(path, len(self.header) - 8)
         self.data_start = len(self.header)
         self.offsets = {k: self.data_start + v for k, v in offsets.items()}
@@ -96,7 +122,8 @@ class SafetensorsFileWriter:
     def rewrite_header(self, metadata: Optional[Dict[str, str]]) -> None:
         """Replace the header with one carrying ``metadata``; it must fit the space the
         first header reserved (callers keep field lengths fixed, e.g. hex digests)."""
-        new, _ = header_bytes(self.out_file, metadata, reserve=len(self.header))
+        new, _ = header_bytes(self.out_file, metadata, reserve=len(self.header),
+                              _tensors_json=self._tensors_json)
         if len(new) != len(self.header):
             raise MergeError(f"{self.path}: internal error: final header is {len(new)} bytes, "
                              f"{len(self.header)} were reserved")

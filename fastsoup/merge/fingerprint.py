@@ -17,7 +17,7 @@ children will declare).
 from __future__ import annotations
 
 import json
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 from .errors import MergeError
 

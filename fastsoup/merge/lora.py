@@ -133,7 +133,7 @@ def plan_soup(constituents, *, weights, normalize, keys, dtype, max_shard_size, 
     """The plan of a LoRA soup (no base): :func:`.plan.build_plan` over copies of the
     inputs whose factor shapes are the output's, then the factors and alphas marked to be
     computed by :func:`compute`."""
-    from .plan import Source, build_plan
+    from .plan import build_plan
 
     n = len(constituents)
     mods = [find_modules(lay) for lay in constituents]

@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 

@@ -75,6 +75,10 @@ def check_data(names: Sequence[str], tensors: Sequence[Tensor]) -> None:
 
 SIGNS = {"positive": "> 0", "nonnegative": ">= 0"}
 
+
+class NonFiniteLossError(FloatingPointError, ValueError):
+    """Raised when per-sample losses contain NaN or infinity."""
+
 # Tensors whose values fastsoup made and knows to be valid schedule scalars (finite, of the
 # right sign, and small enough in magnitude ratio that no coefficient table overflows):
 # the outputs of vp_alpha_sigma and vp_reverse_step_coefficients on a valid schedule. Their

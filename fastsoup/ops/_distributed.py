@@ -26,7 +26,7 @@ HEADER_LEN = 4  # error flag, local batch size, configuration signature, one siz
 
 def _exception_types() -> dict:
     """Exception types re-raised by name on the other ranks (anything else: RuntimeError)."""
-    from .agc import NonFiniteLossError
+    from ._checks import NonFiniteLossError
 
     return {cls.__name__: cls for cls in (ValueError, TypeError, NonFiniteLossError,
                                           IndexError, FloatingPointError, RuntimeError)}

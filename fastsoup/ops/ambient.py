@@ -40,7 +40,6 @@ from __future__ import annotations
 import math
 from typing import Optional
 
-import torch
 from torch import Tensor
 
 from .. import _backend

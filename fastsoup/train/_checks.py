@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 from typing import Any, Optional
 
-import torch
 from torch import Tensor
 
 from ..ops._checks import check_timestep_tensor

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from ..ops import (
-    ambient_loss_vp, vp_alpha_sigma, vp_reverse_step_coefficients, vp_reverse_step_from_eps,
+    ambient_loss_vp, vp_reverse_step_coefficients, vp_reverse_step_from_eps,
 )
 from ..ops.schedule import schedule_values, vp_alpha_sigma_unchecked
 from ..ops._checks import check_float_tensor, check_same_shape

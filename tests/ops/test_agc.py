@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import fastsoup as fs
-from fastsoup.ops.agc import _rank_within_timestep
+from fastsoup.ops.agc_bank import _rank_within_timestep
 
 
 # ---------------------------------------------------------------- top-k

@@ -17,13 +17,12 @@
 
 The core package never imports diffusers; these helpers duck-type the scheduler.
 """
-from .losses import (
+from .losses import diffusion_loss, diffusion_target
+from .schedulers import (
     FLOW_MATCHING,
     PREDICTION_TYPES,
     WEIGHTING_SCHEMES,
     compute_snr,
-    diffusion_loss,
-    diffusion_target,
     flow_matching_bank_timesteps,
     flow_matching_loss_weights,
     min_snr_loss_weights,

@@ -272,16 +272,24 @@ def _scenarios() -> List[Tuple[str, Callable[[], None]]]:
                 coef = torch.empty(sd_latent[0])
                 launch_rows(xs, gs, lambda ins, o, lay: mse.mse_backward(coef, ins[0], ins[1], o[0], o[1], lay))
             out += [(tag + " forward", fwd), (tag + " backward", bwd)]
+    def huge_row_with_chunk_override():
+        # 2^27 elements in one row with a 1024-element chunk: the planner must keep the
+        # grid's y dimension (chunks) within 65535 (the memory is never touched)
+        xs = [torch.empty(1, 2 ** 27, dtype=torch.bfloat16) for _ in range(2)]
+        launch_rows(xs, [], lambda ins, _, lay: mse.mse_forward(*ins, lay, chunk=1024))
+    out.append(("mse bf16 one 2^27-element row, chunk=1024", huge_row_with_chunk_override))
     coef = torch.empty(sd_latent[0], COEF_COLS)
-    for dtype, n_in, square in ((torch.bfloat16, 2, True), (torch.float32, 3, True),
-                                (torch.float16, 3, False), (torch.bfloat16, 6, False)):
-        def bil(dtype=dtype, n_in=n_in, square=square):
-            xs = rows(sd_latent, dtype, n_in)
+    for dtype, n_in, square, strided in ((torch.bfloat16, 2, True, False),
+                                         (torch.float32, 3, True, True),
+                                         (torch.float16, 3, False, False),
+                                         (torch.bfloat16, 6, False, False)):
+        def bil(dtype=dtype, n_in=n_in, square=square, strided=strided):
+            xs = rows(sd_latent, dtype, n_in, strided)
             launch_rows(xs, [], lambda ins, _, lay: ambient.bilinear_forward(ins, coef, square, lay))
             grads = [torch.empty_like(x) for x in xs]
             launch_rows(xs, grads, lambda ins, o, lay: ambient.bilinear_backward(
                 ins, coef, torch.empty(sd_latent[0]), o, square, lay))
-        out.append((f"ambient bilinear {str(dtype)[6:]} n_in={n_in}", bil))
+        out.append((f"ambient bilinear {str(dtype)[6:]} n_in={n_in}{' strided' if strided else ''}", bil))
     for n_in, n_out in ((3, 1), (3, 2), (4, 2)):
         def lin(n_in=n_in, n_out=n_out):
             xs = rows(sd_latent, torch.bfloat16, n_in)

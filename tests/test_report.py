@@ -138,3 +138,12 @@ def test_update_readme_skips_other_results_files(tmp_path, monkeypatch):
     assert report.update_readme()
     text = (tmp_path / "README.md").read_text()
     assert "### cpu-2core (2026-01-02)" in text and "host-cost" not in text
+
+
+def test_load_average_is_printed_as_numbers_and_merges_show_the_first_merge():
+    text = report._fmt_load({"before": (3.2, 3.1, 2.9), "after": (4.0, 3.5, 3.0)})
+    assert text == "before 3.20 / 3.10 / 2.90, after 4.00 / 3.50 / 3.00"
+    rows = [{"impl": "fastsoup-hash-cached", "median_ms": 1.0},
+            {"impl": "fastsoup", "median_ms": 3.0}]
+    assert report._readme_row("merge 4 x 400 MB bf16", rows)["impl"] == "fastsoup"
+    assert report._readme_row("weighted_sum K=4", rows)["impl"] == "fastsoup-hash-cached"

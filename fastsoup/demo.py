@@ -3,15 +3,18 @@
 1. Builds a small procedural dataset, one style per shard (stripes, rings, checker,
    blobs, ...; one fixed palette per style), each shard holding a duplicated image (the
    kind of sample diffusion models memorise).
-2. Trains one tiny diffusers ``UNet2DModel`` per shard with the AGC memory-bank loss
+2. Trains one tiny diffusers ``UNet2DModel`` per shard, conditioned on the style (a class
+   label through ``num_class_embeds``, as Diffusion Soup's models are conditioned on a
+   prompt), with the AGC memory-bank loss
    (``fs.train.diffusion_loss(..., bank=...)``) on class-balanced shards (every style in
    every shard, as the IET reference splits data), averaging the models after every round
    (iterative ensemble training, ``fs.train.IterativeEnsemble``); then each model
    fine-tunes on one style (a domain shard, as in Diffusion Soup), not averaged.
 3. Saves every shard model in diffusers layout and soups them with the streaming merge
    engine (``fs.merge``).
-4. Samples every shard model, the soup and the IET average from the same noise and
-   measures the samples: a style classifier trained on fresh procedural images (its
+4. Samples every shard model (asked for its own style, and for every style as the
+   soup's baseline), the soup and the IET average (asked for each style in turn) from the
+   same noise and measures the samples: a style classifier trained on fresh procedural images (its
    held-out accuracy is reported) says which style each sample is, and the distance of
    each sample to its nearest training image is compared with that of fresh images of the
    same styles. Writes ``grid.png`` (labelled rows: training data, each shard, the soup),
@@ -93,10 +96,16 @@ def default_threads() -> int:
     return 1 if cpus <= 2 else min(4, cpus // 2)
 
 
-def make_unet(cfg: DemoConfig):
+def make_unet(cfg: DemoConfig, num_styles: int):
+    """The demo's tiny ``UNet2DModel``, conditioned on the style through a class embedding
+    (``num_class_embeds``; ``class_labels`` at every call), as Diffusion Soup's models are
+    conditioned on a prompt."""
+    from diffusers import UNet2DModel
+
     from .train.data import small_unet
 
-    return small_unet(cfg.size, cfg.width, attention=False)
+    base = small_unet(cfg.size, cfg.width, attention=False)
+    return UNet2DModel.from_config(base.config, num_class_embeds=num_styles)
 
 
 def make_scheduler(cfg: DemoConfig):
@@ -136,15 +145,18 @@ def repaint(images: Tensor, style: str) -> Tensor:
 
 
 @torch.no_grad()
-def sample(unet, cfg: DemoConfig, device, noise: Tensor) -> Tensor:
+def sample(unet, cfg: DemoConfig, device, noise: Tensor, labels: Tensor) -> Tensor:
+    """DDIM samples of ``unet`` from ``noise`` ``[N, 3, H, W]``, each conditioned on its style
+    index in ``labels`` ``[N]``."""
     from diffusers import DDIMScheduler
 
     sched = DDIMScheduler.from_config(make_scheduler(cfg).config)
     sched.set_timesteps(cfg.sample_steps)
     x = noise.to(device)
+    y = labels.to(device)
     unet.eval()
     for t in sched.timesteps:
-        out = unet(x, t.to(device)).sample
+        out = unet(x, t.to(device), class_labels=y).sample
         x = sched.step(out, t, x).prev_sample
     unet.train()
     return x.clamp(-1, 1).cpu()
@@ -329,15 +341,20 @@ def _run(cfg: DemoConfig) -> Dict:
     train_all = torch.cat([d[0] for d in data])
     # IET splits the data class-balanced (as the reference code does): every IET shard holds
     # every style and its share of the duplicates; the fine-tuning round uses the style shards.
+    # Every image carries its style's index (the class label the UNet is conditioned on).
+    style_ids = sorted(set(styles), key=styles.index)
+    data_labels = [torch.full((len(imgs),), style_ids.index(st), dtype=torch.long)
+                   for (imgs, _), st in zip(data, styles)]
     iet_data = []
     for j in range(cfg.shards):
-        pick = [(imgs[i], dup[i]) for imgs, dup in data for i in range(j, len(imgs), cfg.shards)]
-        iet_data.append((torch.stack([p[0] for p in pick]), torch.stack([p[1] for p in pick])))
+        pick = [(imgs[i], dup[i], lab[i]) for (imgs, dup), lab in zip(data, data_labels)
+                for i in range(j, len(imgs), cfg.shards)]
+        iet_data.append(tuple(torch.stack([p[c] for p in pick]) for c in range(3)))
     scheduler = make_scheduler(cfg)
 
     torch.manual_seed(cfg.seed)
-    base = make_unet(cfg)
-    models = [make_unet(cfg) for _ in range(cfg.shards)]
+    base = make_unet(cfg, len(style_ids))
+    models = [make_unet(cfg, len(style_ids)) for _ in range(cfg.shards)]
     for m in models:
         m.load_state_dict(base.state_dict())  # every shard starts from the same weights
         m.to(device).train()
@@ -364,7 +381,7 @@ def _run(cfg: DemoConfig) -> Dict:
             for group in opt.param_groups:
                 group["lr"] = lr
         for k, (model, opt, bank) in enumerate(zip(models, opts, banks)):
-            images, is_dup = iet_data[k] if averaged else data[k]
+            images, is_dup, style_y = iet_data[k] if averaged else (*data[k], data_labels[k])
             losses, kept, total, dup_excl, dup_seen, uniq_excl, uniq_seen = [], 0, 0, 0, 0, 0, 0
             for _ in range(steps):
                 idx = torch.randint(0, images.shape[0], (cfg.batch,), generator=gen)
@@ -372,7 +389,7 @@ def _run(cfg: DemoConfig) -> Dict:
                 noise = torch.randn(x0.shape, generator=gen).to(device)
                 t = torch.randint(0, cfg.timesteps, (cfg.batch,), generator=gen).to(device)
                 x_t = scheduler.add_noise(x0, noise, t)
-                pred = model(x_t, t).sample
+                pred = model(x_t, t, class_labels=style_y[idx].to(device)).sample
                 loss, stats = fs.train.diffusion_loss(scheduler, pred, latents=x0, noise=noise,
                                                       timesteps=t, bank=bank)
                 opt.zero_grad(set_to_none=True)
@@ -425,14 +442,22 @@ def _run(cfg: DemoConfig) -> Dict:
                         generator=torch.Generator().manual_seed(cfg.seed + 2))
     names = [f"shard {k}" for k in range(cfg.shards)] + ["soup"]
     sampled = models + [soup]
+    # each shard model is asked for its own style; the soup and the IET average for every
+    # style in turn (the same noise, so rows differ only by the model and the label)
+    every = torch.arange(cfg.samples) % len(style_ids)
+    asked = [torch.full((cfg.samples,), style_ids.index(st), dtype=torch.long) for st in styles]
+    asked.append(every)
     if average_state is not None:  # the IET average the last round started from
-        avg_model = make_unet(cfg).to(device)
+        avg_model = make_unet(cfg, len(style_ids)).to(device)
         avg_model.load_state_dict(average_state)
         names.append(AVERAGE_ROW)
         sampled.append(avg_model)
-    rows = [sample(m, cfg, device, noise) for m in sampled]
-    say(f"sampled {cfg.samples} images from each of {len(rows)} models "
-        f"({cfg.sample_steps} DDIM steps)")
+        asked.append(every)
+    rows = [sample(m, cfg, device, noise, y) for m, y in zip(sampled, asked)]
+    # the baseline for the soup: each shard model asked for every style, as the soup is
+    shard_every = [sample(m, cfg, device, noise, every) for m in models]
+    say(f"sampled {cfg.samples} images from each of {len(rows)} models, and every style from "
+        f"each shard model ({cfg.sample_steps} DDIM steps)")
 
     # --- measure: styles, memorisation against a baseline of fresh images
     clf = StyleClassifier(cfg.size, seed=cfg.seed + 12345)
@@ -442,8 +467,9 @@ def _run(cfg: DemoConfig) -> Dict:
     copy_threshold = COPY_RMS
     dup_images = torch.stack([imgs[0] for imgs, dup in data if bool(dup.any())])
     models_out: Dict[str, Dict] = {}
-    for k, (name, row) in enumerate(zip(names, rows)):
+    for k, (name, row, y) in enumerate(zip(names, rows, asked)):
         labels = clf.predict(row)
+        wanted = [style_ids[i] for i in y.tolist()]
         d = nearest_neighbour_rms(row, train_all)
         d_dup = nearest_neighbour_rms(row, dup_images) if len(dup_images) else torch.full_like(d, math.inf)
         own = styles[k] if k < cfg.shards else None
@@ -455,6 +481,11 @@ def _run(cfg: DemoConfig) -> Dict:
             "counts": {c: labels.count(c) for c in clf.classes if labels.count(c)},
             "training_style_fraction": sum(lab in styles for lab in labels) / len(labels),
             "own_style_fraction": (labels.count(own) / len(labels)) if own else None,
+            "asked": wanted,
+            "asked_style_fraction": sum(a == b for a, b in zip(labels, wanted)) / len(labels),
+            "asked_style_fraction_by_style": {
+                st: sum(a == b == st for a, b in zip(labels, wanted)) / max(wanted.count(st), 1)
+                for st in style_ids if st in wanted},
             "styles_covered": sorted({lab for lab in labels if lab in styles}),
             "nn_rms_mean": float(d.mean()), "nn_rms_min": float(d.min()),
             "heldout_nn_rms_mean": float(base_d.mean()),
@@ -462,6 +493,17 @@ def _run(cfg: DemoConfig) -> Dict:
             "copies": int((d < copy_threshold).sum()),
             "copies_of_duplicate": int(((d_dup <= d + 1e-6) & (d < copy_threshold)).sum()),
         }
+        if k < cfg.shards:   # the same model asked for every style in turn
+            got = clf.predict(shard_every[k])
+            asked_all = [style_ids[i] for i in every.tolist()]
+            models_out[name]["every_style_asked_fraction"] = (
+                sum(a == b for a, b in zip(got, asked_all)) / len(got))
+            models_out[name]["every_style_covered"] = sorted(
+                {a for a, b in zip(got, asked_all) if a == b})
+    if AVERAGE_ROW in names:   # how far the soup's samples are from the IET average's
+        soup_row, avg_row = rows[names.index("soup")], rows[names.index(AVERAGE_ROW)]
+        models_out["soup"]["rms_to_average_samples"] = float(
+            (soup_row - avg_row).square().mean(dim=(1, 2, 3)).sqrt().mean())
 
     # --- the grid: training rows (the duplicated image first), shard rows, the soup
     grid_rows = [torch.cat([imgs[:1], imgs[~dup]])[: cfg.samples] for imgs, dup in data] + rows
@@ -538,20 +580,29 @@ def findings(r: Dict) -> List[str]:
         out.append(f"A style classifier ({c['heldout_style_accuracy']:.0%} accurate on "
                    f"{c['heldout_images']} held-out procedural images) puts {n_in / n_all:.0%} of the "
                    f"shard models' and the soup's samples in a training style (target 75%); each shard "
-                   f"model's samples are its own style in {min(own):.0%}-{max(own):.0%} of cases ({each}).")
+                   f"model, asked for its own style, gives it in {min(own):.0%}-{max(own):.0%} of cases ({each}).")
     soup = r["models"].get("soup")
     n_styles = len(set(r["styles"]))
     if soup and shard_models:
-        shard_cov = [len(m["styles_covered"]) for m in shard_models.values()]
-        shard_own = [m["own_style_fraction"] for m in shard_models.values()]
+        by = soup.get("asked_style_fraction_by_style", {})
+        every = [m["every_style_asked_fraction"] for m in shard_models.values()
+                 if "every_style_asked_fraction" in m]
+        cov = [len(m["every_style_covered"]) for m in shard_models.values() if "every_style_covered" in m]
         avg = r["models"].get(AVERAGE_ROW)
-        out.append(f"The soup's samples cover {len(soup['styles_covered'])} of the {n_styles} training "
-                   f"styles ({', '.join(soup['styles_covered']) or 'none'}; {soup['training_style_fraction']:.0%} "
-                   f"of its samples in a training style) from one set of weights, where each shard model's "
-                   f"samples are its own style in {min(shard_own):.0%}-{max(shard_own):.0%} of cases and cover "
-                   f"{min(shard_cov)}-{max(shard_cov)} styles"
-                   + (f"; the IET average the shards were fine-tuned from covers {len(avg['styles_covered'])} "
-                      f"({avg['training_style_fraction']:.0%} in a training style)." if avg else "."))
+        line = (f"Asked for each style in turn, the soup gives the style asked in "
+                f"{soup['asked_style_fraction']:.0%} of its samples ("
+                + ", ".join(f"{st} {v:.0%}" for st, v in by.items())
+                + f") and covers {len(soup['styles_covered'])} of the {n_styles} training styles from "
+                f"one set of weights")
+        if every:
+            line += (f", where a single shard model asked the same gives the style asked in "
+                     f"{min(every):.0%}-{max(every):.0%} of cases (covering {min(cov)}-{max(cov)} styles)")
+        if avg:
+            line += (f"; the IET average the shards were fine-tuned from gives it in "
+                     f"{avg['asked_style_fraction']:.0%}"
+                     + (f", and the soup's samples lie at a mean RMS of {soup['rms_to_average_samples']:.3f} "
+                        f"from its (same noise and labels)" if "rms_to_average_samples" in soup else ""))
+        out.append(line + ".")
     if main:
         samp = sum(m["nn_rms_mean"] for m in main.values()) / len(main)
         held = sum(m["heldout_nn_rms_mean"] for m in main.values()) / len(main)
@@ -594,21 +645,23 @@ def _markdown(r: Dict) -> str:
              f"{c['shards']} shard models (tiny UNet2DModel, {c['size']}x{c['size']}, styles "
              f"{', '.join(r['styles'])}), {c['rounds']} IET rounds of {c['steps']} steps (learning rate {c['lr']:g}), then "
              f"{c['finetune_steps']} fine-tuning steps per shard (learning rate {c['finetune_lr']:g}, "
-             f"not averaged), {c['prediction']} prediction, "
+             f"not averaged), {c['prediction']} prediction, conditioned on the style (class labels), "
              f"AGC memory bank (ratio {c['agc_ratio']}), souped with the merge engine. Device: {r['device']}"
              + (f" ({r['threads']} torch threads)" if r.get("threads") else "")
              + f"; training {r['train_seconds']:.1f} s, total {r['total_seconds']:.1f} s.", "",
              "## Findings", ""]
     lines += [f"* {s}" for s in r["findings"]]
     lines += ["", "## Samples", "",
-              "| model | style | own style | in a training style | styles covered | classified as | "
-              "nearest-training RMS (mean) | fresh images' (mean) | copies | fresh images' copies |",
-              "|---|---|---:|---:|---|---|---:|---:|---:|---:|"]
+              "| model | style asked | style asked given | in a training style | styles covered | "
+              "classified as | every style asked (shard) | nearest-training RMS (mean) | "
+              "fresh images' (mean) | copies | fresh images' copies |",
+              "|---|---|---:|---:|---|---|---:|---:|---:|---:|---:|"]
     for name, m in r["models"].items():
-        own = "-" if m["own_style_fraction"] is None else f"{m['own_style_fraction']:.0%}"
+        own = f"{m.get('asked_style_fraction', m['own_style_fraction'] or 0):.0%}"
         counts = ", ".join(f"{k} {v}" for k, v in m["counts"].items())
-        lines.append(f"| {name} | {m['style'] or 'all'} | {own} | {m['training_style_fraction']:.0%} | "
-                     f"{', '.join(m['styles_covered'])} | {counts} | {m['nn_rms_mean']:.3f} | "
+        every = (f"{m['every_style_asked_fraction']:.0%}" if "every_style_asked_fraction" in m else "-")
+        lines.append(f"| {name} | {m['style'] or 'each in turn'} | {own} | {m['training_style_fraction']:.0%} | "
+                     f"{', '.join(m['styles_covered'])} | {counts} | {every} | {m['nn_rms_mean']:.3f} | "
                      f"{m['heldout_nn_rms_mean']:.3f} | {m['copies']}/{len(m['labels'])} | "
                      f"{m['heldout_copy_fraction']:.0%} |")
     cl = r["classifier"]
@@ -618,7 +671,10 @@ def _markdown(r: Dict) -> str:
               + f"; a prediction below probability {cl['min_prob']} counts as `other`. A copy is a "
               f"sample within RMS {r['copy_threshold']:.2f} of a training image; the fresh images (32 "
               f"per style, repainted like the training data) give the baseline. The `{AVERAGE_ROW}` "
-              f"row samples the averaged model the fine-tuning round started from.", "",
+              f"row samples the averaged model the fine-tuning round started from. Every model is "
+              f"conditioned on a style label: a shard model is asked for its own style, the soup and "
+              f"the IET average for each style in turn; `every style asked (shard)` asks a shard "
+              f"model for each style in turn too (the baseline for the soup).", "",
               "## Training", "",
               "| round | shard | mean loss | AGC exclusion | on duplicates | on unique |",
               "|---:|---:|---:|---:|---:|---:|"]

@@ -69,21 +69,31 @@ def test_demo_thread_default(monkeypatch):
 def test_demo_findings_state_the_baselines():
     hist = [{"excluded_duplicates": 30, "seen_duplicates": 100, "excluded_unique": 10, "seen_unique": 200}]
 
-    def model(style, own, covered, n=10):
-        return {"style": style, "labels": ["x"] * n, "own_style_fraction": own,
-                "training_style_fraction": 0.9, "styles_covered": covered, "nn_rms_mean": 0.3,
-                "heldout_nn_rms_mean": 0.5, "copies": 1, "copies_of_duplicate": 1,
-                "heldout_copy_fraction": 0.05}
+    def model(style, own, covered, n=10, every=None):
+        m = {"style": style, "labels": ["x"] * n, "own_style_fraction": own,
+             "asked_style_fraction": own if own is not None else 0.75,
+             "training_style_fraction": 0.9, "styles_covered": covered, "nn_rms_mean": 0.3,
+             "heldout_nn_rms_mean": 0.5, "copies": 1, "copies_of_duplicate": 1,
+             "heldout_copy_fraction": 0.05}
+        if every is not None:
+            m["every_style_asked_fraction"], m["every_style_covered"] = every, covered
+        return m
 
+    soup = model(None, None, ["rings", "stripes"])
+    soup["asked_style_fraction_by_style"] = {"stripes": 0.5, "rings": 1.0}
+    soup["rms_to_average_samples"] = 0.123
     r = {"history": hist, "styles": ["stripes", "rings"], "copy_threshold": 0.1,
          "classifier": {"heldout_style_accuracy": 0.97, "heldout_images": 500},
-         "models": {"shard 0": model("stripes", 0.8, ["stripes"]), "shard 1": model("rings", 1.0, ["rings"]),
-                    "soup": model(None, None, ["rings", "stripes"])}}
+         "models": {"shard 0": model("stripes", 0.8, ["stripes"], every=0.4),
+                    "shard 1": model("rings", 1.0, ["rings"], every=0.5),
+                    "soup": soup, demo.AVERAGE_ROW: model(None, None, ["rings", "stripes"])}}
     f = demo.findings(r)
     assert f[0].startswith("AGC excluded 30% of the duplicated") and "against 5% of the unique" in f[0]
     assert "(6.0x)" in f[0]
     assert "90% of the shard models' and the soup's samples" in f[1] and "80%-100%" in f[1]
-    assert "cover 2 of the 2 training styles" in f[2] and "cover 1-1 styles" in f[2]
+    assert "soup gives the style asked in 75% of its samples (stripes 50%, rings 100%)" in f[2]
+    assert "covers 2 of the 2 training styles" in f[2] and "single shard model asked the same" in f[2]
+    assert "40%-50% of cases (covering 1-1 styles)" in f[2] and "0.123" in f[2]
     assert "0.300" in f[3] and "(0.500)" in f[3] and "3 of 30 samples" in f[3] and "5% of fresh" in f[3]
 
 

@@ -13,11 +13,19 @@ Fingerprints of the same kind that differ between inputs (or between an input an
 inputs agree on are recorded in the soup's manifest as ``base_fingerprint``; a soup made
 with ``--base`` records its base's sha256 in ``base.sha256`` (the fingerprint its own
 children will declare).
+
+Inputs that declare nothing are compared by their weights (:func:`distance_warning`): on a
+few large matrices, fine-tunes of one base stay close (relative distance well under 1),
+while independently trained models are about as far apart as unrelated vectors (√2 for
+equal norms). A pair above :data:`UNRELATED` gets a warning, not a refusal: it is a
+heuristic.
 """
 from __future__ import annotations
 
 import json
-from typing import Dict, List
+import math
+import os
+from typing import Dict, List, Optional
 
 from .errors import MergeError
 
@@ -85,3 +93,77 @@ def check_bases(plan, force: bool = False) -> None:
             raise MergeError(msg + " (pass --force / force=True to merge anyway)")
         plan.warnings.append(msg + "; merged anyway (force)")
     plan.base_fingerprint = agreed or None
+    if not kinds or any(not d for d in decl):  # someone declares nothing: compare weights
+        warning = distance_warning(plan)
+        if warning is not None:
+            plan.warnings.append(warning)
+
+
+PROBE_TENSORS = 8              # the largest floating matrices of the plan
+PROBE_ELEMENTS = 1 << 16       # leading elements read from each
+UNRELATED = 0.9                # relative distance above which two inputs warn
+_DECODE = {"F32": "<f4", "F16": "<f2", "F64": "<f8"}
+
+
+def _probe(file, key: str, count: int):
+    """The first ``count`` elements of ``key`` as float32 (None for other dtypes/pickles)."""
+    import numpy as np
+
+    header = file.header
+    if header is None:
+        return None
+    info = header.tensors[key]
+    if info.dtype not in _DECODE and info.dtype != "BF16":
+        return None
+    item = 2 if info.dtype in ("F16", "BF16") else int(_DECODE[info.dtype][-1])
+    start, _ = header.absolute(key)
+    fd = os.open(file.path, os.O_RDONLY)
+    try:
+        raw = os.pread(fd, count * item, start)
+    finally:
+        os.close(fd)
+    if info.dtype == "BF16":
+        bits = np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16
+        return bits.view(np.float32)
+    return np.frombuffer(raw, dtype=_DECODE[info.dtype]).astype(np.float32)
+
+
+def distance_warning(plan) -> Optional[str]:
+    """A warning when two inputs' weights look unrelated (see the module docstring), or
+    None. Reads at most ``PROBE_TENSORS × PROBE_ELEMENTS`` elements of each input."""
+    import numpy as np
+
+    n = len(plan.inputs)
+    probes = sorted((t for t in plan.tensors() if t.op == "sum" and t.special is None
+                     and len(t.shape) >= 2 and len({s.input_index for s in t.sources}) == n),
+                    key=lambda t: (-t.numel, t.qualified))[:PROBE_TENSORS]
+    if n < 2 or not probes:
+        return None
+    # accumulated probe by probe: at most n × PROBE_ELEMENTS values held at once
+    sq = np.zeros(n)
+    diff = np.zeros((n, n))
+    for t in probes:
+        count = min(t.numel, PROBE_ELEMENTS)
+        vs = [None] * n
+        for src in t.sources:
+            vs[src.input_index] = _probe(src.file, src.key, count)
+        if any(v is None for v in vs):
+            return None
+        for a in range(n):
+            sq[a] += float(np.dot(vs[a], vs[a]))
+            for b in range(a + 1, n):
+                d = vs[a] - vs[b]
+                diff[a, b] += float(np.dot(d, d))
+    worst = (0.0, 0, 0)
+    for a in range(n):
+        for b in range(a + 1, n):
+            scale = math.sqrt(max(sq[a], sq[b]))
+            if scale > 0 and math.isfinite(scale):
+                worst = max(worst, (math.sqrt(diff[a, b]) / scale, a, b))
+    rel, i, j = worst
+    if rel <= UNRELATED:
+        return None
+    return (f"inputs {i + 1} and {j + 1} differ by {rel:.2f} (relative distance on "
+            f"{len(probes)} of their largest matrices): they do not look like fine-tunes of "
+            "one base model, and averaging unrelated models gives noise; check the inputs "
+            "(fine-tunes of one base differ by much less than 1)")

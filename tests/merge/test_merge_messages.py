@@ -119,8 +119,10 @@ def test_one_line_per_cause(tmp_path, capsys):
     assert code == 1 and err.count("weights sum to 0") == 1 and "[40 tensors:" in err
     assert "--no-normalize" in err
     # bf16 + fp32: one warning, silenced by -q, in full in --json
-    half = {k: ((4, 4), torch.bfloat16) for k in SPEC}
-    c = save_file_layout(str(tmp_path / "c.safetensors"), make_state(2, half))
+    # a bf16 fine-tune of a (unrelated weights would add the base-distance warning)
+    tuned = {k: (v + 0.01 * torch.randn(v.shape, generator=torch.Generator().manual_seed(2)))
+             .to(torch.bfloat16) for k, v in make_state(0, SPEC).items()}
+    c = save_file_layout(str(tmp_path / "c.safetensors"), tuned)
     code, _, err = run([a, c, "-o", tmp_path / "d.safetensors", "--hash", "none"], capsys)
     assert code == 0 and err.count("dtypes differ") == 1 and "--dtype bf16" in err
     code, _, err = run([a, c, "-o", tmp_path / "e.safetensors", "-q"], capsys)

@@ -1,0 +1,41 @@
+"""Inputs that declare no base are compared by their weights: fine-tunes of one base stay
+close, unrelated models get one warning (SPEC §5: averaging only makes sense for fine-tunes
+of the same base)."""
+import torch
+from safetensors.torch import save_file
+
+import fastsoup as fs
+
+
+def _model(seed, scale=1.0, like=None):
+    g = torch.Generator().manual_seed(seed)
+    if like is not None:
+        return {k: v + scale * torch.randn(v.shape, generator=g).to(v.dtype) for k, v in like.items()}
+    return {"down.weight": torch.randn(96, 64, generator=g), "up.weight": torch.randn(64, 96, generator=g),
+            "bias": torch.randn(64, generator=g), "norm.weight": torch.ones(64, dtype=torch.bfloat16)}
+
+
+def _merge(tmp_path, states):
+    paths = []
+    for i, st in enumerate(states):
+        p = str(tmp_path / f"m{i}.safetensors")
+        save_file(st, p)
+        paths.append(p)
+    return fs.merge(paths, str(tmp_path / "soup.safetensors"), quiet=True)
+
+
+def _distance_warnings(report):
+    return [w for w in report.warnings if "do not look like fine-tunes" in w]
+
+
+def test_fine_tunes_of_one_base_merge_without_a_warning(tmp_path):
+    base = _model(0)
+    report = _merge(tmp_path, [_model(1, 0.05, base), _model(2, 0.05, base), base])
+    assert _distance_warnings(report) == []
+
+
+def test_unrelated_models_get_one_warning_naming_the_pair(tmp_path):
+    base = _model(0)
+    report = _merge(tmp_path, [base, _model(1, 0.05, base), _model(7)])
+    found = _distance_warnings(report)
+    assert len(found) == 1 and ("inputs 1 and 3" in found[0] or "inputs 2 and 3" in found[0])

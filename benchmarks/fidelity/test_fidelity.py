@@ -11,7 +11,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from fidelity import ambient, common, memorization  # noqa: E402
+from fidelity import ambient, common, memorization, soup  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -68,6 +68,41 @@ def test_memorization_smoke(tmp_path):
     cfg = data["data"]["config"]
     seen = {m: runs[0]["gradient_samples"] for m, runs in data["data"]["per_seed"].items()}
     assert seen["IET"] == cfg["shards"] * seen["plain"]   # the cost IET is charged
+
+
+def test_soup_smoke(tmp_path):
+    md = soup.main(["--size", "smoke", "--out", str(tmp_path / "soup")])
+    data, text = _load(md)
+    assert data["rows"][0][1] == "pre-trained"
+    assert [(r[0], r[1]) for r in data["rows"][1:]] == [
+        (s, m) for s in soup.SPLITS for m in ("shard (mean of shards)", "shard (best on union)", "soup", "paragon")]
+    assert all(len(r) == len(data["header"]) for r in data["rows"])
+    assert data["size"] == "smoke" and "Command:" in text and len(data["notes"]) == 1 + 2 * len(soup.SPLITS)
+    for split in soup.SPLITS:
+        ul = data["data"]["per_seed"][0][split]["unlearning"]
+        assert all(math.isfinite(v) and v > 0 for v in ul.values())
+
+
+def test_soup_remove_is_exact():
+    """Removing a shard from the soup with fs.weighted_sum_ gives the mean of the others."""
+    torch.manual_seed(0)
+    models = [common.MLPDenoiser(3, hidden=8) for _ in range(3)]
+    s = soup.combine(models, [1 / 3] * 3, models[0])
+    removed = soup.combine([s, models[2]], [3 / 2, -1 / 2], models[0])
+    expect = soup.combine(models[:2], [0.5, 0.5], models[0])
+    for a, b in zip(removed.parameters(), expect.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_consistency_verdict_needs_a_material_change():
+    same = [[0.74, 0.75]] * 3
+    tiny = [[0.7401, 0.7502], [0.7399, 0.7500], [0.7402, 0.7503]]
+    assert "claim does not hold" in ambient.consistency_note(0.1, same, tiny, 0.3, 0.04)
+    lower = [[0.6, 0.6], [0.61, 0.6], [0.6, 0.62]]
+    varied = [[0.74, 0.75], [0.73, 0.76], [0.75, 0.75]]
+    assert "lowers the error by 19%: the claim holds" in ambient.consistency_note(1, varied, lower, 0.3, 0.04)
+    assert "raises the error" in ambient.consistency_note(1, lower, varied, 0.3, 0.04)
+    assert "no verdict" in ambient.consistency_note(1, varied[:1], lower[:1], 0.3, 0.04)
 
 
 def test_optimal_denoiser_is_bayes_optimal():

@@ -11,7 +11,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from fidelity import ambient, common, memorization, soup  # noqa: E402
+from fidelity import ambient, common, difftuning, memorization, soup  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -81,6 +81,24 @@ def test_soup_smoke(tmp_path):
     for split in soup.SPLITS:
         ul = data["data"]["per_seed"][0][split]["unlearning"]
         assert all(math.isfinite(v) and v > 0 for v in ul.values())
+
+
+def test_difftuning_smoke(tmp_path):
+    md = difftuning.main(["--size", "smoke", "--out", str(tmp_path / "dt")])
+    data, text = _load(md)
+    assert [r[0] for r in data["rows"]] == ["pre-trained", *difftuning.METHODS]
+    assert all(len(r) == len(data["header"]) for r in data["rows"])
+    assert data["size"] == "smoke" and "Command:" in text and len(data["notes"]) == len(difftuning.METHODS)
+    for runs in data["data"]["per_seed"][0].values():
+        assert all(math.isfinite(v) and v > 0 for dom in ("source", "target") for v in runs[dom])
+
+
+def test_difftuning_ablations_are_what_they_say():
+    assert difftuning.tuner("plain") is None
+    full = difftuning.tuner("Diff-Tuning")
+    assert full.split(32) == (26, 6) and full.retention_weight == 0.1 and full.adapt.tau == 1.0
+    assert difftuning.tuner("w/o reconsolidation").adapt.tau == 0.0   # uniform target timesteps
+    assert difftuning.tuner("w/o retention").split(32) == (32, 0)     # no replay
 
 
 def test_soup_remove_is_exact():

@@ -151,3 +151,23 @@ def test_make_runs_fuses_only_contiguous_items(tmp_path):
         for s in r.sources:
             assert s.hi - s.lo == r.n * np.dtype(np.uint16 if s.dtype == "BF16" else np.int64).itemsize \
                 or r.op == "copy"
+
+
+def test_no_cyclic_gc_during_a_merge_and_restored_after(tmp_path):
+    import gc
+
+    states = [make_state(800 + i, _spec(20)) for i in range(2)]
+    paths = [save_file_layout(str(tmp_path / f"m{i}.safetensors"), s) for i, s in enumerate(states)]
+    seen = []
+    assert gc.isenabled()
+    fs.merge(paths, tmp_path / "o.safetensors", progress=lambda *e: seen.append(gc.isenabled()))
+    assert seen and not any(seen) and gc.isenabled()
+    with pytest.raises(fs.MergeError):
+        fs.merge(paths, None)
+    assert gc.isenabled()
+    gc.disable()
+    try:  # a caller that turned it off keeps it off
+        fs.merge(paths, tmp_path / "p.safetensors", quiet=True)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

@@ -446,7 +446,7 @@ def peer_runner(name: str, inputs, folder: str):
                 f"  - model: {m}\n    parameters:\n      weight: 1.0\n" for m in models))
 
         def run(out):
-            r = run_command([exe, cfg, out, "--lazy-unpickle", "--copy-tokenizer", "false"])
+            r = run_command([exe, cfg, out, "--lazy-unpickle", "--no-copy-tokenizer"])
             fsync_tree(out)
             return r
         return run, ""

@@ -37,6 +37,16 @@ def parse(name: str) -> Optional[Tuple[str, Optional[str], Optional[str]]]:
     return m.group("repo"), sub, m.group("rev")
 
 
+def _cache_dir():
+    """The cache folder the environment names now (huggingface_hub reads ``HF_HUB_CACHE``
+    and ``HF_HOME`` once, when it is first imported: a later change would be missed)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    if os.environ.get("HF_HOME"):
+        return os.path.join(os.environ["HF_HOME"], "hub")
+    return None  # the library's default
+
+
 def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
@@ -63,7 +73,7 @@ def local_path(name: str) -> str:
     for local_only in ((True,) if _offline() else (True, False)):
         try:
             root = snapshot_download(repo, revision=rev, allow_patterns=patterns,
-                                     local_files_only=local_only)
+                                     local_files_only=local_only, cache_dir=_cache_dir())
             break
         except Exception as exc:  # not cached / no network / no such repo
             error = exc

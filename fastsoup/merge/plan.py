@@ -288,7 +288,8 @@ def build_plan(inputs: Sequence[Layout], *, weights: Optional[Sequence[float]] =
             out_tensors[q] = OutTensor(key, q, dtypes[0], infos[0][2].shape, "copy",
                                        [Source(k, wf, info, 1.0, src_keys[k]) for k, wf, info in infos])
             continue
-        unsupported = sorted({d for d in dtypes if DTYPES[d].kernel_code is None})
+        unsupported = [d for d in dtypes if DTYPES[d].kernel_code is None]
+        unsupported = sorted(set(unsupported)) if unsupported else unsupported
         if unsupported:
             problems.add("unsupported_dtype", f"cannot average {', '.join(unsupported)} tensors", q,
                          f"{q!r}: cannot average {', '.join(unsupported)} tensors "

@@ -4,9 +4,12 @@
 read with :mod:`fastsoup.io.safetensors`) → ``plan`` (validate, mirror the layout) →
 ``engine`` (stream the fused weighted sum over ``mmap`` windows) → ``writer`` (pre-sized
 files) inside ``output`` (the temporary output, side files, indexes, the commit), with
-``manifest`` (provenance) and ``report`` (what happened). ``api.merge`` is the
-transaction that ties them together; ``soup`` adds and removes constituents; ``cli`` is
-the ``fastsoup-merge`` command.
+``hashing`` (the inputs' sha256, fed the bytes the engine reads), ``manifest``
+(provenance) and ``report`` (what happened). ``strategy`` chooses how tensors are made:
+the weighted sum, per-key weights (``keyweights``), a task-vector method (``methods``) or
+a LoRA soup (``lora``); ``fingerprint`` checks the inputs share a base; ``hub`` resolves
+Hub ids. ``api.merge`` is the transaction that ties them together; ``soup`` adds and
+removes constituents; ``cli`` is the ``fastsoup-merge`` command.
 
 The names below are loaded on first use (PEP 562), so that ``fastsoup-merge --help``
 imports neither numpy nor the engine, and nothing here ever imports torch on the CPU

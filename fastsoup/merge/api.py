@@ -37,7 +37,8 @@ from .engine import RunStats, budget_split, check_equal_copies, execute
 from ..io.safetensors import file_identity
 from .errors import MergeError, PlanError
 from .formats import Layout, resolve
-from .manifest import Hasher, build, output_metadata, sidecar_path
+from .hashing import Hasher
+from .manifest import build, output_metadata, sidecar_path
 from .mmap import InputFiles, describe_identity_change, plan_files
 from .options import DEFAULT_MEMORY, MergeOptions
 from .output import (AtomicOutput, check_output_name, check_paths, copy_side_files, describe_error, file_paths,

@@ -5,7 +5,7 @@ chunks of large ones) and grouped into windows of about ``window_bytes`` of inpu
 While window ``j`` is summed, a prefetch thread ``pread``s window ``j + 1`` of every
 input into the other window buffer (:func:`.mmap.prefetch_window`; inputs are never
 mapped, so a file truncated under the merge is an error, not SIGBUS) and hands those
-bytes to the digest (:class:`.manifest.Hasher`), and a writer thread ``pwrite``s the
+bytes to the digest (:class:`.hashing.Hasher`), and a writer thread ``pwrite``s the
 previous staging buffer into the pre-sized output file (:mod:`.writer`). The resident
 set stays near
 
@@ -380,7 +380,7 @@ def execute(plan: Plan, writers: List[SafetensorsFileWriter], *, memory: int, th
             digest=None) -> RunStats:
     """Compute every tensor of ``plan`` into ``writers`` (one per output file, in the
     order of ``plan.components[*].files``). Does not fsync or close the writers.
-    ``digest`` (a :class:`.manifest.Hasher`) is fed every input range read, in order."""
+    ``digest`` (a :class:`.hashing.Hasher`) is fed every input range read, in order."""
     t0 = time.perf_counter()
     own_maps = maps is None
     maps = maps or InputFiles(drop_cache=drop_cache)

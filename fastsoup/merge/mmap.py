@@ -11,7 +11,7 @@ identity (device, inode, size, mtime, ctime) against the one recorded when its h
 was validated, so the bytes read belong to the planned file. For each window of work
 items the engine's prefetch thread calls :func:`prefetch_window`: every source range
 the window needs is ``pread`` into one of two window buffers (the other one is being
-summed), the ranges are handed to the digest (:class:`.manifest.Hasher`: the manifest's
+summed), the ranges are handed to the digest (:class:`.hashing.Hasher`: the manifest's
 sha256 is computed from these very bytes), and after the sum :func:`release_window`
 drops the ranges from the page cache when asked (``--drop-cache``). Memory stays at two
 window buffers plus two staging buffers whatever the model size.

@@ -20,7 +20,8 @@ from typing import Dict, List, Mapping, Optional, Sequence
 from .api import PathLike, merge
 from .errors import MergeError, from_cli
 from .formats import resolve
-from .manifest import cached_file_sha256, describe
+from .hashing import cached_file_sha256
+from .manifest import describe
 from .manifest import read as read_manifest
 from .options import dtype_user_name
 from .report import MergeReport

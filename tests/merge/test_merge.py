@@ -326,12 +326,12 @@ def test_dry_run_reads_nothing_and_writes_nothing(tmp_path):
 
 
 def test_hash_cache_reuses_digests_and_notices_changes(tmp_path, monkeypatch):
-    from fastsoup.merge import manifest
+    from fastsoup.merge import hashing
 
     paths, states = files(tmp_path, 2)
     digested = []
-    orig = manifest._FileDigest.__init__
-    monkeypatch.setattr(manifest._FileDigest, "__init__",
+    orig = hashing._FileDigest.__init__
+    monkeypatch.setattr(hashing._FileDigest, "__init__",
                         lambda self, wf, *a: (digested.append(wf.path), orig(self, wf, *a))[1])
     fs.merge(paths, tmp_path / "a.safetensors", quiet=True)
     assert sorted(digested) == sorted(os.path.abspath(p) for p in paths)

@@ -1,4 +1,4 @@
-"""The digest workers of a merge (:class:`fastsoup.merge.manifest.Hasher`): every file's
+"""The digest workers of a merge (:class:`fastsoup.merge.hashing.Hasher`): every file's
 sha256 from the ranges the engine read, hashed in file order on a shared pool of workers
 (a file's strand), files spread over the workers as they free up, and nothing left
 waiting forever when a merge is cancelled."""
@@ -10,7 +10,7 @@ from concurrent.futures import CancelledError, ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from fastsoup.merge import manifest
+from fastsoup.merge import hashing
 from fastsoup.merge.formats import resolve
 
 from tests.helpers import make_state, save_file_layout
@@ -44,7 +44,7 @@ def _feed_in_order(hasher, layouts, pieces=5, threads=2):
 @pytest.mark.parametrize("workers", [1, 2, 3])
 def test_digests_equal_sha256_of_the_files(tmp_path, workers):
     layouts = _inputs(tmp_path, 3)
-    h = manifest.Hasher(layouts, "sha256", cache=manifest.HashCache(None), workers=workers).start()
+    h = hashing.Hasher(layouts, "sha256", cache=hashing.HashCache(None), workers=workers).start()
     _feed_in_order(h, layouts)
     got = h.wait()
     for lay in layouts:
@@ -55,7 +55,7 @@ def test_digests_equal_sha256_of_the_files(tmp_path, workers):
 
 def test_out_of_order_ranges_are_hashed_by_a_second_read(tmp_path):
     layouts = _inputs(tmp_path, 2)
-    h = manifest.Hasher(layouts, "sha256", cache=manifest.HashCache(None), workers=2).start()
+    h = hashing.Hasher(layouts, "sha256", cache=hashing.HashCache(None), workers=2).start()
     wf = layouts[0].files()[0]
     data = open(wf.path, "rb").read()
     mid = (wf.header.data_start + len(data)) // 2
@@ -69,7 +69,7 @@ def test_out_of_order_ranges_are_hashed_by_a_second_read(tmp_path):
 
 def test_a_strand_runs_its_calls_one_at_a_time_in_order():
     pool = ThreadPoolExecutor(max_workers=4)
-    strand = manifest._Strand(pool)
+    strand = hashing._Strand(pool)
     seen, active, overlap = [], [0], [False]
     lock = threading.Lock()
 
@@ -92,7 +92,7 @@ def test_strands_share_the_workers_as_they_free_up():
     """Strands 1 and 3 of 3 on 2 workers run at the same time (a fixed file -> worker
     assignment would put both on worker 1 and leave worker 2 idle, or here deadlock)."""
     pool = ThreadPoolExecutor(max_workers=2)
-    a, b, c = (manifest._Strand(pool) for _ in range(3))
+    a, b, c = (hashing._Strand(pool) for _ in range(3))
     c_ran = threading.Event()
     fa = a.submit(lambda: c_ran.wait(timeout=20))
     fb = b.submit(lambda: None)
@@ -105,7 +105,7 @@ def test_strands_share_the_workers_as_they_free_up():
 
 def test_cancelled_strand_work_never_hangs_a_waiter():
     pool = ThreadPoolExecutor(max_workers=1)
-    strand = manifest._Strand(pool)
+    strand = hashing._Strand(pool)
     gate = threading.Event()
     first = strand.submit(gate.wait, 20)
     queued = [strand.submit(lambda: None) for _ in range(3)]
@@ -123,7 +123,7 @@ def test_cancelled_strand_work_never_hangs_a_waiter():
 
 def test_hasher_cancel_ends_pending_ranges(tmp_path):
     layouts = _inputs(tmp_path, 2)
-    h = manifest.Hasher(layouts, "sha256", cache=manifest.HashCache(None), workers=1).start()
+    h = hashing.Hasher(layouts, "sha256", cache=hashing.HashCache(None), workers=1).start()
     wf = layouts[0].files()[0]
     data = open(wf.path, "rb").read()
     futs = [h.feed(wf, wf.header.data_start, memoryview(data)[wf.header.data_start:])
@@ -138,4 +138,4 @@ def test_hasher_cancel_ends_pending_ranges(tmp_path):
 
 def test_default_workers_are_the_usable_cores():
     n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    assert manifest.default_workers() == max(1, min(8, n))
+    assert hashing.default_workers() == max(1, min(8, n))

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import fastsoup as fs
-from fastsoup.merge import MergeError, manifest, soup_add, soup_remove
+from fastsoup.merge import MergeError, hashing, manifest, soup_add, soup_remove
 from fastsoup.kernels import cpu as cpu_kernels
 from tests.helpers import load_any, make_state, save_diffusers, save_file_layout
 
@@ -93,14 +93,14 @@ def test_manifest_digest_is_computed_from_the_merged_bytes(tmp_path, monkeypatch
     b = str(tmp_path / "b.safetensors")
     save_file(state, b)
     fed = {}
-    real_update = manifest._FileDigest.update
+    real_update = hashing._FileDigest.update
 
     def update(self, lo, view):
         fed[self.wf.path] = fed.get(self.wf.path, 0) + len(view)
         return real_update(self, lo, view)
 
-    monkeypatch.setattr(manifest._FileDigest, "update", update)
-    monkeypatch.setattr(manifest, "file_sha256", lambda *a, **k: pytest.fail("re-read"))
+    monkeypatch.setattr(hashing._FileDigest, "update", update)
+    monkeypatch.setattr(hashing, "file_sha256", lambda *a, **k: pytest.fail("re-read"))
     rep = fs.merge([a, b], tmp_path / "o.safetensors", memory="64KiB", quiet=True)
     for entry, path in zip(rep.manifest["constituents"], (a, b)):
         want = hashlib.sha256(open(path, "rb").read()).hexdigest()

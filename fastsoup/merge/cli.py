@@ -119,27 +119,28 @@ def _relocation(p: argparse.ArgumentParser) -> None:
                    "(repeatable; verified by size and sha256)")
 
 
+# soup upkeep verbs: (operand, description, example arguments)
+_SOUP_VERBS = {
+    "add": ("new", "Add constituent NEW to SOUP, recomputing the soup from the constituents "
+            "in its manifest.", "soup.safetensors d.safetensors -o soup2.safetensors"),
+    "remove": ("old", "Remove constituent OLD (a path, or a copy with the same content) from "
+               "SOUP, recomputing the soup from the others.",
+               "soup2.safetensors b.safetensors -o soup3.safetensors"),
+}
+
+
 def build_parser(command: str) -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
-    if command == "add":
-        p = argparse.ArgumentParser(
-            prog=f"{PROG} add", formatter_class=fmt,
-            description="Add constituent NEW to SOUP, recomputing the soup from the "
-            "constituents in its manifest.",
-            epilog="example:\n  fastsoup-merge add soup.safetensors d.safetensors -o soup2.safetensors")
+    if command in _SOUP_VERBS:
+        operand, description, example = _SOUP_VERBS[command]
+        p = argparse.ArgumentParser(prog=f"{PROG} {command}", formatter_class=fmt,
+                                    description=description,
+                                    epilog=f"example:\n  fastsoup-merge {command} {example}")
         p.add_argument("soup")
-        p.add_argument("new")
-        p.add_argument("--weight", type=float, help="raw weight of the new constituent "
-                       "(default: the soup's common raw weight)")
-        _relocation(p)
-    elif command == "remove":
-        p = argparse.ArgumentParser(
-            prog=f"{PROG} remove", formatter_class=fmt,
-            description="Remove constituent OLD (a path, or a copy with the same content) "
-            "from SOUP, recomputing the soup from the others.",
-            epilog="example:\n  fastsoup-merge remove soup2.safetensors b.safetensors -o soup3.safetensors")
-        p.add_argument("soup")
-        p.add_argument("old")
+        p.add_argument(operand)
+        if command == "add":
+            p.add_argument("--weight", type=float, help="raw weight of the new constituent "
+                           "(default: the soup's common raw weight)")
         _relocation(p)
     else:
         doc = (__doc__ or "").split("\n\n")

@@ -9,7 +9,9 @@ Two ways to run it:
   - in-process rows (the call alone, imports not counted): ``floor``, ``fastsoup``
     (``fs.merge``: the first merge of these constituents, every input's sha256 computed
     in the run), ``fastsoup-hash-cached`` (digests from fastsoup's cache: any later merge
-    of them), ``fastsoup-nohash`` (``hash="none"``), ``naive`` (``safe_open`` +
+    of them), ``fastsoup-nohash`` (``hash="none"``), ``fastsoup-ties`` / ``fastsoup-dare``
+    (the task-vector methods, the first input as the base, density 0.2, ``hash="none"``),
+    ``naive`` (``safe_open`` +
     ``get_tensor`` + ``add_`` into fp32, divide, cast, ``save_file``, fsync);
   - whole-command rows (a fresh process, start-up and imports included, peak RSS and CPU
     time of that process from ``wait4``): ``floor (command)`` (the floor in a fresh
@@ -265,10 +267,22 @@ def run_naive(inputs, out):
 
 
 
+def run_method(inputs, out, method: str):
+    """A task-vector method over the inputs, the first as the base (``--hash none``: the
+    rows compare the methods' arithmetic with the average's, not hashing)."""
+    import fastsoup as fs
+
+    seed = {"seed": 0} if method == "dare" else {}
+    fs.merge(inputs[1:], out, base=inputs[0], method=method, density=0.2, quiet=True,
+             overwrite=True, hash="none", **seed)
+
+
 TOOLS = {"floor": run_floor,
          "fastsoup": run_fastsoup,
          "fastsoup-hash-cached": lambda i, o: run_fastsoup(i, o, cache=True),
          "fastsoup-nohash": lambda i, o: run_fastsoup(i, o, "none"),
+         "fastsoup-ties": lambda i, o: run_method(i, o, "ties"),
+         "fastsoup-dare": lambda i, o: run_method(i, o, "dare"),
          "naive": run_naive}
 
 
@@ -502,6 +516,8 @@ def interleaved(inputs, folder: str, rounds: int, cold: bool, peers=("mergekit",
         ("fastsoup (first merge)", "in-process", in_process(TOOLS["fastsoup"])),
         ("fastsoup (digests cached)", "in-process", in_process(TOOLS["fastsoup-hash-cached"])),
         ("fastsoup (hash none)", "in-process", in_process(TOOLS["fastsoup-nohash"])),
+        ("fastsoup TIES (density 0.2, hash none)", "in-process", in_process(TOOLS["fastsoup-ties"])),
+        ("fastsoup DARE (density 0.2, hash none)", "in-process", in_process(TOOLS["fastsoup-dare"])),
         ("naive", "in-process", in_process(run_naive)),
         ("floor", "command", command([py, HERE, "--child", "floor", "{out}", *inputs], env_first)),
         ("fastsoup-merge --help", "command", lambda o: run_command(cli + ["--help"], env_first)),

@@ -266,10 +266,20 @@ _TORCH = {name: torch_name[len("torch."):] for torch_name, name in TORCH_NAMES.i
 
 class TorchSummer:
     """Sums on a torch device with :func:`fastsoup.weighted_sum_` (the ``--device cuda``
-    path). Host bytes are copied into reusable staging buffers (pinned on CUDA), sent with
-    asynchronous copies, summed in one multi-tensor launch, and copied back; buffers grow
-    to the largest chunk and are reused, and each call ends synchronised (the result is
-    on the host), so reusing them is safe."""
+    path), pipelined over two slots so the host and the device work at the same time.
+
+    :meth:`submit` copies a run's input bytes into the next slot's staging buffers (pinned
+    on CUDA), and enqueues on a side stream their copies to the device, the multi-tensor
+    sum and the copy of the result back into the slot's pinned output buffer; it returns at
+    once. :meth:`finish` waits for the oldest submission and copies its result into the
+    output bytes bound to it. The engine submits run ``r``, then finishes ``r − 1`` (while
+    the device works on ``r``), then reserves ``r``'s output bytes: a finished result is in
+    place before the writer can be handed the bytes around it. A slot is reused only after
+    its previous submission finished. On the CPU (``torch:cpu``, the tests' stand-in) the
+    same order runs with the work done at submission."""
+
+    asynchronous = True
+    SLOTS = 2
 
     def __init__(self, device: str, acc64: bool):
         import torch
@@ -279,14 +289,17 @@ class TorchSummer:
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise MergeError("--device cuda: no CUDA device is available")
         self.acc64 = acc64
-        self.pin = self.device.type == "cuda"
-        self._host_bufs: Dict[int, object] = {}
+        self.cuda = self.device.type == "cuda"
+        self.stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self._host_bufs: Dict[tuple, object] = {}
+        self.pending: List[list] = []   # [slot, event, result (pinned), nbytes, dst]
+        self.submitted = 0
 
-    def _staging(self, slot: int, nbytes: int):
-        buf = self._host_bufs.get(slot)
+    def _staging(self, key: tuple, nbytes: int):
+        buf = self._host_bufs.get(key)
         if buf is None or buf.numel() < nbytes:
-            buf = self.torch.empty(max(nbytes, 1), dtype=self.torch.uint8, pin_memory=self.pin)
-            self._host_bufs[slot] = buf
+            buf = self.torch.empty(max(nbytes, 1), dtype=self.torch.uint8, pin_memory=self.cuda)
+            self._host_bufs[key] = buf
         return buf[:nbytes]
 
     def _as_bytes(self, mv):
@@ -294,27 +307,56 @@ class TorchSummer:
             return self.torch.empty(0, dtype=self.torch.uint8)
         return self.torch.frombuffer(mv, dtype=self.torch.uint8)
 
-    def __call__(self, dst: memoryview, out_dtype: str, srcs, dtypes, weights, n: int) -> None:
+    def submit(self, out_dtype: str, srcs, dtypes, weights, n: int) -> list:
+        """Start one run's sum; the returned ticket's output bytes are bound later."""
+        import contextlib
         import warnings
 
         from ..ops.weighted_sum import weighted_sum_
 
         torch = self.torch
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # frombuffer on read-only mmaps
+        slot = self.submitted % self.SLOTS
+        self.submitted += 1
+        assert all(t[0] != slot for t in self.pending), "slot reused before it finished"
+        ctx = torch.cuda.stream(self.stream) if self.cuda else contextlib.nullcontext()
+        with warnings.catch_warnings(), ctx:
+            warnings.simplefilter("ignore", UserWarning)  # frombuffer on read-only buffers
             ins = []
             for k, (mv, d) in enumerate(zip(srcs, dtypes)):
-                host = self._staging(k, len(mv))
-                host.copy_(self._as_bytes(mv))
+                host = self._staging((slot, k), len(mv))
+                host.copy_(self._as_bytes(mv))            # host memcpy, overlaps the device
                 dev = host.to(self.device, non_blocking=True)
                 ins.append([dev.view(getattr(torch, _TORCH[d]))])
             out_t = getattr(torch, _TORCH[out_dtype])
             out = torch.empty(n, dtype=torch.float64 if self.acc64 else out_t, device=self.device)
             weighted_sum_([out], ins, list(weights))
             res = out.to(out_t).view(torch.uint8)
-            host_out = self._staging(-1, len(dst))
-            host_out.copy_(res)  # synchronises with the device
-            self._as_bytes(dst).copy_(host_out)
+            nbytes = res.numel()
+            result = self._staging((slot, "out"), nbytes)
+            result.copy_(res, non_blocking=self.cuda)
+            event = None
+            if self.cuda:
+                event = torch.cuda.Event()
+                event.record(self.stream)
+        ticket = [slot, event, result, nbytes, None]
+        self.pending.append(ticket)
+        return ticket
+
+    def finish(self, keep: int = 0) -> None:
+        """Complete submissions, oldest first, until at most ``keep`` are pending."""
+        while len(self.pending) > keep:
+            slot, event, result, nbytes, dst = self.pending.pop(0)
+            if event is not None:
+                event.synchronize()
+            assert dst is not None and len(dst) == nbytes, "a result without its output bytes"
+            self._as_bytes(dst).copy_(result)
+
+    def __call__(self, dst: memoryview, out_dtype: str, srcs, dtypes, weights, n: int) -> None:
+        """The synchronous form: submit, bind, finish."""
+        self.finish()
+        ticket = self.submit(out_dtype, srcs, dtypes, weights, n)
+        ticket[4] = dst
+        self.finish()
 
 
 def _equal_chunked(files: InputFiles, a, b, nbytes: int, chunk: int) -> bool:
@@ -416,23 +458,38 @@ def execute(plan: Plan, writers: List[SafetensorsFileWriter], *, memory: int, th
                         if j + 1 < len(windows) else None)
             for run in win:
                 nbytes = run.out_nbytes
-                dst = staging.reserve(writers[run.file_index], run.out_offset, nbytes)
                 t_sum = time.perf_counter()
-                if run.n > 0:
-                    if run.op == "copy":
-                        dst[:] = wb.view(run, 0, maps)
-                    else:
-                        srcs = [wb.view(run, k, maps) for k in range(len(run.sources))]
-                        summer(dst, run.out_dtype, srcs, [s.dtype for s in run.sources],
-                               [s.weight for s in run.sources], run.n)
-                        del srcs
+                if run.n > 0 and run.op != "copy" and getattr(summer, "asynchronous", False):
+                    # submit r, finish r − 1 while the device works on r, then reserve r's
+                    # bytes (the writer may take r − 1's bytes only once they are final)
+                    srcs = [wb.view(run, k, maps) for k in range(len(run.sources))]
+                    ticket = summer.submit(run.out_dtype, srcs, [s.dtype for s in run.sources],
+                                           [s.weight for s in run.sources], run.n)
+                    del srcs
+                    summer.finish(keep=1)
+                    dst = staging.reserve(writers[run.file_index], run.out_offset, nbytes)
+                    ticket[4] = dst
+                else:
+                    if getattr(summer, "asynchronous", False):
+                        summer.finish()
+                    dst = staging.reserve(writers[run.file_index], run.out_offset, nbytes)
+                    if run.n > 0:
+                        if run.op == "copy":
+                            dst[:] = wb.view(run, 0, maps)
+                        else:
+                            srcs = [wb.view(run, k, maps) for k in range(len(run.sources))]
+                            summer(dst, run.out_dtype, srcs, [s.dtype for s in run.sources],
+                                   [s.weight for s in run.sources], run.n)
+                            del srcs
                 sum_time += time.perf_counter() - t_sum
                 written += nbytes
                 read += run.in_nbytes
                 del dst
                 if progress is not None:
                     progress(run.last_key, nbytes)
-            input_maps.release_window(maps, win)
+            input_maps.release_window(maps, win)  # submissions copied their inputs already
+        if getattr(summer, "asynchronous", False):
+            summer.finish()
         staging.drain()
         for wb in wbufs:  # digest work still running on the last windows' bytes
             for fut in wb.pending:

@@ -3,6 +3,7 @@ checkpoints with mixed dtypes (bf16, fp16, fp32, int64, bool), in every layout."
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -244,6 +245,53 @@ def test_torch_device_path_matches(tmp_path):
     paths, states = files(tmp_path)
     fs.merge(paths, tmp_path / "gpu_path.safetensors", device="torch:cpu", quiet=True)
     check_merged(load_any(str(tmp_path / "gpu_path.safetensors")), states, [1 / 3] * 3, exact=False)
+
+
+def test_torch_device_pipeline_finishes_every_run_before_its_bytes_are_written(tmp_path, monkeypatch):
+    """The --device cuda pipeline (submit run r, finish r − 1, then reserve r's output
+    bytes) with a stand-in device whose results arrive only when a run is finished: a run
+    written before it finished would leave garbage in the file. A budget of a few KiB makes
+    many runs, windows and staging flushes."""
+    from fastsoup.merge import engine
+
+    class LateDevice(engine.TorchSummer):
+        def __init__(self, *a):
+            super().__init__(*a)
+            self.late = {}
+            self.overlapped = 0
+
+        def submit(self, *a):
+            ticket = super().submit(*a)
+            self.late[id(ticket)] = ticket[2].clone()
+            ticket[2].fill_(0xAB)              # not there yet: "the device" is still working
+            self.overlapped += len(self.pending) > 1
+            return ticket
+
+        def finish(self, keep=0):
+            for t in self.pending[:max(0, len(self.pending) - keep)]:
+                t[2].copy_(self.late.pop(id(t)))
+            super().finish(keep)
+
+    made = []
+    monkeypatch.setattr(engine, "TorchSummer", lambda *a: made.append(LateDevice(*a)) or made[-1])
+    real_flush = engine.Staging.flush
+
+    def flush(self):  # the writer must never be handed bytes of an unfinished run
+        buf = self.bufs[self.cur]
+        lo, hi = buf.ctypes.data, buf.ctypes.data + self.fill
+        for t in (made[0].pending if made else []):
+            if t[4] is not None and len(t[4]):
+                at = np.frombuffer(t[4], dtype=np.uint8).ctypes.data
+                assert not lo <= at < hi, "a run's bytes went to the writer before it finished"
+        real_flush(self)
+
+    monkeypatch.setattr(engine.Staging, "flush", flush)
+    spec = {f"layer.{i}.weight": ((40 + i, 33), torch.bfloat16) for i in range(12)}
+    spec.update({f"layer.{i}.bias": ((33,), torch.float32) for i in range(12)})
+    paths, states = files(tmp_path, 3, spec)
+    fs.merge(paths, tmp_path / "p.safetensors", device="torch:cpu", memory="64KiB", quiet=True)
+    check_merged(load_any(str(tmp_path / "p.safetensors")), states, [1 / 3] * 3, exact=False)
+    assert made and made[0].overlapped > 0 and not made[0].pending
 
 
 def test_manifest_in_metadata_and_sidecar(tmp_path):

@@ -95,3 +95,18 @@ def test_info_cli_text_and_json():
     assert res.returncode == 0, res.stderr
     assert "ignored: FASTSOUP_BACKEND: unknown backend 'bogus'" in res.stdout
     assert "cuda requested by FASTSOUP_BACKEND" in res.stdout
+
+
+def test_info_in_a_fresh_process_lists_every_op():
+    """`fastsoup info` in a new interpreter (fastsoup loads its ops lazily) reports every
+    op, weighted_sum included."""
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "fastsoup", "info", "--json"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ops = set(json.loads(proc.stdout)["backends"]["cpu"])
+    assert {"per_sample_mse", "weighted_sum", "ambient_loss_vp", "ambient_loss_ve",
+            "consistency_loss", "vp_reverse_step"} <= ops

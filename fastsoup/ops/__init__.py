@@ -16,11 +16,12 @@ from .consistency import consistency_loss, consistency_loss_eps
 from .mse import per_sample_mse
 from .reverse_step import vp_reverse_step, vp_reverse_step_from_eps
 from .schedule import ReverseStepCoefficients, vp_alpha_sigma, vp_reverse_step_coefficients
+from .weighted_sum import weighted_sum_
 
 __all__ = [
     "AGCMemoryBank", "AGCStats", "NonFiniteLossError", "agc_loss", "low_loss_keep_mask",
     "per_sample_mse",
     "ambient_loss_vp", "ambient_loss_ve", "consistency_loss", "consistency_loss_eps",
     "ReverseStepCoefficients", "vp_alpha_sigma", "vp_reverse_step",
-    "vp_reverse_step_coefficients", "vp_reverse_step_from_eps",
+    "vp_reverse_step_coefficients", "vp_reverse_step_from_eps", "weighted_sum_",
 ]

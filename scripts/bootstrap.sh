@@ -108,5 +108,10 @@ if ! "$PY" -c "import diffusers" 2>/dev/null; then
         "${PIP[@]}" install "diffusers>=0.27" || echo "fastsoup: diffusers could not be installed; its tests will be skipped" >&2
     fi
 fi
+# peft: diffusers loads LoRA adapters through it; the test that a LoRA soup loads with
+# diffusers' LoRA loader needs it (skipped without).
+if [ "$MODE" = "test" ] && ! "$PY" -c "import peft" 2>/dev/null; then
+    "${PIP[@]}" install peft || echo "fastsoup: peft could not be installed; the LoRA loading test will be skipped" >&2
+fi
 "${PIP[@]}" install --no-build-isolation --no-deps -e .
 "$PY" -c "import fastsoup, sys; sys.stdout.write('fastsoup %s installed\n' % fastsoup.__version__)"

@@ -161,6 +161,32 @@ def generate(folder: str, n: int, mb: float, kind: str = "sd"):
     return paths
 
 
+def generate_lora(folder: str, n: int, mb: float, rank: int = 16):
+    """``n`` PEFT-style LoRA adapters (bf16, rank ``rank``) over SD-like attention
+    projections (1280 × 1280), ``mb`` MB each: the LoRA-soup row's inputs."""
+    import torch
+    from safetensors.torch import save_file
+
+    os.makedirs(folder, exist_ok=True)
+    d = 1280
+    modules = max(1, int(mb * 1e6 // (2 * 2 * rank * d)))
+    paths = []
+    for i in range(n):
+        path = os.path.join(folder, f"lora{i}.safetensors")
+        paths.append(path)
+        if os.path.exists(path):
+            continue
+        g = torch.Generator().manual_seed(i)
+        sd = {}
+        for m in range(modules):
+            prefix = f"unet.blocks.{m}.attn.to_q"
+            sd[f"{prefix}.lora_A.weight"] = (torch.randn(rank, d, generator=g) * 0.02).to(torch.bfloat16)
+            sd[f"{prefix}.lora_B.weight"] = (torch.randn(d, rank, generator=g) * 0.02).to(torch.bfloat16)
+        save_file(sd, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    return paths
+
+
 def drop_output(out: str):
     import shutil
 
@@ -497,6 +523,9 @@ def interleaved(inputs, folder: str, rounds: int, cold: bool, peers=("mergekit",
     out = lambda name: os.path.join(folder, "out-" + name.replace(" ", "_").replace("/", "_")
                                     .replace("(", "").replace(")", "") + ".safetensors")
     rows = {}
+    # the LoRA-soup row's inputs: adapters an eighth of an input's size (LoRAs are small)
+    lora_inputs = generate_lora(os.path.join(folder, f"lora-{len(inputs)}x{MB / 8:g}MB"),
+                                len(inputs), MB / 8)
 
     def in_process(fn):
         def run(o):
@@ -518,6 +547,8 @@ def interleaved(inputs, folder: str, rounds: int, cold: bool, peers=("mergekit",
         ("fastsoup (hash none)", "in-process", in_process(TOOLS["fastsoup-nohash"])),
         ("fastsoup TIES (density 0.2, hash none)", "in-process", in_process(TOOLS["fastsoup-ties"])),
         ("fastsoup DARE (density 0.2, hash none)", "in-process", in_process(TOOLS["fastsoup-dare"])),
+        (f"fastsoup LoRA soup ({len(inputs)} × rank-16 adapters of {MB / 8:g} MB, hash none)",
+         "in-process", in_process(lambda _, o: run_fastsoup(lora_inputs, o, "none"))),
         ("naive", "in-process", in_process(run_naive)),
         ("floor", "command", command([py, HERE, "--child", "floor", "{out}", *inputs], env_first)),
         ("fastsoup-merge --help", "command", lambda o: run_command(cli + ["--help"], env_first)),

@@ -31,8 +31,7 @@ import torch  # noqa: E402
 
 import fastsoup as fs  # noqa: E402
 from fidelity.common import (  # noqa: E402
-    T, GaussianMixture, MLPDenoiser, Timer, linear_alphas_cumprod, mean_sd, parse_args,
-    setup_threads, write_results,
+    GaussianMixture, MLPDenoiser, T, Timer, mean_sd, start, write_results,
 )
 
 SIZES = {
@@ -153,11 +152,7 @@ def evaluate(model, gm: GaussianMixture, ac: torch.Tensor, cfg: dict, seed: int)
 
 
 def main(argv=None) -> str:
-    args = parse_args(__doc__.split("\n")[0], argv)
-    setup_threads()
-    cfg = dict(SIZES[args.size])
-    seeds = args.seeds or cfg["seeds"]
-    ac = linear_alphas_cumprod()
+    args, cfg, seeds, ac = start(__doc__, SIZES, argv)
     a_n, s_n = (float(v) for v in fs.vp_alpha_sigma(ac, torch.tensor([T_N])))
     results = {m: [] for m in methods()}
     seconds = {m: 0.0 for m in methods()}

@@ -120,6 +120,15 @@ def setup_threads() -> None:
     torch.set_num_threads(1)
 
 
+def start(doc: str, sizes: dict, argv: Optional[Sequence[str]] = None):
+    """What every experiment's ``main`` begins with: ``(args, cfg, seeds, alphas_cumprod)``
+    from the command line (one torch thread; ``cfg`` a copy of ``sizes[--size]``)."""
+    args = parse_args(doc.split("\n")[0], argv)
+    setup_threads()
+    cfg = dict(sizes[args.size])
+    return args, cfg, args.seeds or cfg["seeds"], linear_alphas_cumprod()
+
+
 def environment() -> Dict:
     try:
         load = list(os.getloadavg())

@@ -34,8 +34,7 @@ import torch  # noqa: E402
 
 import fastsoup as fs  # noqa: E402
 from fidelity.common import (  # noqa: E402
-    T, GaussianMixture, MLPDenoiser, Timer, ancestral_sample, linear_alphas_cumprod, mean_sd,
-    parse_args, setup_threads, write_results,
+    GaussianMixture, MLPDenoiser, T, Timer, ancestral_sample, mean_sd, start, write_results,
 )
 from fidelity.soup import bins, error, fit, triples  # noqa: E402
 
@@ -105,11 +104,7 @@ def run_seed(cfg, seed, ac):
 
 
 def main(argv=None) -> str:
-    args = parse_args(__doc__.split("\n")[0], argv)
-    setup_threads()
-    cfg = dict(SIZES[args.size])
-    seeds = args.seeds or cfg["seeds"]
-    ac = linear_alphas_cumprod()
+    args, cfg, seeds, ac = start(__doc__, SIZES, argv)
     with Timer() as total:
         per_seed = [run_seed(cfg, seed, ac) for seed in range(seeds)]
     nb = len(bins())

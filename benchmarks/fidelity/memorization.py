@@ -33,8 +33,7 @@ import torch  # noqa: E402
 
 import fastsoup as fs  # noqa: E402
 from fidelity.common import (  # noqa: E402
-    T, GaussianMixture, MLPDenoiser, Timer, ancestral_sample, linear_alphas_cumprod, mean_sd,
-    parse_args, setup_threads, write_results,
+    GaussianMixture, MLPDenoiser, T, Timer, ancestral_sample, mean_sd, start, write_results,
 )
 
 SIZES = {
@@ -138,11 +137,7 @@ def measure(model, dup, fresh, train_x, ac, cfg, seed):
 
 
 def main(argv=None) -> str:
-    args = parse_args(__doc__.split("\n")[0], argv)
-    setup_threads()
-    cfg = dict(SIZES[args.size])
-    seeds = args.seeds or cfg["seeds"]
-    ac = linear_alphas_cumprod()
+    args, cfg, seeds, ac = start(__doc__, SIZES, argv)
     res = {m: [] for m in METHODS}
     secs = {m: 0.0 for m in METHODS}
     with Timer() as total:

@@ -5,6 +5,7 @@ Test modules live in packages that mirror ``fastsoup/`` (``tests/kernels``, ``te
 belongs here, what every test needs (the interpreter switch, the ``cuda`` marker) in
 ``tests/conftest.py``.
 """
+import contextlib
 
 
 # ============================================================== merge and io
@@ -181,3 +182,59 @@ def bf16_from_f64(e: np.ndarray) -> torch.Tensor:
     bits = f.view(np.uint32) | inexact.astype(np.uint32)  # round to odd: keeps the sticky bit
     r = bf16_round(bits.view(np.float32))
     return torch.from_numpy(r.astype(np.float32)).to(torch.bfloat16)
+
+
+# ------------------------------------------------------------------ host syncs
+# Python reads of a tensor's value: each waits for the device on a GPU.
+HOST_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy", "cpu")
+
+
+@contextlib.contextmanager
+def count_host_reads(monkeypatch, reads=HOST_READS):
+    """Count calls of the ``torch.Tensor`` methods ``reads``; ``counter["where"]`` names
+    each one."""
+    counter = {"n": 0, "where": []}
+    with monkeypatch.context() as m:
+        for name in reads:
+            original = getattr(torch.Tensor, name)
+
+            def wrapper(self, *a, __original=original, __name=name, **k):
+                counter["n"] += 1
+                counter["where"].append(__name)
+                return __original(self, *a, **k)
+
+            m.setattr(torch.Tensor, name, wrapper)
+        yield counter
+
+
+def cuda_syncs(call):
+    """The synchronising CUDA calls ``call()`` makes after a warm-up call (sync-debug
+    mode warns on each one, including those inside PyTorch's C++)."""
+    import warnings
+
+    call()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            call()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+
+
+# ------------------------------------------------------------------ merge CLI
+def run_quiet(argv, capsys):
+    """``fastsoup-merge ARGV -q`` in process: ``(exit code, stderr)``."""
+    from fastsoup.merge import cli
+
+    code = cli.main([str(a) for a in argv] + ["-q"])
+    return code, capsys.readouterr().err
+
+
+def leftovers(folder):
+    """Temporaries a merge left in ``folder``."""
+    import os
+
+    return [p for p in os.listdir(folder) if "fastsoup-tmp" in p]

@@ -11,19 +11,12 @@ from safetensors import safe_open
 
 import fastsoup as fs
 from fastsoup.io import atomic
-from fastsoup.merge import MergeError, api, cli
+from fastsoup.merge import MergeError, api
 from fastsoup.merge import output as merge_output
-from tests.helpers import make_state, save_file_layout, save_sharded
+from tests.helpers import leftovers, run_quiet, make_state, save_file_layout, save_sharded
 
 
-def run(argv, capsys):
-    code = cli.main([str(a) for a in argv] + ["-q"])
-    captured = capsys.readouterr()
-    return code, captured.err
-
-
-def leftovers(folder):
-    return [p for p in os.listdir(folder) if "fastsoup-tmp" in p]
+run = run_quiet
 
 
 @pytest.fixture

@@ -1,6 +1,5 @@
 """Inputs that change under the merge, outputs inside inputs, stale temporaries, and the
 resources a merge holds (descriptors, resident pages of the integer-tensor check)."""
-import errno
 import os
 import resource
 import subprocess
@@ -11,16 +10,13 @@ import pytest
 import torch
 
 import fastsoup as fs
-from fastsoup.merge import MergeError, PlanError, engine
+from fastsoup.merge import MergeError, PlanError
 from fastsoup.merge import mmap as input_maps
 from fastsoup.merge.formats import resolve
-from tests.helpers import make_state, save_diffusers, save_file_layout, save_sharded
+from tests.helpers import leftovers, make_state, save_diffusers, save_file_layout, save_sharded
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-
-def leftovers(folder):
-    return [p for p in os.listdir(folder) if "fastsoup-tmp" in p]
 
 
 def test_output_inside_a_directory_input_is_refused(tmp_path):

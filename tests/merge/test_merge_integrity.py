@@ -12,15 +12,12 @@ import pytest
 import torch
 
 import fastsoup as fs
-from fastsoup.merge import MergeError, hashing, manifest, soup_add, soup_remove
+from fastsoup.merge import MergeError, hashing, soup_add, soup_remove
 from fastsoup.kernels import cpu as cpu_kernels
-from tests.helpers import load_any, make_state, save_diffusers, save_file_layout
+from tests.helpers import leftovers, load_any, make_state, save_diffusers, save_file_layout
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-
-def leftovers(folder):
-    return [p for p in os.listdir(folder) if "fastsoup-tmp" in p]
 
 
 def big_pair(tmp_path, n=1 << 16):

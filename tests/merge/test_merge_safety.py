@@ -11,7 +11,7 @@ import torch
 
 import fastsoup as fs
 from fastsoup.merge import cli, engine, writer
-from tests.helpers import make_state, raw_safetensors, save_file_layout, save_sharded
+from tests.helpers import leftovers, run_quiet, make_state, raw_safetensors, save_file_layout, save_sharded
 
 
 @pytest.fixture
@@ -20,14 +20,7 @@ def two(tmp_path):
     return tmp_path, paths
 
 
-def run(argv, capsys):
-    code = cli.main([str(a) for a in argv] + ["-q"])
-    captured = capsys.readouterr()
-    return code, captured.err
-
-
-def leftovers(folder):
-    return [p for p in os.listdir(folder) if "fastsoup-tmp" in p]
+run = run_quiet
 
 
 def corrupt(path, mutate):

@@ -14,32 +14,13 @@ Budgets, per call after the first (forward + backward): ``per_sample_mse`` 0;
 1 with scalars the caller made (their values are checked). The training layer's counts are in
 ``tests/train/test_host_syncs.py``.
 """
-import contextlib
-import warnings
 
 import pytest
 import torch
 
 import fastsoup as fs
 
-READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy", "cpu")
-
-
-@contextlib.contextmanager
-def count_host_reads(monkeypatch):
-    """Counts host reads of tensor values; ``counter["where"]`` names each one."""
-    counter = {"n": 0, "where": []}
-    with monkeypatch.context() as m:
-        for name in READS:
-            original = getattr(torch.Tensor, name)
-
-            def wrapper(self, *a, __original=original, __name=name, **k):
-                counter["n"] += 1
-                counter["where"].append(__name)
-                return __original(self, *a, **k)
-
-            m.setattr(torch.Tensor, name, wrapper)
-        yield counter
+from tests.helpers import count_host_reads, cuda_syncs
 
 
 def _data(device="cpu", B=4):
@@ -133,14 +114,5 @@ def test_host_syncs_per_call_cuda_sync_debug(name):
     """On a GPU: no synchronising CUDA call beyond the budget (sync-debug mode warns on
     each one, including those inside PyTorch's C++)."""
     call, budget = _calls("cuda")[name]
-    call()
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("warn")
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            call()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    syncs = [w for w in caught if "synchroniz" in str(w.message)]
-    assert len(syncs) <= budget, [str(w.message) for w in syncs]
+    syncs = cuda_syncs(call)
+    assert len(syncs) <= budget, syncs

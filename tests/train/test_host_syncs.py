@@ -6,7 +6,6 @@ after the first (the first call caches the schedule on the device); each is docu
 in the function's docstring. A CUDA test checks the same calls under CUDA's sync-debug
 mode where a GPU exists.
 """
-import contextlib
 
 import pytest
 import torch
@@ -16,25 +15,9 @@ import fastsoup as fs
 diffusers = pytest.importorskip("diffusers")
 from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler  # noqa: E402
 
-READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy")
+from tests.helpers import HOST_READS, count_host_reads, cuda_syncs  # noqa: E402
 
-
-@contextlib.contextmanager
-def count_host_reads(monkeypatch):
-    counter = {"n": 0, "where": []}
-    for name in READS:
-        original = getattr(torch.Tensor, name)
-
-        def wrapper(self, *a, __original=original, __name=name, **k):
-            counter["n"] += 1
-            counter["where"].append(__name)
-            return __original(self, *a, **k)
-
-        monkeypatch.setattr(torch.Tensor, name, wrapper)
-    try:
-        yield counter
-    finally:
-        monkeypatch.undo()
+READS = tuple(r for r in HOST_READS if r != "cpu")
 
 
 def _ddpm_batch(B=4, device="cpu"):
@@ -81,7 +64,7 @@ def _calls(device):
 def test_syncs_per_call(monkeypatch, name):
     call, expected = _calls("cpu")[name]
     call()  # first call: caches
-    with count_host_reads(monkeypatch) as counter:
+    with count_host_reads(monkeypatch, READS) as counter:
         call()
     assert counter["n"] == expected, counter["where"]
 
@@ -92,16 +75,5 @@ def test_syncs_per_call_cuda_sync_debug(name):
     """On a GPU: no synchronising CUDA call beyond the documented count (sync-debug mode
     warns on each one)."""
     call, expected = _calls("cuda")[name]
-    call()
-    torch.cuda.synchronize()
-    import warnings
-
-    torch.cuda.set_sync_debug_mode("warn")
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            call()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    syncs = [w for w in caught if "synchroniz" in str(w.message)]
-    assert len(syncs) <= expected, [str(w.message) for w in syncs]
+    syncs = cuda_syncs(call)
+    assert len(syncs) <= expected, syncs

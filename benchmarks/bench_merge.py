@@ -128,10 +128,18 @@ def moe_layout(total_bytes: int, n_tensors: int = 50000):
     return shapes
 
 
+def _save(state, path: str) -> None:
+    """Write a generated input under a temporary name, then rename it into place (an
+    interrupted run never leaves a partial input that a later run would reuse)."""
+    from safetensors.torch import save_file
+
+    save_file(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
 def generate(folder: str, n: int, mb: float, kind: str = "sd"):
     import numpy as np
     import torch
-    from safetensors.torch import save_file
 
     os.makedirs(folder, exist_ok=True)
     shapes = layout(int(mb * 1e6)) if kind == "sd" else moe_layout(int(mb * 1e6), N_TENSORS)
@@ -155,9 +163,7 @@ def generate(folder: str, n: int, mb: float, kind: str = "sd"):
         for k, t in base.items():
             sd[k] = pert[pos:pos + t.numel()].reshape(t.shape).clone()
             pos += t.numel()
-        tmp = path + ".tmp"
-        save_file(sd, tmp)
-        os.replace(tmp, path)
+        _save(sd, path)
     return paths
 
 
@@ -165,7 +171,6 @@ def generate_lora(folder: str, n: int, mb: float, rank: int = 16):
     """``n`` PEFT-style LoRA adapters (bf16, rank ``rank``) over SD-like attention
     projections (1280 × 1280), ``mb`` MB each: the LoRA-soup row's inputs."""
     import torch
-    from safetensors.torch import save_file
 
     os.makedirs(folder, exist_ok=True)
     d = 1280
@@ -182,8 +187,7 @@ def generate_lora(folder: str, n: int, mb: float, rank: int = 16):
             prefix = f"unet.blocks.{m}.attn.to_q"
             sd[f"{prefix}.lora_A.weight"] = (torch.randn(rank, d, generator=g) * 0.02).to(torch.bfloat16)
             sd[f"{prefix}.lora_B.weight"] = (torch.randn(d, rank, generator=g) * 0.02).to(torch.bfloat16)
-        save_file(sd, path + ".tmp")
-        os.replace(path + ".tmp", path)
+        _save(sd, path)
     return paths
 
 

@@ -47,6 +47,11 @@ def fastsoup_mse(model_pred, target):
 
 
 LOSSES = {"eager": diffusers_loss, "fastsoup-mse": fastsoup_mse, "fastsoup-agc": fastsoup_agc}
+LABELS = {  # what each row's loss block is; report.py prints it next to the impl name
+    "eager": "diffusers' `F.mse_loss(pred.float(), target.float())`",
+    "fastsoup-mse": "`fs.per_sample_mse(pred, target).mean()`",
+    "fastsoup-agc": "`fs.agc_loss(pred, target, exclude_fraction=0.125)` (top-k exclusion)",
+}
 
 _model = {}
 
@@ -78,5 +83,5 @@ def test_unet_training_step(benchmark, impl):
 
     rounds = {"full": 10, "small": 3, "smoke": 1}[SIZE]
     measure(benchmark, step, rounds=rounds, warmup=2, impl=impl,
-            role="baseline" if impl == "eager" else "",
+            role="baseline" if impl == "eager" else "", label=LABELS[impl],
             params=sum(p.numel() for p in unet.parameters()), batch=BATCH)

@@ -4,11 +4,17 @@ The use case: averaging K model replicas (iterative ensemble training) or K chec
 tensors, a list of P tensors of mixed sizes (SD-like: a few large matrices, many small
 vectors), bf16 in and out. Moves K reads + 1 write of every element.
 
-Implementations, same inputs:
+Implementations, same inputs (each row records what it is in ``extra_info["label"]``,
+which ``report.py`` prints next to the impl name):
 
-* ``fastsoup``: ``fs.weighted_sum_`` with the device's default backend (Triton on GPU,
-  the PyTorch reference on CPU); on GPU also ``fastsoup-cuda`` (the CUDA kernel).
-* ``cpu-C``: ``fastsoup._C.weighted_sum`` per tensor (the merge engine's CPU kernel).
+* ``fastsoup``: ``fs.weighted_sum_``, the public API, with the device's default backend:
+  Triton on GPU; on CPU the ``fastsoup._C`` kernel once per output tensor, behind the
+  custom op and its argument and aliasing checks (the PyTorch reference only for lists the
+  kernel does not take). On GPU also ``fastsoup-cuda`` (``fs.weighted_sum_`` on the CUDA
+  kernel).
+* ``cpu-C`` (CPU only): ``fastsoup._C.weighted_sum`` called directly per tensor from
+  Python, without ``fs.weighted_sum_``'s checks: the merge engine's CPU kernel, not an API
+  a user calls. The gap to ``fastsoup`` is the public API's per-call cost.
 * ``foreach``: ``torch._foreach_mul`` / ``_foreach_add_`` in fp32, then a cast (what one
   writes with PyTorch's multi-tensor primitives).
 
@@ -19,6 +25,8 @@ import pytest
 import torch
 
 import fastsoup as fs
+import fastsoup.ops  # noqa: F401  (registers every op's backend policy before _backend.choose)
+from fastsoup import _backend
 from harness import DEVICE, SIZE, measure
 
 K = 4
@@ -60,6 +68,26 @@ def _bytes(outs):
 
 
 IMPLS = ["fastsoup", "foreach"] + (["fastsoup-cuda"] if DEVICE.type == "cuda" else ["cpu-C"])
+LABELS = {
+    "fastsoup": "`fs.weighted_sum_` (the public API)",
+    "fastsoup-cuda": "`fs.weighted_sum_` (the public API) on the CUDA kernel",
+    "cpu-C": "`fastsoup._C.weighted_sum` per tensor, no checks (the merge engine's kernel, not the public API)",
+    "foreach": "`torch._foreach_mul` / `_foreach_add_` in fp32, then a cast",
+}
+
+
+def _backend_of(impl: str) -> str:
+    """The backend that runs the row: ``fs.weighted_sum_``'s choice for this device (on CPU
+    its reference path hands contiguous bf16 lists to the ``_C`` kernel)."""
+    if impl == "fastsoup":
+        chosen = _backend.choose("weighted_sum", DEVICE).backend
+        if chosen == "reference" and DEVICE.type == "cpu":
+            from fastsoup.kernels import cpu as cpu_kernels
+
+            if cpu_kernels.extension() is not None:
+                chosen = "_C"
+        return chosen
+    return {"fastsoup-cuda": "cuda", "cpu-C": "_C", "foreach": "torch"}[impl]
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -89,4 +117,5 @@ def test_weighted_sum(benchmark, impl):
             for o, a in zip(outs, acc):
                 o.copy_(a)
     measure(benchmark, step, bytes_moved=_bytes(outs), impl=impl, tensors=len(CASES), inputs=K,
-            role="baseline" if impl == "foreach" else "")
+            role="baseline" if impl == "foreach" else "", backend=_backend_of(impl),
+            label=LABELS[impl])

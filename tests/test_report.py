@@ -50,7 +50,7 @@ def test_update_readme_rewrites_only_the_marked_section(tmp_path, monkeypatch):
     assert report.update_readme()
     text = (tmp_path / "README.md").read_text()
     assert text.startswith("head\n") and text.endswith("tail\n") and "old" not in text
-    assert "### GPU-Z (2026-01-02)" in text and "| g | fastsoup (-) | 1.000 | 2.00× | - |" in text
+    assert "### GPU-Z (2026-01-02)" in text and "| g | 2026-01-02 | fastsoup | - | 1.000 | 2.00× | - |" in text
 
 
 def _modelled(group, impl, median, model, role=None):
@@ -147,3 +147,137 @@ def test_load_average_is_printed_as_numbers_and_merges_show_the_first_merge():
             {"impl": "fastsoup", "median_ms": 3.0}]
     assert report._readme_row("merge 4 x 400 MB bf16", rows)["impl"] == "fastsoup"
     assert report._readme_row("weighted_sum K=4", rows)["impl"] == "fastsoup-hash-cached"
+
+
+def _bench_n(group, impl, median, rounds, label=None, role=None):
+    b = _bench(group, impl, median, role=role)
+    b["stats"].update(rounds=rounds, data=[median] * rounds)
+    if label:
+        b["extra_info"]["label"] = label
+    return b
+
+
+def _readme_for(tmp_path, monkeypatch, files):
+    """update_readme over a results folder holding ``files`` ({name: json object})."""
+    (tmp_path / "README.md").write_text("<!-- perf:start -->\n<!-- perf:end -->\n")
+    results = tmp_path / "benchmarks" / "results"
+    results.mkdir(parents=True)
+    for name, obj in files.items():
+        (results / name).write_text(json.dumps(obj))
+    monkeypatch.setattr(report, "ROOT", str(tmp_path))
+    monkeypatch.setattr(report, "RESULTS", str(results))
+    assert report.update_readme()
+    return (tmp_path / "README.md").read_text()
+
+
+META = {"device": "cpu-2core", "date": "2026-01-02", "size": "small", "versions": {"torch": "t"},
+        "machine": "m", "command": "c",
+        "load_average": {"before": [1.5, 1.25, 1.0], "after": [2.0, 1.5, 1.125]}}
+
+
+def test_readme_shows_every_train_step_loss_against_one_baseline(tmp_path, monkeypatch):
+    g = "train step UNet2DCondition tiny b4"
+    table = report.summarise([_bench(g, "eager", 60e-3), _bench(g, "fastsoup-mse", 50e-3),
+                              _bench(g, "fastsoup-agc", 80e-3)])
+    text = _readme_for(tmp_path, monkeypatch, {"cpu-2core-2026-01-02.json": {"meta": META, "table": table}})
+    mse = [ln for ln in text.splitlines() if ln.startswith(f"| {g} |") and "fastsoup-mse" in ln]
+    agc = [ln for ln in text.splitlines() if ln.startswith(f"| {g} |") and "fastsoup-agc" in ln]
+    assert len(mse) == 1 and len(agc) == 1
+    assert "| 50.000 | 1.20× |" in mse[0] and "| 80.000 | 0.75× |" in agc[0]  # both vs eager
+    assert "`fs.agc_loss(" in agc[0] and "`fs.per_sample_mse(" in mse[0]
+    # the load average as numbers, not a dict
+    assert "load average (1/5/15 min): before 1.50 / 1.25 / 1.00, after 2.00 / 1.50 / 1.12" in text
+    assert "{'before'" not in text and '"before"' not in text
+
+
+def test_weighted_sum_rows_say_which_is_the_public_api(tmp_path, monkeypatch):
+    g = "weighted_sum K=4 x 442 bf16 tensors"
+    rows = [_bench(g, "foreach", 100e-3), _bench(g, "fastsoup", 30e-3), _bench(g, "cpu-C", 20e-3)]
+    md = report.to_markdown(META, report.summarise(rows))
+    assert "`fastsoup` = `fs.weighted_sum_` (the public API)" in md
+    assert "`cpu-C` = `fastsoup._C.weighted_sum` per tensor" in md and "not the public API" in md
+    # a label recorded by the suite wins over the built-in one
+    rows[1]["extra_info"]["label"] = "`fs.weighted_sum_` (recorded)"
+    table = report.summarise(rows)
+    assert {r["impl"]: r["label"] for r in table[g]}["fastsoup"] == "`fs.weighted_sum_` (recorded)"
+    text = _readme_for(tmp_path, monkeypatch, {"cpu-2core-2026-01-02.json": {"meta": META, "table": table}})
+    lines = [ln for ln in text.splitlines() if ln.startswith(f"| {g} |")]
+    assert len(lines) == 2
+    assert "| fastsoup = `fs.weighted_sum_` (recorded) |" in lines[1] and "| 3.33× |" in lines[1]
+    assert "| cpu-C = `fastsoup._C.weighted_sum` per tensor" in lines[0] and "| 5.00× |" in lines[0]
+
+
+def test_one_round_rows_print_no_spread():
+    rows = [_bench_n("g", "eager", 2e-3, 1), _bench_n("g", "fastsoup", 1e-3, 1),
+            _bench_n("h", "fastsoup", 1e-3, 5)]
+    table = report.summarise(rows)
+    md = report.to_markdown(dict(META, size="smoke"), table)
+    assert "| fastsoup | - | 1.000 | - (1 round) |" in md and "1.000–1.000" not in md.split("## g")[1].split("## h")[0]
+    assert "| fastsoup | - | 1.000 | 1.000–1.000 |" in md.split("## h")[1]  # five rounds: a spread
+    assert "smoke run" in md and "one round per row" in md
+
+
+def _merge_row(name, kind, times, rss=None, error=None):
+    return {"name": name, "kind": kind, "times": times, "cpu": [1.0] * len(times),
+            "rss": rss or [None] * len(times), "load": [[1.0, 1.0]] * len(times), "error": error}
+
+
+def _merge_file(date, rows, skipped=None, rounds=3, cache="warm: inputs read once"):
+    return {"meta": {"date": date, "machine": "m", "versions": {"fastsoup": "0"}, "rounds": rounds,
+                     "layout": "sd", "layout_text": "2 × 10 MB bf16 SD-like inputs, 5 tensors each",
+                     "cache_text": cache, "command": "bench_merge.py --run",
+                     "load_average": {"before": [0.5, 0.25, 0.125], "after": [1.0, 0.75, 0.5]}},
+            "rows": {f"{r['name']} [{r['kind']}]": r for r in rows}, "skipped": skipped or {}}
+
+
+def test_readme_merge_table_from_bench_merge_results(tmp_path, monkeypatch):
+    mb = 10**6
+    rows = [
+        _merge_row("floor", "in-process", [1.0, 1.2, 1.1]),
+        _merge_row("fastsoup (first merge)", "in-process", [2.0, 2.2, 2.4]),
+        _merge_row("fastsoup (digests cached)", "in-process", [0.9, 0.8, 1.0]),  # beats its floor
+        _merge_row("fastsoup TIES (density 0.2, hash none)", "in-process", [1.5] * 3),  # extra row
+        _merge_row("floor", "command", [2.0] * 3, rss=[50 * mb] * 3),
+        _merge_row("fastsoup-merge (first merge)", "command", [3.0] * 3, rss=[300 * mb] * 3),
+        _merge_row("fastsoup-merge --hash none", "command", [2.5] * 3, rss=[290 * mb] * 3),
+        _merge_row("mergekit", "command", [], error="mergekit-yaml exited 1:\nTraceback\nRuntimeError: boom"),
+    ]  # no naive row, no cached or in-process --hash none: tolerated
+    files = {
+        "cpu-merge-2026-01-03-sd-2x10.json": _merge_file("2026-01-03 10:00 UTC", rows,
+                                                         {"sd-mecha": "not installed"}),
+        "cpu-merge-2026-01-01-sd-2x10.json": _merge_file("2026-01-01 10:00 UTC", rows[:1]),  # older
+        "cpu-merge-2026-01-04-sd-2x10-cold.json": _merge_file(  # a variant: listed, not tabled
+            "2026-01-04 10:00 UTC", rows[:1], cache="cold: evicted"),
+        "cpu-merge-2026-01-05-sd-2x10-memlimit.json": _merge_file("2026-01-05 10:00 UTC", rows[:1]),
+        "cpu-merge-2026-01-06-sd-2x10.json": dict(_merge_file("2026-01-06 10:00 UTC", rows[:1]),
+                                                  meta=dict(_merge_file("2026-01-06 10:00 UTC", [])["meta"],
+                                                            memory_limit=2**30)),
+        "cpu-2core-2026-01-02.json": {"meta": META, "table": report.summarise(
+            [_bench("merge 4 x 400 MB bf16", "fastsoup", 1.0), _bench("merge 4 x 400 MB bf16", "floor", 2.0)])},
+    }
+    text = _readme_for(tmp_path, monkeypatch, files)
+    assert "From `benchmarks/results/cpu-merge-2026-01-03-sd-2x10.json`" in text
+    assert "load average (1/5/15 min): before 0.50 / 0.25 / 0.12, after 1.00 / 0.75 / 0.50" in text
+    assert "| I/O floor (read every input, write + fsync the output) | 1.100 | 1.00 | 2.000 | 1.00 | 50 |" in text
+    assert "| fastsoup, first merge (sha256 digests computed) | 2.200 | 2.00 | 3.000 | 1.50 | 300 |" in text
+    assert "| fastsoup, digests cached | 0.900 | **0.82: below the floor** | not in this run |  | - |" in text
+    assert "**A floor is beaten**: fastsoup, digests cached (in-process) 0.900 s < floor 1.100 s" in text
+    assert "| fastsoup, `--hash none` | not in this run |  | 2.500 | 1.25 | 290 |" in text
+    assert "| naive `safe_open` + `add_` loop | not in this run |  | not in this run |  | - |" in text
+    assert "| mergekit | - |  | failed |  | - |" in text and "`RuntimeError: boom`" in text
+    assert "| sd-mecha | not measured |  | not measured |  | - |" in text
+    assert "sd-mecha: not measured: not installed" in text
+    assert "`fastsoup TIES (density 0.2, hash none) (in-process)`" in text  # extra rows named
+    assert "cpu-merge-2026-01-04-sd-2x10-cold.md` (" in text  # the cold variant only listed
+    # the report's pytest-benchmark merge group is replaced by this table
+    assert "| merge 4 x 400 MB bf16 |" not in text and "left out here" in text
+
+
+def test_report_merge_group_faster_than_its_floor_is_flagged():
+    g = "merge 4 x 400 MB bf16"
+    table = report.summarise([_bench(g, "floor", 0.34), _bench(g, "fastsoup-hash-cached", 0.28),
+                              _bench(g, "fastsoup", 1.2), _bench(g, "naive", 1.9)])
+    md = report.to_markdown(META, table)
+    flagged = [ln for ln in md.splitlines() if "below the floor" in ln]
+    assert len(flagged) == 1 and flagged[0].startswith("| fastsoup-hash-cached |")
+    assert "the fractions above are not bounds" in md

@@ -23,6 +23,15 @@ Two ways to run it:
     cache (``os.sync()`` then ``posix_fadvise(POSIX_FADV_DONTNEED)`` on each input file:
     only these files' pages, no root needed and nothing else on the machine disturbed).
     On a VM the host may still cache the disk: the table says so.
+  - ``--memory-limit 1GiB``: larger than memory. Only the whole commands ``floor
+    (command)``, ``fastsoup-merge (first merge)``, ``fastsoup-merge --hash none`` and the
+    peers run, each in a fresh cgroup v1 memory group of that limit (created under
+    ``/sys/fs/cgroup/memory``, the command put in it before it executes, removed after;
+    page cache is charged to it, so inputs larger than the limit cannot stay cached), the
+    inputs evicted before every row; the table adds the group's peak charge and its OOM
+    kills, and a command that fails (an OOM kill) is reported with its exit status and
+    peak. Without a writable cgroup v1 memory hierarchy the run says why and measures
+    nothing.
 
 * ``pytest benchmarks/bench_merge.py --benchmark-only`` (what ``benchmarks/report.py``
   runs): the in-process rows under pytest-benchmark, rounds of one row back to back.
@@ -34,8 +43,11 @@ fsyncs it and its directory; same page-cache state and same fsync as the merges.
 faster than the floor would mean the floor is wrong, and the table flags it.
 
 Layouts (``FASTSOUP_BENCH_MERGE_LAYOUT``): ``sd`` (default: SD-like, ~85% of the bytes in
-1280-column matrices, 320 small vectors) or ``moe`` (MoE-like: ~50,000 tensors per file,
-``FASTSOUP_BENCH_MERGE_TENSORS``). Sizes: ``FASTSOUP_BENCH_MERGE_INPUTS`` (default 4),
+1280-column matrices, 320 small vectors), ``moe`` (MoE-like: ~50,000 tensors per file,
+``FASTSOUP_BENCH_MERGE_TENSORS``) or ``llama`` (each input a transformers model folder:
+``model.safetensors`` with Llama keys and a ``config.json`` (``LlamaForCausalLM``) whose
+sizes match the tensors: the layout mergekit merges; every row takes the folders, the
+floor, naive and sd-mecha the ``model.safetensors`` in them: the same bytes). Sizes: ``FASTSOUP_BENCH_MERGE_INPUTS`` (default 4),
 ``FASTSOUP_BENCH_MERGE_MB`` (per input, default 400; 8 with FASTSOUP_BENCH_SIZE=smoke),
 ``FASTSOUP_BENCH_MERGE_ROUNDS`` (default 3; a run of one round is labelled a smoke run),
 ``FASTSOUP_BENCH_MERGE_DIR`` (default a temporary directory; inputs are kept there and
@@ -50,10 +62,13 @@ the benchmark at it::
     FASTSOUP_BENCH_SD_MECHA_PYTHON=/opt/sd-mecha/bin/python \
         python benchmarks/bench_merge.py --run
 
-(``mergekit-yaml`` on PATH is used too.) mergekit merges transformers checkpoints: each
-input is given as a folder holding the weights and a ``config.json``; sd-mecha infers a
-model config from the keys. A peer that refuses the synthetic checkpoints is listed with
-its error, not timed.
+(``mergekit-yaml`` on PATH is used too.) mergekit merges transformers architectures it
+knows: it is given the llama layout's folders as they are (a linear merge, equal
+weights, ``dtype: bfloat16``, ``--lazy-unpickle --no-copy-tokenizer``), and refuses the
+``sd`` and ``moe`` layouts (each file wrapped in a folder with a ``LlamaForCausalLM``
+config.json: "Tensor model.layers.0.self_attn.o_proj.weight required but not present");
+sd-mecha infers a model config from the keys. A peer that refuses the synthetic
+checkpoints is listed with its error, not timed.
 
     python benchmarks/bench_merge.py --run --out benchmarks/results/cpu-merge-DATE-sd
     python benchmarks/bench_merge.py --table merge.json      # pytest-benchmark json -> markdown
@@ -128,6 +143,60 @@ def moe_layout(total_bytes: int, n_tensors: int = 50000):
     return shapes
 
 
+LLAMA_WEIGHTS = "model.safetensors"
+
+
+def llama_layout(total_bytes: int):
+    """``(config, shapes)`` of a Llama-like bf16 checkpoint of about ``total_bytes``:
+    head dim 64, grouped-query attention (4 query heads per key/value head), intermediate
+    size 8/3 of the hidden size (a multiple of 64), untied embeddings; the hidden size is
+    the largest that leaves at least 8 layers in ~75% of the bytes, the layer count fills
+    that, and the vocabulary (a multiple of 64, at most 32,000) the rest. ``config`` is
+    the ``config.json`` that transformers (and mergekit) read, consistent with the
+    shapes."""
+    params = total_bytes // 2
+
+    def sizes(h):
+        inter = -(-(8 * h // 3) // 64) * 64
+        heads = h // 64
+        kv = heads // 4 if heads % 4 == 0 else heads
+        per_layer = 2 * h * h + 2 * kv * 64 * h + 3 * h * inter + 2 * h
+        return inter, heads, kv, per_layer
+
+    h = 128
+    for cand in (256, 512, 768, 1024, 1536, 2048, 3072, 4096, 5120, 8192):
+        if 8 * sizes(cand)[3] <= 0.75 * params:
+            h = cand
+    inter, heads, kv, per_layer = sizes(h)
+    layers = max(1, int(0.75 * params) // per_layer)
+    vocab = max(64, min(32000, (params - layers * per_layer - h) // (2 * h) // 64 * 64))
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+              "hidden_size": h, "intermediate_size": inter, "num_hidden_layers": layers,
+              "num_attention_heads": heads, "num_key_value_heads": kv, "head_dim": 64,
+              "vocab_size": vocab, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
+              "rope_theta": 10000.0, "hidden_act": "silu", "tie_word_embeddings": False,
+              "torch_dtype": "bfloat16", "bos_token_id": 1, "eos_token_id": 2}
+    shapes = [("model.embed_tokens.weight", (vocab, h))]
+    for i in range(layers):
+        p = f"model.layers.{i}"
+        for m, rows in (("q", h), ("k", kv * 64), ("v", kv * 64), ("o", h)):
+            shapes.append((f"{p}.self_attn.{m}_proj.weight", (rows, h)))
+        shapes.append((f"{p}.mlp.gate_proj.weight", (inter, h)))
+        shapes.append((f"{p}.mlp.up_proj.weight", (inter, h)))
+        shapes.append((f"{p}.mlp.down_proj.weight", (h, inter)))
+        shapes.append((f"{p}.input_layernorm.weight", (h,)))
+        shapes.append((f"{p}.post_attention_layernorm.weight", (h,)))
+    shapes.append(("model.norm.weight", (h,)))
+    shapes.append(("lm_head.weight", (vocab, h)))
+    return config, shapes
+
+
+def weights_file(path: str) -> str:
+    """The weights an input's merge reads: the file itself, or a folder's single
+    ``model.safetensors`` (the llama layout's inputs are folders)."""
+    return os.path.join(path, LLAMA_WEIGHTS) if os.path.isdir(path) else path
+
+
 def _save(state, path: str) -> None:
     """Write a generated input under a temporary name, then rename it into place (an
     interrupted run never leaves a partial input that a later run would reuse)."""
@@ -141,8 +210,19 @@ def generate(folder: str, n: int, mb: float, kind: str = "sd"):
     import numpy as np
     import torch
 
+    """``n`` inputs of layout ``kind`` (``sd``, ``moe``: ``.safetensors`` files; ``llama``:
+    folders holding ``model.safetensors`` and ``config.json``), ``mb`` MB each, made
+    once and reused; returns their paths."""
     os.makedirs(folder, exist_ok=True)
-    shapes = layout(int(mb * 1e6)) if kind == "sd" else moe_layout(int(mb * 1e6), N_TENSORS)
+    config = None
+    if kind == "llama":
+        config, shapes = llama_layout(int(mb * 1e6))
+    elif kind == "moe":
+        shapes = moe_layout(int(mb * 1e6), N_TENSORS)
+    elif kind == "sd":
+        shapes = layout(int(mb * 1e6))
+    else:
+        raise ValueError(f"FASTSOUP_BENCH_MERGE_LAYOUT={kind!r}: use sd, moe or llama")
     rng = np.random.default_rng(0)
     flat = torch.from_numpy(rng.standard_normal(sum(int(np.prod(s)) for _, s in shapes),
                                                 dtype=np.float32)).to(torch.bfloat16)
@@ -153,8 +233,16 @@ def generate(folder: str, n: int, mb: float, kind: str = "sd"):
         pos += m
     paths = []
     for i in range(n):
-        path = os.path.join(folder, f"model{i}.safetensors")
-        paths.append(path)
+        if config is not None:  # a transformers model folder
+            model_dir = os.path.join(folder, f"model{i}")
+            os.makedirs(model_dir, exist_ok=True)
+            with open(os.path.join(model_dir, "config.json"), "w") as f:
+                json.dump(config, f, indent=1)
+            paths.append(model_dir)
+            path = os.path.join(model_dir, LLAMA_WEIGHTS)
+        else:
+            path = os.path.join(folder, f"model{i}.safetensors")
+            paths.append(path)
         if os.path.exists(path):
             continue
         noise = torch.from_numpy(rng.integers(0, 64, flat.numel(), dtype=np.int16))
@@ -212,7 +300,9 @@ def _usable_cores() -> int:
 def run_floor(inputs, out, out_bytes=None):
     """Read every input (one reader thread per usable core, ``readinto`` 16 MiB at a time)
     while a writer thread writes ``out_bytes`` (default: the first input's size) and
-    fsyncs the file and its directory: the least I/O of a merge, overlapped."""
+    fsyncs the file and its directory: the least I/O of a merge, overlapped. A folder
+    input is its weights file (:func:`weights_file`): the bytes its merge reads."""
+    inputs = [weights_file(p) for p in inputs]
     size = os.path.getsize(inputs[0]) if out_bytes is None else out_bytes
     errors = []
 
@@ -280,7 +370,7 @@ def run_naive(inputs, out):
 
     acc, dtypes = {}, {}
     for i, p in enumerate(inputs):
-        with safe_open(p, "pt") as f:
+        with safe_open(weights_file(p), "pt") as f:
             for k in f.keys():
                 t = f.get_tensor(k)
                 if i == 0:
@@ -364,8 +454,9 @@ if pytest is not None:
         benchmark.extra_info.update(
             impl=tool, role={"floor": "ceiling", "naive": "baseline"}.get(tool, ""),
             peak_rss_MiB=child["peak_rss"] / 2**20,
-            tool=tool, inputs=len(inputs), input_bytes=sum(os.path.getsize(p) for p in inputs),
-            output_bytes=os.path.getsize(inputs[0]), peak_rss_bytes=child["peak_rss"],
+            tool=tool, inputs=len(inputs),
+            input_bytes=sum(os.path.getsize(weights_file(p)) for p in inputs),
+            output_bytes=os.path.getsize(weights_file(inputs[0])), peak_rss_bytes=child["peak_rss"],
             child_seconds=child["seconds"], cpus=os.cpu_count(),
             loadavg_1min_after=os.getloadavg()[0])
 
@@ -412,29 +503,150 @@ def evict(paths) -> None:
     """Drop these files' pages from the page cache (clean pages; nothing else touched)."""
     os.sync()
     for p in paths:
-        fd = os.open(p, os.O_RDONLY)
+        fd = os.open(weights_file(p), os.O_RDONLY)
         try:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
 
 
-def run_command(argv, env=None) -> dict:
+CGROUP_MEMORY = "/sys/fs/cgroup/memory"  # cgroup v1 memory hierarchy
+
+
+def size_text(n: int) -> str:
+    """``1073741824`` -> ``1 GiB``; ``157286400`` -> ``150 MiB``."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale and n % scale == 0:
+            return f"{n // scale} {unit}"
+    return f"{n / 2**20:.1f} MiB"
+
+
+def parse_bytes(text: str) -> int:
+    """``1GiB`` / ``512MiB`` / ``2GB`` / ``1073741824`` -> bytes."""
+    t = text.strip()
+    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 10**3, "mb": 10**6,
+             "gb": 10**9, "tb": 10**12, "k": 2**10, "m": 2**20, "g": 2**30, "b": 1}
+    for u in sorted(units, key=len, reverse=True):
+        if t.lower().endswith(u):
+            return int(float(t[:-len(u)]) * units[u])
+    return int(t)
+
+
+class MemoryCgroup:
+    """A fresh cgroup v1 memory group limited to ``limit`` bytes (memory and, where the
+    kernel has swap accounting, memory + swap), for one command: page cache the command
+    reads or writes is charged to it, so inputs larger than the limit cannot stay cached.
+    :meth:`wrap` puts a command in it before it executes (a shell writes its own pid to
+    ``cgroup.procs`` and execs the command: nothing runs in the benchmark's process
+    between fork and exec); :meth:`remove` deletes the group once the command is gone."""
+
+    _count = 0
+
+    def __init__(self, limit: int):
+        MemoryCgroup._count += 1
+        self.path = os.path.join(CGROUP_MEMORY, f"fastsoup-bench-{os.getpid()}-{MemoryCgroup._count}")
+        os.mkdir(self.path)
+        try:
+            self._write("memory.limit_in_bytes", limit)
+            if os.path.exists(os.path.join(self.path, "memory.memsw.limit_in_bytes")):
+                self._write("memory.memsw.limit_in_bytes", limit)
+            self.limit = int(self._read("memory.limit_in_bytes"))
+        except BaseException:
+            self.remove()
+            raise
+
+    def _write(self, name: str, value) -> None:
+        with open(os.path.join(self.path, name), "w") as f:
+            f.write(str(value))
+
+    def _read(self, name: str) -> str:
+        with open(os.path.join(self.path, name)) as f:
+            return f.read()
+
+    def wrap(self, argv):
+        return ["/bin/sh", "-c", 'echo $$ > "$0" && exec "$@"',
+                os.path.join(self.path, "cgroup.procs"), *argv]
+
+    def stats(self) -> dict:
+        """Peak charge of the group (memory.max_usage_in_bytes: page cache included), how
+        often it hit its limit, and how many processes the OOM killer killed in it."""
+        out = {"cgroup_peak": int(self._read("memory.max_usage_in_bytes")),
+               "limit_hits": int(self._read("memory.failcnt"))}
+        for line in self._read("memory.oom_control").splitlines():
+            k, _, v = line.partition(" ")
+            if k == "oom_kill":
+                out["oom_kills"] = int(v)
+        return out
+
+    def remove(self) -> None:
+        for _ in range(100):  # the last task's exit may take a moment to leave the group
+            try:
+                os.rmdir(self.path)
+                return
+            except FileNotFoundError:
+                return
+            except OSError:
+                time.sleep(0.05)
+        os.rmdir(self.path)
+
+
+def memory_cgroup_unavailable() -> str:
+    """Why a command cannot be run in a memory cgroup here ("" when it can)."""
+    if not os.path.isfile(os.path.join(CGROUP_MEMORY, "cgroup.procs")):
+        return f"no cgroup v1 memory hierarchy at {CGROUP_MEMORY}"
+    try:
+        MemoryCgroup(1 << 30).remove()
+    except OSError as exc:
+        return f"cannot create a memory cgroup under {CGROUP_MEMORY}: {exc}"
+    if not os.path.exists("/bin/sh"):
+        return "no /bin/sh to put a command into the cgroup"
+    return ""
+
+
+class CommandFailed(RuntimeError):
+    """A whole command exited non-zero; ``info`` holds what was measured of it."""
+
+    def __init__(self, message: str, info: dict):
+        super().__init__(message)
+        self.info = info
+
+
+def run_command(argv, env=None, memory_limit=None) -> dict:
     """Run a whole command as a user does; wall time from here (process start included),
-    peak RSS and CPU time of the command from GNU time (a small parent, so the peak is
-    the command's own)."""
-    with tempfile.NamedTemporaryFile("r", suffix=".time") as tf:
-        t0 = time.perf_counter()
-        res = subprocess.run([TIME, "-f", "%M %U %S", "-o", tf.name, *argv], env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             timeout=3600)
-        dt = time.perf_counter() - t0
-        fields = (tf.read().strip().splitlines() or ["0 0 0"])[-1].split()
+    peak RSS and CPU time of the command from GNU time (``wait4``'s rusage; a small
+    parent, so the peak is the command's own). With ``memory_limit`` (bytes) the command
+    runs in a fresh memory cgroup of that limit (:class:`MemoryCgroup`), removed after;
+    the result adds the group's peak charge and OOM kills."""
+    group = MemoryCgroup(memory_limit) if memory_limit else None
+    try:
+        with tempfile.NamedTemporaryFile("r", suffix=".time") as tf:
+            cmd = [TIME, "-f", "%M %U %S", "-o", tf.name, *argv]
+            t0 = time.perf_counter()
+            res = subprocess.run(group.wrap(cmd) if group else cmd, env=env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                 timeout=3600)
+            dt = time.perf_counter() - t0
+            lines = tf.read().strip().splitlines()
+        fields = (lines or ["0 0 0"])[-1].split()
+        out = {"seconds": dt, "peak_rss": int(fields[0]) * 1024,
+               "cpu_seconds": float(fields[1]) + float(fields[2])}
+        if group:
+            out.update(group.stats(), memory_limit=group.limit)
+    finally:
+        if group:
+            group.remove()
     if res.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv[:3])} ... exited {res.returncode}: "
-                           f"{(res.stderr or res.stdout).strip()[-600:]}")
-    return {"seconds": dt, "peak_rss": int(fields[0]) * 1024,
-            "cpu_seconds": float(fields[1]) + float(fields[2])}
+        signal = next((ln.rsplit(" ", 1)[-1] for ln in lines
+                       if ln.startswith("Command terminated by signal")), None)
+        out.update(returncode=res.returncode, signal=int(signal) if signal else None)
+        facts = f"exit status {res.returncode}" + (f" (killed by signal {signal})" if signal else "")
+        if group:
+            facts += (f"; in a {size_text(group.limit)} memory cgroup: peak RSS "
+                      f"{out['peak_rss'] / 1e6:.0f} MB, cgroup peak {out['cgroup_peak'] / 1e6:.0f} MB, "
+                      f"OOM kills {out.get('oom_kills', '?')}, after {dt:.1f} s")
+        raise CommandFailed(f"{facts}; {' '.join(argv[:3])} ...: "
+                            f"{(res.stderr or res.stdout).strip()[-600:]}", out)
+    return out
 
 
 def fsync_tree(path: str) -> None:
@@ -468,14 +680,18 @@ def _sd_mecha_python():
     return py, ""
 
 
-def peer_runner(name: str, inputs, folder: str):
-    """``(callable(out) -> dict, reason)`` for a peer, or ``(None, why it is skipped)``."""
+def peer_runner(name: str, inputs, folder: str, memory_limit=None):
+    """``(callable(out) -> dict, reason)`` for a peer, or ``(None, why it is skipped)``;
+    ``memory_limit``: run it in a memory cgroup of that many bytes (:func:`run_command`)."""
     if name == "mergekit":
         exe, why = _mergekit_cmd()
         if exe is None:
             return None, why
         models = []
         for i, p in enumerate(inputs):  # mergekit takes model folders (weights + config.json)
+            if os.path.isfile(os.path.join(p, "config.json")):  # the llama layout: as they are
+                models.append(os.path.abspath(p))
+                continue
             d = os.path.join(folder, "mergekit-in", f"m{i}")
             os.makedirs(d, exist_ok=True)
             link = os.path.join(d, "model.safetensors")
@@ -490,7 +706,10 @@ def peer_runner(name: str, inputs, folder: str):
                 f"  - model: {m}\n    parameters:\n      weight: 1.0\n" for m in models))
 
         def run(out):
-            r = run_command([exe, cfg, out, "--lazy-unpickle", "--no-copy-tokenizer"])
+            # mergekit-yaml 0.1.5's flags: no tokenizer in these inputs to copy; the rest
+            # its defaults (one output shard up to 5B parameters, model card written)
+            r = run_command([exe, cfg, out, "--lazy-unpickle", "--no-copy-tokenizer"],
+                            memory_limit=memory_limit)
             fsync_tree(out)
             return r
         return run, ""
@@ -504,18 +723,28 @@ def peer_runner(name: str, inputs, folder: str):
                   "               merge_device='cpu', merge_dtype=torch.float32,\n"
                   "               output_dtype=torch.bfloat16)\n")
 
-        def run(out):
-            r = run_command([py, "-c", script, out, *inputs])
+        def run(out):  # sd-mecha takes weight files (a folder input: its model.safetensors)
+            r = run_command([py, "-c", script, out, *[weights_file(p) for p in inputs]],
+                            memory_limit=memory_limit)
             fsync_tree(out)
             return r
         return run, ""
     raise KeyError(name)
 
 
+# the rows run under --memory-limit: whole commands only (an in-process row would put
+# the benchmark itself in the cgroup), each in its own fresh cgroup
+MEMORY_LIMIT_ROWS = ("floor", "fastsoup-merge (first merge)", "fastsoup-merge --hash none")
+
+
 def interleaved(inputs, folder: str, rounds: int, cold: bool, peers=("mergekit", "sd-mecha"),
-                skip=()):
+                skip=(), memory_limit=None):
     """Every row once per round, rows in the same order each round; returns
-    ``(rows, skipped)``: ``{row: {"kind", "times", "cpu", "rss", "load"}}``."""
+    ``(rows, skipped)``: ``{row: {"kind", "times", "cpu", "rss", "load"}}``.
+
+    ``memory_limit`` (bytes): only :data:`MEMORY_LIMIT_ROWS` and the peers, every one in a
+    fresh memory cgroup of that limit, the inputs evicted before every row (pages
+    already cached were charged to whoever read them first, not to the cgroup)."""
     import resource
 
     py = sys.executable
@@ -527,9 +756,10 @@ def interleaved(inputs, folder: str, rounds: int, cold: bool, peers=("mergekit",
     out = lambda name: os.path.join(folder, "out-" + name.replace(" ", "_").replace("/", "_")
                                     .replace("(", "").replace(")", "") + ".safetensors")
     rows = {}
-    # the LoRA-soup row's inputs: adapters an eighth of an input's size (LoRAs are small)
-    lora_inputs = generate_lora(os.path.join(folder, f"lora-{len(inputs)}x{MB / 8:g}MB"),
-                                len(inputs), MB / 8)
+    lora_inputs = []
+
+    def lora_soup(_, o):  # adapters an eighth of an input's size (LoRAs are small)
+        run_fastsoup(lora_inputs, o, "none")
 
     def in_process(fn):
         def run(o):
@@ -542,7 +772,8 @@ def interleaved(inputs, folder: str, rounds: int, cold: bool, peers=("mergekit",
         return run
 
     def command(argv, env=None):
-        return lambda o: run_command([a if a != "{out}" else o for a in argv], env)
+        return lambda o: run_command([a if a != "{out}" else o for a in argv], env,
+                                     memory_limit=memory_limit)
 
     plan = [
         ("floor", "in-process", in_process(run_floor)),
@@ -552,7 +783,7 @@ def interleaved(inputs, folder: str, rounds: int, cold: bool, peers=("mergekit",
         ("fastsoup TIES (density 0.2, hash none)", "in-process", in_process(TOOLS["fastsoup-ties"])),
         ("fastsoup DARE (density 0.2, hash none)", "in-process", in_process(TOOLS["fastsoup-dare"])),
         (f"fastsoup LoRA soup ({len(inputs)} × rank-16 adapters of {MB / 8:g} MB, hash none)",
-         "in-process", in_process(lambda _, o: run_fastsoup(lora_inputs, o, "none"))),
+         "in-process", in_process(lora_soup)),
         ("naive", "in-process", in_process(run_naive)),
         ("floor", "command", command([py, HERE, "--child", "floor", "{out}", *inputs], env_first)),
         ("fastsoup-merge --help", "command", lambda o: run_command(cli + ["--help"], env_first)),
@@ -564,25 +795,37 @@ def interleaved(inputs, folder: str, rounds: int, cold: bool, peers=("mergekit",
          command(cli + [*inputs, "-o", "{out}", "-q", "--overwrite", "--hash", "none"], env_first)),
         ("naive", "command", command([py, HERE, "--child", "naive", "{out}", *inputs], env_first)),
     ]
+    if memory_limit:
+        plan = [p for p in plan if p[1] == "command" and p[0] in MEMORY_LIMIT_ROWS]
+        cold = True
     skipped = {name: "left out of this run (--skip)" for name in sorted({p[0] for p in plan} & set(skip))}
     plan = [p for p in plan if p[0] not in skip]
     for name in peers:
-        fn, why = peer_runner(name, inputs, folder)
+        fn, why = peer_runner(name, inputs, folder, memory_limit)
         if fn is None:
             skipped[name] = why
         else:
             plan.append((name, "command", fn))
+    names = {p[0] for p in plan}
+    if any(n.startswith("fastsoup LoRA soup") for n in names):
+        lora_inputs += generate_lora(os.path.join(folder, f"lora-{len(inputs)}x{MB / 8:g}MB"),
+                                     len(inputs), MB / 8)
     # digest caches filled once (the "cached" rows are any later merge of these inputs)
     os.environ.setdefault("FASTSOUP_CACHE_DIR", os.path.join(folder, ".cache"))
-    TOOLS["fastsoup-hash-cached"](inputs, out("prime"))
-    run_command(cli + [*inputs, "-o", out("prime-cli"), "-q", "--overwrite"], env_cached)
-    drop_output(out("prime"))
-    drop_output(out("prime-cli"))
+    if "fastsoup (digests cached)" in names:
+        TOOLS["fastsoup-hash-cached"](inputs, out("prime"))
+        drop_output(out("prime"))
+    if "fastsoup-merge (digests cached)" in names:
+        run_command(cli + [*inputs, "-o", out("prime-cli"), "-q", "--overwrite"], env_cached)
+        drop_output(out("prime-cli"))
     for r in range(rounds):
         for name, kind, fn in plan:
             key = f"{name} [{kind}]"
             row = rows.setdefault(key, {"name": name, "kind": kind, "times": [], "cpu": [],
                                         "rss": [], "load": [], "error": None})
+            if memory_limit:
+                row.setdefault("cgroup_peak", [])
+                row.setdefault("oom_kills", [])
             if row["error"]:
                 continue
             o = out(f"{kind}-{name}")
@@ -595,6 +838,7 @@ def interleaved(inputs, folder: str, rounds: int, cold: bool, peers=("mergekit",
                 res = fn(o)
             except RuntimeError as exc:
                 row["error"] = str(exc)
+                row["failure"] = getattr(exc, "info", None)  # what was measured of it
                 print(f"  {key}: failed: {exc}", file=sys.stderr, flush=True)
                 continue
             finally:
@@ -603,6 +847,9 @@ def interleaved(inputs, folder: str, rounds: int, cold: bool, peers=("mergekit",
             row["cpu"].append(res.get("cpu_seconds"))
             row["rss"].append(res.get("peak_rss"))
             row["load"].append((load, os.getloadavg()[0]))
+            if memory_limit:
+                row["cgroup_peak"].append(res.get("cgroup_peak"))
+                row["oom_kills"].append(res.get("oom_kills"))
             print(f"  round {r + 1}/{rounds} {key}: {res['seconds']:.3f} s", flush=True)
     return rows, skipped
 
@@ -641,8 +888,29 @@ def markdown(meta: dict, rows: dict, skipped: dict) -> str:
               for kind in [r["kind"]] if r["name"] == "floor" and r["times"]}
     smoke = meta["rounds"] < 2
     la = meta["load_average"]
-    lines = [f"# fastsoup-merge on CPU, {meta['layout_text']}: {meta['date']}", "",
-             f"- machine: {meta['machine']}",
+    limit = meta.get("memory_limit")
+    title = f"# fastsoup-merge on CPU, {meta['layout_text']}: {meta['date']}"
+    if limit:
+        title = (f"# fastsoup-merge on CPU under a {size_text(limit)} memory limit, "
+                 f"{meta['layout_text']}: {meta['date']}")
+    lines = [title, ""]
+    legend = ("*× floor*: median / the floor's median of the same kind (in-process against the "
+              "in-process floor, whole commands against the floor run as a fresh Python). "
+              "*CPU s*: user + system time of the process (all threads), median. *peak RSS*: "
+              "of the whole command (GNU time), interpreter and imports included.")
+    if limit:
+        fits = "do not fit" if meta["input_bytes"] > limit else "fit"
+        lines += [f"- **memory limit: {size_text(limit)} ({limit} bytes) per command**: each "
+                  "command runs in a fresh cgroup v1 memory group of that limit (page cache "
+                  "charged to it; memory + swap limited alike where swap is accounted), "
+                  f"removed after it; the inputs ({meta['input_bytes'] / 1e9:.2f} GB in all) "
+                  f"{fits} in it",
+                  "- rows: whole commands only, the floor (a fresh Python) run in the same "
+                  "kind of cgroup as the merges"]
+        legend += (" *cgroup peak*: the group's peak charge (memory.max_usage_in_bytes, page "
+                   "cache included: at most the limit), median. *OOM kills*: processes the "
+                   "kernel's OOM killer killed in the group, summed over the rounds.")
+    lines += [f"- machine: {meta['machine']}",
              "- versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
              f"- command: `{meta['command']}`",
              f"- page cache: {meta['cache_text']}",
@@ -652,16 +920,24 @@ def markdown(meta: dict, rows: dict, skipped: dict) -> str:
              f"- rounds: {meta['rounds']}, interleaved (every row once per round, same order)"
              + (" — **smoke run: one round, no spread**" if smoke else ""),
              "",
-             "*× floor*: median / the floor's median of the same kind (in-process against the "
-             "in-process floor, whole commands against the floor run as a fresh Python). "
-             "*CPU s*: user + system time of the process (all threads), median. *peak RSS*: "
-             "of the whole command (GNU time), interpreter and imports included.",
+             legend,
              "",
-             "| row | kind | median s | min–max s | × floor | CPU s | peak RSS MB | 1-min load at start |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+             "| row | kind | median s | min–max s | × floor | CPU s | peak RSS MB | 1-min load at start |"
+             + (" cgroup peak MB | OOM kills |" if limit else ""),
+             "|---|---|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if limit else "")]
     for key, r in rows.items():
         if r["error"] or not r["times"]:
-            lines.append(f"| {r['name']} | {r['kind']} | failed | | | | | |")
+            f = r.get("failure") or {}
+            if f:
+                sig = f", signal {f['signal']}" if f.get("signal") else ""
+                lines.append(f"| {r['name']} | {r['kind']} | failed after {f['seconds']:.3f} s "
+                             f"(exit status {f.get('returncode')}{sig}) | | | {f['cpu_seconds']:.2f} | "
+                             f"{f['peak_rss'] / 1e6:.0f} | |"
+                             + (f" {f['cgroup_peak'] / 1e6:.0f} | {f.get('oom_kills', '?')} |"
+                                if limit and "cgroup_peak" in f else (" | |" if limit else "")))
+            else:
+                lines.append(f"| {r['name']} | {r['kind']} | failed | | | | | |"
+                             + (" | |" if limit else ""))
             continue
         med = statistics.median(r["times"])
         fl = floors.get(r["kind"])
@@ -678,6 +954,11 @@ def markdown(meta: dict, rows: dict, skipped: dict) -> str:
                      f"| {r['name']} | {r['kind']} | {med:.3f} | {spread} | {ratio} | "
                      f"{statistics.median(cpu):.2f} | - | ")
         lines[-1] += f"{min(loads):.1f}–{max(loads):.1f} |"
+        if limit:
+            peaks = [x for x in r.get("cgroup_peak", []) if x]
+            kills = [x for x in r.get("oom_kills", []) if x is not None]
+            lines[-1] += (f" {statistics.median(peaks) / 1e6:.0f} |" if peaks else " - |") + \
+                         (f" {sum(kills)} |" if kills else " - |")
     for key, r in rows.items():
         if r["error"]:
             lines.append(f"\n{r['name']} ({r['kind']}) failed: `{r['error'][:300]}`")
@@ -696,32 +977,48 @@ def run_main(argv) -> int:
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--skip", default="", help="comma list of row names to leave out "
                     "(e.g. naive: minutes on 50,000 tensors)")
+    ap.add_argument("--memory-limit", metavar="SIZE",
+                    help="run the whole commands (floor, fastsoup-merge first merge and "
+                    "--hash none, peers) each in a fresh cgroup v1 memory group of SIZE "
+                    "(e.g. 1GiB), inputs evicted before every row; needs a writable "
+                    f"{CGROUP_MEMORY}")
     args = ap.parse_args(argv)
+    memory_limit = parse_bytes(args.memory_limit) if args.memory_limit else None
+    if memory_limit:
+        why = memory_cgroup_unavailable()
+        if why:
+            print(f"--memory-limit {args.memory_limit}: not measured: {why}", file=sys.stderr)
+            return 0
     folder = os.environ.get("FASTSOUP_BENCH_MERGE_DIR") or tempfile.mkdtemp(prefix="fsbench-")
     inputs = generate(os.path.join(folder, f"in-{LAYOUT}-{N_INPUTS}x{MB:g}MB"), N_INPUTS, MB, LAYOUT)
     from safetensors import safe_open
 
-    with safe_open(inputs[0], "np") as f:
+    with safe_open(weights_file(inputs[0]), "np") as f:
         n_tensors = len(list(f.keys()))
     os.sync()
-    if not args.cold:
+    if not args.cold and not memory_limit:
         run_floor(inputs, os.path.join(folder, "warm.bin"))  # warm the page cache
         os.unlink(os.path.join(folder, "warm.bin"))
     load_before = os.getloadavg()
     rows, skipped = interleaved(inputs, folder, ROUNDS, args.cold,
                                 peers=() if args.no_peers else ("mergekit", "sd-mecha"),
-                                skip=[x.strip() for x in args.skip.split(",") if x.strip()])
+                                skip=[x.strip() for x in args.skip.split(",") if x.strip()],
+                                memory_limit=memory_limit)
     import datetime
 
-    size = os.path.getsize(inputs[0])
+    size = os.path.getsize(weights_file(inputs[0]))
     meta = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": _machine(), "versions": _versions(), "rounds": ROUNDS, "layout": LAYOUT,
         "inputs": len(inputs), "input_bytes": size * len(inputs), "tensors_per_file": n_tensors,
-        "layout_text": f"{len(inputs)} × {size / 1e6:.0f} MB bf16 {LAYOUT.upper()}-like inputs, "
+        "layout_text": f"{len(inputs)} × {size / 1e6:.0f} MB bf16 "
+                       f"{'Llama' if LAYOUT == 'llama' else LAYOUT.upper()}-like inputs"
+                       + (" (model folders with config.json)" if LAYOUT == "llama" else "") + ", "
                        f"{n_tensors} tensors each",
+        "memory_limit": memory_limit,
         "cache_text": ("cold: each input evicted (sync + POSIX_FADV_DONTNEED) before every row "
-                       "of every round; the VM's host may still cache the disk" if args.cold else
+                       "of every round; the VM's host may still cache the disk"
+                       if args.cold or memory_limit else
                        "warm: inputs read once before the rounds; os.sync() before every row"),
         "command": " ".join(f"{k}={os.environ[k]}" for k in sorted(os.environ)
                             if k.startswith("FASTSOUP_BENCH_MERGE_") and k != "FASTSOUP_BENCH_MERGE_DIR")

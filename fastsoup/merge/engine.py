@@ -37,6 +37,7 @@ from .plan import OutTensor, Plan
 from .writer import SafetensorsFileWriter
 
 MIN_BUDGET = 4 << 10
+_ITEMSIZE = {name: spec.itemsize for name, spec in DTYPES.items()}
 
 
 @dataclass
@@ -67,17 +68,21 @@ def budget_split(memory: int) -> Tuple[int, int]:
 
 
 def make_items(files: List[Tuple[int, List[OutTensor]]], window: int, staging: int) -> List[Item]:
+    size = _ITEMSIZE
     items = []
+    append = items.append
     for fi, tensors in files:
         for t in tensors:
             n = t.numel
-            per_elem_in = sum(DTYPES[s.dtype].itemsize for s in t.sources)
-            per_elem_out = DTYPES[t.dtype].itemsize
-            chunk = max(1, min(window // max(per_elem_in, 1), staging // per_elem_out))
-            if n == 0:
-                items.append(Item(fi, t, 0, 0))
+            per_elem_in = 0
+            for s in t.sources:
+                per_elem_in += size[s.info.dtype]
+            chunk = max(1, min(window // max(per_elem_in, 1), staging // size[t.dtype]))
+            if n <= chunk:
+                append(Item(fi, t, 0, n))
+                continue
             for lo in range(0, n, chunk):
-                items.append(Item(fi, t, lo, min(n, lo + chunk)))
+                append(Item(fi, t, lo, min(n, lo + chunk)))
     return items
 
 
@@ -142,45 +147,89 @@ def _run_sources(it: Item) -> List[RunSource]:
 def make_runs(items: List[Item], writers: List[SafetensorsFileWriter], window: int,
               staging: int) -> List[Run]:
     """Fuse consecutive ``items`` into :class:`Run` s of at most ``window`` input bytes and
-    ``staging`` output bytes (items were cut to fit both). One pass, a few comparisons per
-    item and source."""
-    size = {name: spec.itemsize for name, spec in DTYPES.items()}
+    ``staging`` output bytes (items were cut to fit both). Item ``i`` joins the run of
+    item ``i − 1`` when both go to the same output file, back to back, with the same op
+    and output dtype, and every input's bytes of ``i`` follow its bytes of ``i − 1`` in the
+    same file with the same dtype and weight (pickle inputs never join). The comparisons
+    are done on arrays (one row per item, one column per input); the caps, greedily, in
+    one pass over the items."""
+    count = len(items)
+    if count == 0:
+        return []
+    size = _ITEMSIZE
+    tensors = [it.tensor for it in items]
+    srcs = [t.sources[:1] if t.op == "copy" else t.sources for t in tensors]
+    per = np.fromiter(map(len, srcs), np.int64, count)
+    lo = np.fromiter((it.lo for it in items), np.int64, count)
+    n = np.fromiter((it.hi for it in items), np.int64, count) - lo
+    out_es = np.fromiter((size[t.dtype] for t in tensors), np.int64, count)
+    out_at = np.fromiter((writers[it.file_index].offsets[t.key] for it, t in zip(items, tensors)),
+                         np.int64, count) + lo * out_es
+    kinds: Dict[tuple, int] = {}
+    kind = np.fromiter((kinds.setdefault((it.file_index, t.op, t.dtype), len(kinds))
+                        for it, t in zip(items, tensors)), np.int64, count)
+    flat = [s for ss in srcs for s in ss]
+    total = len(flat)
+    files: Dict[str, int] = {}
+    dtypes: Dict[str, int] = {}
+    f_id = np.fromiter((files.setdefault(s.file.path, len(files)) if s.file.header is not None
+                        else -1 for s in flat), np.int64, total)
+    d_id = np.fromiter((dtypes.setdefault(s.info.dtype, len(dtypes)) for s in flat), np.int64, total)
+    es = np.fromiter((size[s.info.dtype] for s in flat), np.int64, total)
+    weight = np.fromiter((s.weight for s in flat), np.float64, total)
+    begin = np.fromiter((s.file.header.data_start + s.info.begin if s.file.header is not None
+                         else 0 for s in flat), np.int64, total)
+    row = np.repeat(np.arange(count), per)
+    col = np.arange(total) - np.repeat(np.cumsum(per) - per, per)
+    width = int(per.max())
+    start = begin + lo[row] * es
+    stop = start + n[row] * es
+
+    def grid(values, fill):
+        g = np.full((count, width), fill, dtype=values.dtype)
+        g[row, col] = values
+        return g
+
+    g_file, g_dtype, g_weight = grid(f_id, -2), grid(d_id, -2), grid(weight, 0.0)
+    g_start, g_stop = grid(start, 0), grid(stop, 0)
+    pickled = np.zeros(count, dtype=bool)
+    pickled[row[f_id < 0]] = True
+    join = np.zeros(count, dtype=bool)
+    join[1:] = ((kind[1:] == kind[:-1]) & (per[1:] == per[:-1])
+                & (out_at[1:] == out_at[:-1] + n[:-1] * out_es[:-1])
+                & ~pickled[1:] & ~pickled[:-1]
+                & (g_file[1:] == g_file[:-1]).all(axis=1)
+                & (g_dtype[1:] == g_dtype[:-1]).all(axis=1)
+                & (g_weight[1:] == g_weight[:-1]).all(axis=1)
+                & (g_start[1:] == g_stop[:-1]).all(axis=1))
+    in_bytes = np.zeros(count, dtype=np.int64)
+    np.add.at(in_bytes, row, n[row] * es)
+    out_bytes = n * out_es
     runs: List[Run] = []
-    cur: Optional[Run] = None
+    first = 0
     cur_in = cur_out = 0
-    for it in items:
-        t = it.tensor
-        n = it.hi - it.lo
-        out_es = size[t.dtype]
-        out_offset = writers[it.file_index].offsets[t.key] + it.lo * out_es
-        if (cur is not None and cur.file_index == it.file_index and cur.op == t.op
-                and cur.out_dtype == t.dtype and cur.out_offset + cur_out == out_offset
-                and cur_out + n * out_es <= staging):
-            srcs = t.sources[:1] if t.op == "copy" else t.sources
-            add = 0
-            if len(srcs) == len(cur.sources):
-                for a, src in zip(cur.sources, srcs):
-                    h = src.file.header
-                    if (h is None or a.dtype != src.dtype or a.weight != src.weight
-                            or (a.file is not src.file and a.file.path != src.file.path)
-                            or h.data_start + src.info.begin + it.lo * size[src.dtype] != a.hi):
-                        add = -1
-                        break
-                    add += n * size[src.dtype]
-            else:
-                add = -1
-            if add >= 0 and cur_in + add <= window and cur.sources[0].file.header is not None:
-                for a, src in zip(cur.sources, srcs):
-                    a.hi += n * size[src.dtype]
-                cur.n += n
-                cur.items.append(it)
-                cur_in += add
-                cur_out += n * out_es
-                continue
-        cur = Run(it.file_index, t.op, t.dtype, out_offset, n, _run_sources(it), [it])
-        cur_in, cur_out = cur.in_nbytes, cur.out_nbytes
-        runs.append(cur)
+    joins, ins, outs = join.tolist(), in_bytes.tolist(), out_bytes.tolist()
+    for i in range(count):
+        if i and joins[i] and cur_in + ins[i] <= window and cur_out + outs[i] <= staging:
+            cur_in += ins[i]
+            cur_out += outs[i]
+            continue
+        if i:
+            runs.append(_run(items, first, i, n, out_at, g_stop))
+        first, cur_in, cur_out = i, ins[i], outs[i]
+    runs.append(_run(items, first, count, n, out_at, g_stop))
     return runs
+
+
+def _run(items: List[Item], a: int, b: int, n, out_at, stops) -> Run:
+    """The run of ``items[a:b]`` (fused by :func:`make_runs`)."""
+    it = items[a]
+    sources = _run_sources(it)
+    if b - a > 1:
+        for k, src in enumerate(sources):
+            src.hi = int(stops[b - 1, k])
+    return Run(it.file_index, it.tensor.op, it.tensor.dtype,
+               int(out_at[a]), int(n[a:b].sum()), sources, items[a:b])
 
 
 def make_windows(items: list, window: int) -> list:

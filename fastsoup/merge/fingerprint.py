@@ -23,6 +23,7 @@ heuristic.
 from __future__ import annotations
 
 import json
+import heapq
 import math
 import os
 from typing import Dict, List, Optional
@@ -134,9 +135,11 @@ def distance_warning(plan) -> Optional[str]:
     import numpy as np
 
     n = len(plan.inputs)
-    probes = sorted((t for t in plan.tensors() if t.op == "sum" and t.special is None
-                     and len(t.shape) >= 2 and len({s.input_index for s in t.sources}) == n),
-                    key=lambda t: (-t.numel, t.qualified))[:PROBE_TENSORS]
+    probes = heapq.nsmallest(
+        PROBE_TENSORS, (t for t in plan.tensors() if len(t.shape) >= 2 and t.op == "sum"
+                        and t.special is None and len(t.sources) >= n
+                        and len({s.input_index for s in t.sources}) == n),
+        key=lambda t: (-t.numel, t.qualified))
     if n < 2 or not probes:
         return None
     # accumulated probe by probe: at most n × PROBE_ELEMENTS values held at once

@@ -85,14 +85,21 @@ class Layout:
     kind: str                       # "file", "dir" or "diffusers"
     components: Dict[str, Component]
     variant: Optional[str] = None
+    _keys: Optional[tuple] = field(default=None, init=False, repr=False, compare=False)
 
     def keys(self) -> Dict[str, Tuple[str, str]]:
-        """Qualified key -> (component name, key inside the component)."""
-        out = {}
-        for cname, comp in self.components.items():
-            for k in comp.tensors:
-                out[f"{cname}/{k}" if cname else k] = (cname, k)
-        return out
+        """Qualified key -> (component name, key inside the component). Built once per
+        layout (the plan and its checks ask often); do not modify the result."""
+        signature = [(cname, len(comp.tensors)) for cname, comp in self.components.items()]
+        if self._keys is None or self._keys[0] != signature:
+            out = {}
+            for cname, comp in self.components.items():
+                if cname:
+                    out.update({f"{cname}/{k}": (cname, k) for k in comp.tensors})
+                else:
+                    out.update({k: ("", k) for k in comp.tensors})
+            self._keys = (signature, out)
+        return self._keys[1]
 
     def files(self) -> List[WeightFile]:
         return [f for c in self.components.values() for f in c.files]

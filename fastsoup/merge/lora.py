@@ -104,7 +104,10 @@ def lora_keys(modules: Dict[str, Module]) -> set:
 
 
 def is_lora(layout) -> bool:
-    return any(_FACTOR.match(q) for q in layout.keys())
+    keys = layout.keys()
+    if ".lora_" not in "\n".join(keys):  # one scan of every name: most inputs are not adapters
+        return False
+    return any(_FACTOR.match(q) for q in keys)
 
 
 # ------------------------------------------------------------------------ planning
@@ -117,7 +120,7 @@ def _with_shapes(layout, shapes: Dict[str, Tuple[int, ...]]):
         for key, (wf, info) in comp.tensors.items():
             q = f"{cname}/{key}" if cname else key
             if q in shapes:
-                info = dataclasses.replace(info, shape=tuple(shapes[q]))
+                info = info._replace(shape=tuple(shapes[q]))
             tensors[key] = (wf, info)
         comps[cname] = dataclasses.replace(comp, tensors=tensors)
     return dataclasses.replace(layout, components=comps)

@@ -218,12 +218,15 @@ def build_plan(inputs: Sequence[Layout], *, weights: Optional[Sequence[float]] =
                               "inputs gets only their weights, which then sum to less than "
                               f"the total (a scaled-down tensor); use {flag('normalize')} to renormalise "
                               "per key")
-    seen = set()
-    for km in key_maps[:n]:
-        for q in km:
-            if q not in seen:
-                seen.add(q)
-                first_order.append(q)
+    if all(km.keys() == key_maps[0].keys() for km in key_maps[1:n]):
+        first_order = list(key_maps[0])  # the usual case: every input has the same keys
+    else:
+        seen = set()
+        for km in key_maps[:n]:
+            for q in km:
+                if q not in seen:
+                    seen.add(q)
+                    first_order.append(q)
 
     problems = Diagnostics()
     warns = Diagnostics()
@@ -231,16 +234,23 @@ def build_plan(inputs: Sequence[Layout], *, weights: Optional[Sequence[float]] =
         warns.add("key_policy", w)
     dropped: List[str] = []
     selected: List[str] = []
-    key_fix = (_component_hint(layouts, n) or _architecture_hint(key_maps, n)
-               or f"{flag('keys', 'intersection')} merges only the shared keys, "
-               f"{flag('keys', 'union')} averages each key over the inputs holding it")
+
+    @functools.lru_cache(maxsize=None)
+    def key_fix() -> str:  # only when a key is missing: the hints compare whole key sets
+        return (_component_hint(layouts, n) or _architecture_hint(key_maps, n)
+                or f"{flag('keys', 'intersection')} merges only the shared keys, "
+                f"{flag('keys', 'union')} averages each key over the inputs holding it")
+    everywhere = all(km.keys() == key_maps[0].keys() for km in key_maps[1:])
     for q in first_order:
+        if everywhere:  # nothing is missing anywhere (base included)
+            selected.append(q)
+            continue
         missing = [k for k in range(n) if q not in key_maps[k]]
         if missing:
             if keys == "strict":
                 where = ", ".join(f"input {k + 1} ({layouts[k].path})" for k in missing)
                 problems.add("missing_keys", f"missing from {where}", q,
-                             f"{q!r}: missing from {where}", fix=key_fix)
+                             f"{q!r}: missing from {where}", fix=key_fix())
                 continue
             if keys == "intersection":
                 dropped.append(q)
@@ -252,7 +262,9 @@ def build_plan(inputs: Sequence[Layout], *, weights: Optional[Sequence[float]] =
         selected.append(q)
 
     out_tensors: Dict[str, OutTensor] = {}
-    for q in selected:
+    general = _plan_uniform(layouts, n, selected, weights, base is not None, normalize, dtype,
+                            limit, out_tensors) if everywhere else selected
+    for q in general:
         holders = [k for k in range(len(layouts)) if q in key_maps[k]]
         infos = []
         src_keys = {}
@@ -346,6 +358,48 @@ def build_plan(inputs: Sequence[Layout], *, weights: Optional[Sequence[float]] =
                 base_index=base_index, normalize=normalize, key_policy=keys,
                 components=components, dropped_keys=dropped, warnings=warns.lines(),
                 diagnostics=list(warns))
+
+
+def _plan_uniform(layouts, n: int, keys: List[str], weights, has_base: bool, normalize: bool,
+                  dtype: Optional[str], limit: float, out: Dict[str, "OutTensor"]) -> List[str]:
+    """Plan, into ``out``, the keys held by every input (base included) with one shape and
+    one averageable floating dtype across them: the bulk of a checkpoint, planned with the
+    weights of the whole set computed once. Returns the other keys (integer/bool tensors,
+    differing shapes or dtypes, any problem), in order, for the key-by-key pass that
+    explains them."""
+    try:
+        coef = _coefficients(weights, range(n), has_base, normalize, "weights")
+    except MergeError:
+        return keys
+    cs = [coef[k] for k in range(n)] + ([1.0 - sum(coef.values())] if has_base else [])
+    used = [k for k, c in enumerate(cs) if c != 0.0]
+    if not used or any(not abs(cs[k]) <= limit for k in used):
+        return keys
+    tables = [{(f"{cname}/{key}" if cname else key): (wf, info, key)
+               for cname, comp in lay.components.items()
+               for key, (wf, info) in comp.tensors.items()} for lay in layouts]
+    averageable = {name for name, spec in DTYPES.items()
+                   if spec.kind == "float" and spec.kernel_code is not None}
+    rest = []
+    first, others = tables[0], tables[1:]
+    for q in keys:
+        wf0, info0, key0 = entry0 = first[q]
+        shape, dt = info0.shape, info0.dtype
+        entries = [entry0]
+        for t in others:
+            e = t[q]
+            if e[1].shape != shape or e[1].dtype != dt:
+                break
+            entries.append(e)
+        if len(entries) != len(tables) or dt not in averageable:
+            rest.append(q)
+            continue
+        srcs = []
+        for k in used:
+            wf, info, key = entries[k]
+            srcs.append(Source(k, wf, info, cs[k], key))
+        out[q] = OutTensor(key0, q, dtype or dt, shape, "sum", srcs)
+    return rest
 
 
 def _mirror(layouts, key_maps, out_tensors, order, max_shard_size) -> List[OutComponent]:

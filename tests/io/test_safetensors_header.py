@@ -189,3 +189,83 @@ def test_property_random_bytes(blob):
         parse(blob)
     except HeaderError:
         pass
+
+
+# ---------------------------------------------------- the bulk pass agrees with the careful one
+_name = st.text(alphabet=st.sampled_from("ab:\"\\é_."), min_size=0, max_size=4)
+
+
+@st.composite
+def header_texts(draw):
+    """Header JSON written by hand, so it can hold what json.dumps never writes: duplicate
+    keys (top level and inside entries), names with ':' and escapes, entries out of offset
+    order, gaps, overlaps, zero-sized tensors, extra or missing fields."""
+    pairs, pos = [], 0
+    for i in range(draw(st.integers(0, 5))):
+        dt, shape = draw(_dtype), draw(_shape)
+        numel = 1
+        for s in shape:
+            numel *= s
+        nbytes = numel * DTYPES[dt].itemsize
+        begin = pos + draw(st.sampled_from([0, 0, 0, 1, -1]))
+        fields = [("dtype", json.dumps(dt)), ("shape", json.dumps(shape)),
+                  ("data_offsets", json.dumps([begin, begin + nbytes]))]
+        if draw(st.integers(0, 9)) == 0:
+            fields.append(draw(st.sampled_from(fields + [("x", '"a:b"')])))
+        if draw(st.integers(0, 9)) == 0:
+            fields.pop(draw(st.integers(0, len(fields) - 1)))
+        name = draw(st.sampled_from([f"t{i}", f"t:{i}", f"t{i}" + draw(_name)]))
+        pairs.append((name, "{" + ",".join(f'"{k}":{v}' for k, v in fields) + "}"))
+        pos = max(pos, begin + nbytes)
+    if pairs and draw(st.booleans()):
+        pairs.append(draw(st.sampled_from(pairs)))                 # a duplicate tensor
+    if draw(st.booleans()):
+        pairs = draw(st.permutations(pairs))
+    if draw(st.booleans()):
+        meta = draw(st.dictionaries(st.text(max_size=4), st.text(max_size=4), max_size=2))
+        pairs.append(("__metadata__", json.dumps(meta, ensure_ascii=draw(st.booleans()))))
+    text = "{" + ",".join(f"{json.dumps(k)}:{v}" for k, v in pairs) + "}"
+    return text.encode("utf-8", "surrogatepass"), pos + draw(st.sampled_from([0, 0, 1]))
+
+
+@settings(max_examples=400, deadline=None)
+@given(header_texts())
+def test_property_bulk_pass_agrees_with_the_careful_pass(case):
+    from fastsoup.io import safetensors as sf
+
+    text, data_len = case
+    blob = struct.pack("<Q", len(text)) + text + b"\0" * data_len
+
+    def run():
+        try:
+            h = parse(blob)
+        except HeaderError:
+            return "error"
+        return list(h.tensors.items()), h.metadata
+
+    fast = run()
+    real = sf._parse_fast
+    sf._parse_fast = lambda *a: None
+    try:
+        careful = run()
+    finally:
+        sf._parse_fast = real
+    assert fast == careful
+
+
+def test_bulk_pass_is_taken_and_refuses_duplicates():
+    """The bulk pass accepts a plain header (not handing it to the careful pass) and hands
+    over those with a duplicate key, which the careful pass names."""
+    from fastsoup.io import safetensors as sf
+
+    good = json.dumps(good_header(), separators=(",", ":"))
+    assert sf._parse_fast(good, 8 + len(good), 22) is not None
+    dup = good.replace('"b":', '"a":{"dtype":"F32","shape":[0],"data_offsets":[0,0]},"b":')
+    assert sf._parse_fast(dup.replace('"a":{"dtype":"F32","shape":[0]', '"c":{"dtype":"F32","shape":[0]'),
+                          0, 22) is not None
+    assert sf._parse_fast(dup, 0, 22) is None
+    inner = good.replace('"shape":[3]', '"shape":[3],"shape":[3]')
+    assert sf._parse_fast(inner, 0, 22) is None
+    blob = raw_safetensors(None, raw_header=inner.encode()) + b"\0" * 22
+    with pytest.raises(HeaderError, match="duplicate key 'shape'"):
+        parse(blob)

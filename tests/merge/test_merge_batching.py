@@ -171,3 +171,128 @@ def test_no_cyclic_gc_during_a_merge_and_restored_after(tmp_path):
         assert not gc.isenabled()
     finally:
         gc.enable()
+
+
+def _reference_runs(items, writers, window, staging):
+    """The fusion rule written item by item (what :func:`engine.make_runs` computes on
+    arrays): join the current run when output file, op, output dtype, output position and,
+    for every input, file, dtype, weight and position all continue it, within the caps."""
+    size = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I64": 8, "BOOL": 1}
+    runs, cur = [], None
+    for it in items:
+        t = it.tensor
+        n = it.hi - it.lo
+        out_off = writers[it.file_index].offsets[t.key] + it.lo * size[t.dtype]
+        srcs = t.sources[:1] if t.op == "copy" else t.sources
+        spans = []
+        for s in srcs:
+            h = s.file.header
+            lo = None if h is None else h.data_start + s.info.begin + it.lo * size[s.dtype]
+            spans.append((s.file.path if h else None, s.dtype, s.weight, lo,
+                          None if lo is None else lo + n * size[s.dtype]))
+        if (cur is not None and cur["key"] == (it.file_index, t.op, t.dtype)
+                and cur["out_end"] == out_off and len(spans) == len(cur["spans"])
+                and all(a[0] is not None and b[0] == a[0] and b[1:3] == a[1:3] and b[3] == a[4]
+                        for a, b in zip(cur["spans"], spans))
+                and cur["in"] + sum(b[4] - b[3] for b in spans) <= window
+                and cur["out"] + n * size[t.dtype] <= staging):
+            cur["spans"] = [a[:4] + (b[4],) for a, b in zip(cur["spans"], spans)]
+            cur["n"] += n
+            cur["count"] += 1
+            cur["in"] += sum(b[4] - b[3] for b in spans)
+            cur["out"] += n * size[t.dtype]
+            cur["out_end"] += n * size[t.dtype]
+            continue
+        cur = {"key": (it.file_index, t.op, t.dtype), "out_start": out_off, "spans": spans, "n": n,
+               "count": 1, "in": sum((b[4] or 0) - (b[3] or 0) for b in spans),
+               "out": n * size[t.dtype], "out_end": out_off + n * size[t.dtype]}
+        runs.append(cur)
+    return [(r["out_start"], r["n"], r["count"], [(s[3], s[4]) for s in r["spans"] if s[3] is not None])
+            for r in runs]
+
+
+@pytest.mark.parametrize("case", ["shuffled", "mixed", "union", "small-memory", "base", "weights_for"])
+def test_make_runs_matches_the_item_by_item_rule(tmp_path, case):
+    spec = _spec(120, every_f32=7 if case == "mixed" else 0)
+    spec["big"] = ((5000,), torch.bfloat16)
+    states = [make_state(900 + i, spec) for i in range(3)]
+    kw = {"quiet": True, "hash": "none"}
+    paths = []
+    for i, s in enumerate(states):
+        p = str(tmp_path / f"m{i}.safetensors")
+        keys = list(s)
+        if case == "shuffled" and i == 1:
+            keys = keys[:40][::-1] + keys[40:]  # the first 40 laid out backwards
+        if case == "union" and i == 2:
+            del s["layers.001.experts.03.w"]
+            keys.remove("layers.001.experts.03.w")
+            kw["keys"] = "union"
+        paths.append(_save_in_order(p, s, keys))
+    if case == "small-memory":
+        kw["memory"] = "8KiB"
+    if case == "base":
+        kw.update(base=paths.pop(), weights=[0.3, 0.5])
+    if case == "weights_for":
+        kw["weights_for"] = {"layers.002.*": [0.9, 0.05, 0.05]}
+    seen = []
+    orig = engine.make_runs
+
+    def spy(items, writers, window, staging):
+        runs = orig(items, writers, window, staging)
+        seen.append((runs, _reference_runs(items, writers, window, staging)))
+        return runs
+
+    engine.make_runs = spy
+    try:
+        fs.merge(paths, tmp_path / "o.safetensors", **kw)
+    finally:
+        engine.make_runs = orig
+    (runs, ref), = seen
+    got = [(r.out_offset, r.n, len(r.items), [(s.lo, s.hi) for s in r.sources]) for r in runs]
+    assert got == ref
+    assert 1 < len(runs) < sum(len(r.items) for r in runs)  # some fused, some not
+
+
+@pytest.mark.parametrize("case", ["plain", "base", "mixed-dtype", "int", "zero-weight", "fp64"])
+def test_bulk_plan_equals_the_key_by_key_plan(tmp_path, monkeypatch, case):
+    """Keys every input holds with one shape and dtype are planned in bulk; the plan is the
+    one the key-by-key pass builds (sources, weights, dtypes, order, warnings)."""
+    from fastsoup.merge import formats, plan as planning
+
+    spec = _spec(60, every_f32=9)
+    states = [make_state(950 + i, spec) for i in range(3)]
+    if case == "mixed-dtype":
+        states[1]["layers.000.experts.02.w"] = states[1]["layers.000.experts.02.w"].half()
+    paths = [save_file_layout(str(tmp_path / f"m{i}.safetensors"), s) for i, s in enumerate(states)]
+    lays = [formats.resolve(p) for p in paths]
+    kw = {}
+    if case == "base":
+        kw = {"base": lays.pop(), "weights": [0.25, 0.5]}
+    if case == "zero-weight":
+        kw = {"weights": [1.0, 0.0, 2.0]}
+    if case == "fp64":
+        kw = {"accumulate": "fp64", "dtype": "F32"}
+
+    def summary(p):
+        return ([(t.qualified, t.key, t.dtype, t.shape, t.op,
+                  [(s.input_index, s.file.path, s.info, s.weight, s.key) for s in t.sources])
+                 for t in p.tensors()], p.warnings, p.coefficients,
+                [(c.name, [f.name for f in c.files]) for c in p.components])
+
+    bulk = planning.build_plan(lays, **kw)
+    calls = []
+    real = planning._plan_uniform
+
+    def keyed(*a):
+        calls.append(len(a[2]))
+        return a[2]  # every key to the key-by-key pass
+
+    monkeypatch.setattr(planning, "_plan_uniform", keyed)
+    careful = planning.build_plan(lays, **kw)
+    assert calls and summary(bulk) == summary(careful)
+    monkeypatch.setattr(planning, "_plan_uniform", real)
+    rest = real(lays + ([kw["base"]] if "base" in kw else []), len(lays), list(lays[0].keys()),
+                kw.get("weights", [1.0] * len(lays)), "base" in kw, "base" not in kw, None,
+                3e38, {})
+    assert rest == [k for k in lays[0].keys()
+                    if k == "position_ids" or case == "mixed-dtype" and k == "layers.000.experts.02.w"]

@@ -425,6 +425,24 @@ def layout_header(tensors: Iterable[Tuple[str, str, Tuple[int, ...], int]],
     return obj, offsets
 
 
+def tensors_json(tensors: Iterable[Tuple[str, str, Tuple[int, ...], int]]) -> Tuple[str, List[int]]:
+    """The JSON object :func:`layout_header` builds for ``(key, dtype, shape, nbytes)``
+    tensors (no ``__metadata__``), as the text ``json.dumps(obj, separators=(",", ":"),
+    ensure_ascii=False)`` writes, and each tensor's offset: written as text, without the
+    intermediate objects (a header of 10⁵ tensors in a fraction of the time)."""
+    enc = json.encoder.encode_basestring
+    parts = []
+    offsets = []
+    pos = 0
+    for key, dtype, shape, nbytes in tensors:
+        dims = ",".join(map(str, shape))
+        parts.append(f'{enc(key)}:{{"dtype":{enc(dtype)},"shape":[{dims}],'
+                     f'"data_offsets":[{pos},{pos + nbytes}]}}')
+        offsets.append(pos)
+        pos += nbytes
+    return "{" + ",".join(parts) + "}", offsets
+
+
 def encode_header(obj: Mapping[str, Any], reserve: int = 0, canonical: bool = False) -> bytes:
     """8-byte length + JSON of ``obj``, padded with spaces to a multiple of 8 bytes and to
     at least ``reserve`` bytes in all. ``canonical``: sorted keys, ASCII only (the bytes

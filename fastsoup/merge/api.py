@@ -180,7 +180,7 @@ def _merge(inputs, output, weights, *, base, normalize, keys, dtype, accumulate,
             maps.close()
         report.peak_rss = peak_rss()
         return report
-    needed = plan.bytes_to_write + (1 << 20)
+    needed = report.bytes_to_write + (1 << 20)
     if report.disk_free is not None and report.disk_free < needed:
         raise MergeError(f"{output}: not enough disk space: the output needs about "
                          f"{needed} bytes, {report.disk_free} are free")
@@ -188,9 +188,9 @@ def _merge(inputs, output, weights, *, base, normalize, keys, dtype, accumulate,
     t0 = time.perf_counter()
     remove_stale_temporaries(output)
     run = _Run(plan, layouts, output, opts, manifest_extra)
-    run.progress = bar = Progress.make(progress, quiet, plan.bytes_to_write)
+    run.progress = bar = Progress.make(progress, quiet, report.bytes_to_write)
     bar.phase("plan", f"{report.tensors} tensors from {len(plan.inputs)} inputs, "
-              f"{human_bytes(plan.bytes_to_write)} to write")
+              f"{human_bytes(report.bytes_to_write)} to write")
     after_commit: List[str] = []
     try:
         run.open_temporary()

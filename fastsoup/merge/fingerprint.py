@@ -23,7 +23,6 @@ heuristic.
 from __future__ import annotations
 
 import json
-import heapq
 import math
 import os
 from typing import Dict, List, Optional
@@ -135,11 +134,18 @@ def distance_warning(plan) -> Optional[str]:
     import numpy as np
 
     n = len(plan.inputs)
-    probes = heapq.nsmallest(
-        PROBE_TENSORS, (t for t in plan.tensors() if len(t.shape) >= 2 and t.op == "sum"
-                        and t.special is None and len(t.sources) >= n
-                        and len({s.input_index for s in t.sources}) == n),
-        key=lambda t: (-t.numel, t.qualified))
+    def every_input(t) -> bool:
+        return len(t.sources) >= n and len({s.input_index for s in t.sources}) == n
+
+    # the largest first; the per-source test only for tensors that could be among them
+    candidates = sorted((t for t in plan.tensors() if len(t.shape) >= 2 and t.op == "sum"
+                         and t.special is None), key=lambda t: (-t.numel, t.qualified))
+    probes = []
+    for t in candidates:
+        if every_input(t):
+            probes.append(t)
+            if len(probes) == PROBE_TENSORS:
+                break
     if n < 2 or not probes:
         return None
     # accumulated probe by probe: at most n × PROBE_ELEMENTS values held at once

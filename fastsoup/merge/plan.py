@@ -412,31 +412,37 @@ def _mirror(layouts, key_maps, out_tensors, order, max_shard_size) -> List[OutCo
     file_index = [{id(wf): i for c in lay.components.values() for i, wf in enumerate(c.files)}
                   for lay in layouts]
 
-    def position(q):
+    def holder(q):
+        """(input, component name, key, file, info) of the first input holding ``q``."""
         for k, km in enumerate(key_maps):
             got = km.get(q)
             if got is not None:
                 cname, key = got
                 wf, info = layouts[k].components[cname].tensors[key]
-                return (k, comp_index[k][cname], file_index[k][id(wf)], info.begin, q)
+                return k, cname, key, wf, info
         raise AssertionError(q)
 
+    held = {q: holder(q) for q in out_tensors}
+
+    def position(q):
+        k, cname, _, wf, info = held[q]
+        return (k, comp_index[k][cname], file_index[k][id(wf)], info.begin, q)
+
+    single = {}  # (input, component) -> whether that component is one file without index
     ordered = sorted(out_tensors, key=position)
     for q in ordered:
         t = out_tensors[q]
-        for k, km in enumerate(key_maps):
-            if q in km:
-                break
-        cname, key = km[q]
+        k, cname, key, wf, _ = held[q]
         comp = layouts[k].components[cname]
         if cname not in comps:
             comps[cname] = OutComponent(name=cname, files=[], index_name=comp.index_name,
                                         index_metadata=dict(comp.index_metadata))
             comp_layout[cname] = layouts[k]
-        wf = comp.tensors[key][0]
         fk = (cname, wf.name)
-        if _single_file(comp) and comps[cname].files and \
-                _single_file(comp_layout[cname].components[cname]):
+        one = single.get((k, cname))
+        if one is None:
+            one = single[(k, cname)] = _single_file(comp)
+        if one and comps[cname].files and _single_file(comp_layout[cname].components[cname]):
             # single-file inputs (whatever their file names): one output file
             fk = (cname, comps[cname].files[0].name)
         if fk not in by_file:

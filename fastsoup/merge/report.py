@@ -148,14 +148,24 @@ def plan_report(plan, output: str, options) -> MergeReport:
     :class:`.options.MergeOptions`): what will be read and written; a run fills in the
     rest with :func:`record_run`."""
     files = []
-    for comp, f in plan.output_files():
+    summed = copied = to_read = to_write = 0
+    dtypes: dict = {}
+    for comp, f in plan.output_files():  # one pass over the tensors (there may be 10⁵)
         name = os.path.basename(output) if plan.kind == "file" else \
             "/".join(([comp.name] if comp.name else []) + [f.name])
-        files.append(FilePlan(name, len(f.tensors), f.data_bytes))
-    summed = copied = 0
-    for t in plan.tensors():
-        summed += t.op == "sum"
-        copied += t.op == "copy"
+        data = 0
+        for t in f.tensors:
+            data += t.nbytes
+            if t.op == "sum":
+                summed += 1
+            elif t.op == "copy":
+                copied += 1
+            for s in t.sources:  # copies compare every input
+                info = s.info
+                to_read += info.end - info.begin
+            dtypes[t.dtype] = dtypes.get(t.dtype, 0) + 1
+        to_write += data
+        files.append(FilePlan(name, len(f.tensors), data))
     parent = os.path.dirname(os.path.abspath(output))
     try:
         free = shutil.disk_usage(parent).free
@@ -171,9 +181,9 @@ def plan_report(plan, output: str, options) -> MergeReport:
         base_coefficient=base_coef, normalize=plan.normalize, key_policy=plan.key_policy,
         accumulate=options.accumulate, dtype=options.dtype, device=options.device,
         tensors=summed + copied, tensors_summed=summed, tensors_copied=copied, files=files,
-        bytes_to_read=plan.bytes_to_read, bytes_to_write=plan.bytes_to_write,
+        bytes_to_read=to_read, bytes_to_write=to_write,
         memory_budget=options.memory, disk_free=free, dropped_keys=list(plan.dropped_keys),
-        warnings=list(plan.warnings), output_dtypes=plan.output_dtypes(),
+        warnings=list(plan.warnings), output_dtypes=dict(sorted(dtypes.items())),
         diagnostics=[d.to_dict() for d in plan.diagnostics])
 
 

@@ -15,7 +15,7 @@ from typing import Dict, Optional, Tuple
 
 from ..io import atomic, safetensors
 from ..io.atomic import FILE_MODE
-from ..io.safetensors import encode_header, layout_header
+from ..io.safetensors import encode_header, layout_header, tensors_json
 from .errors import MergeError
 from .plan import OutFile
 
@@ -24,20 +24,23 @@ def header_bytes(out_file: OutFile, metadata: Optional[Dict[str, str]],
                  reserve: int = 0, _tensors_json: Optional[list] = None) -> Tuple[bytes, Dict[str, int]]:
     """Serialise the header of ``out_file``: returns (8-byte length + JSON, padded to a
     multiple of 8 and to at least ``reserve`` bytes) and each tensor's data offset.
-    ``_tensors_json`` (a one-element list) caches the tensors' part of the JSON between
-    calls: the header is rewritten with the final manifest, and re-encoding tens of
-    thousands of entries costs more than the merge of small models."""
-    obj, offsets = layout_header(((t.key, t.dtype, t.shape, t.nbytes) for t in out_file.tensors),
-                                 None)
+    ``_tensors_json`` (an empty list, filled on the first call) caches the tensors' part
+    of the JSON and their offsets between calls: the header is rewritten with the final
+    manifest, and re-encoding tens of thousands of entries costs more than the merge of
+    small models."""
     if _tensors_json is not None:
         if not _tensors_json:
-            _tensors_json.append(json.dumps(obj, separators=(",", ":"), ensure_ascii=False))
-        body = _tensors_json[0]
+            text, pos = tensors_json((t.key, t.dtype, t.shape, t.nbytes) for t in out_file.tensors)
+            _tensors_json.append(text)
+            _tensors_json.append(dict(zip((t.key for t in out_file.tensors), pos)))
+        body, offsets = _tensors_json[0], _tensors_json[1]
         if metadata:  # what encode_header writes for {"__metadata__": ..., **obj}
             meta = json.dumps({"__metadata__": dict(metadata)}, separators=(",", ":"),
                               ensure_ascii=False)
             body = meta[:-1] + ("," + body[1:] if body != "{}" else "}")
         return encode_text(body, reserve), offsets
+    obj, offsets = layout_header(((t.key, t.dtype, t.shape, t.nbytes) for t in out_file.tensors),
+                                 None)
     if metadata:
         obj = {"__metadata__": dict(metadata), **obj}
     return encode_header(obj, reserve=reserve), offsets

@@ -10,7 +10,7 @@ from safetensors.torch import load
 
 from fastsoup.io import atomic
 from fastsoup.io.safetensors import (DTYPES, TORCH_NAMES, encode_header, layout_header,
-                                     parse_header, serialize, tensor_bytes)
+                                     parse_header, serialize, tensor_bytes, tensors_json)
 from fastsoup.kernels import abi
 
 
@@ -21,6 +21,15 @@ def test_layout_header_places_tensors_back_to_back():
     assert obj["c"] == {"dtype": "I64", "shape": [1], "data_offsets": [24, 32]}
     assert list(obj) == ["__metadata__", "a", "b", "c"]
     assert "__metadata__" not in layout_header([], None)[0]
+
+
+@pytest.mark.parametrize("keys", [[], ["a"], ["é\"q\\", "tab\tnl\n\x01", "\u2028 𝄞", "model.layers.0.w"]])
+def test_tensors_json_is_the_text_json_dumps_writes(keys):
+    entries = [(k, ["F32", "BF16", "I64"][i % 3], tuple(range(i % 3)), 4 * i) for i, k in enumerate(keys)]
+    obj, offsets = layout_header(entries, None)
+    text, pos = tensors_json(entries)
+    assert text == json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+    assert pos == [offsets[k] for k in keys]
 
 
 @pytest.mark.parametrize("reserve", [0, 8, 40, 101])

@@ -32,6 +32,8 @@ module imports neither torch nor numpy.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import math
 import operator
@@ -245,6 +247,23 @@ def _extent(shape, itemsize: int) -> int:
     return extent
 
 
+_SHARED: contextvars.ContextVar[Optional[dict]] = contextvars.ContextVar(
+    "fastsoup_shared_headers", default=None)
+
+
+@contextlib.contextmanager
+def shared_headers():
+    """Within this context, a header byte for byte equal to one parsed before in it (files
+    of the same size) is not parsed again: its :class:`Header` shares the first one's
+    ``tensors`` mapping (read-only for every user). Fine-tunes saved by one tool carry
+    identical headers; a merge of many checkpoints of 10⁵ tensors parses one."""
+    token = _SHARED.set({})
+    try:
+        yield
+    finally:
+        _SHARED.reset(token)
+
+
 def parse_header(prefix: bytes, file_size: int, path: str = "<bytes>",
                  max_header: int = MAX_HEADER_BYTES) -> Header:
     """Validate the header held in ``prefix`` (the first ``8 + N`` bytes or more of a file
@@ -271,9 +290,17 @@ def parse_header(prefix: bytes, file_size: int, path: str = "<bytes>",
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise fail(f"the header is not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+    shared = _SHARED.get()
+    known = shared.get((file_size, raw)) if shared is not None else None
+    if known is not None:  # the same bytes were validated already: the same result
+        tensors, metadata = known
+        return Header(path=path, file_size=file_size, data_start=8 + n, tensors=tensors,
+                      metadata=None if metadata is None else dict(metadata), raw=raw)
     fast = _parse_fast(text, 8 + n, file_size - 8 - n)
     if fast is not None:
         tensors, metadata = fast
+        if shared is not None:
+            shared[(file_size, raw)] = (tensors, None if metadata is None else dict(metadata))
         return Header(path=path, file_size=file_size, data_start=8 + n, tensors=tensors,
                       metadata=metadata, raw=raw)
     try:

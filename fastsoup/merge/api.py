@@ -438,15 +438,17 @@ def _raise_fd_limit() -> None:
 
 
 def _resolve_all(paths: Sequence[PathLike], variant, allow_pickle, what="input") -> List[Layout]:
-    layouts, problems = [], []
-    for i, p in enumerate(paths):
-        try:
-            from .hub import local_path
+    from ..io.safetensors import shared_headers
+    from .hub import local_path
 
-            layouts.append(resolve(local_path(os.fspath(p)), variant=variant,
-                                   allow_pickle=allow_pickle))
-        except MergeError as exc:
-            problems.append(f"{what} {i + 1}: {exc}")
+    layouts, problems = [], []
+    with shared_headers():  # identical headers (fine-tunes of one base) are parsed once
+        for i, p in enumerate(paths):
+            try:
+                layouts.append(resolve(local_path(os.fspath(p)), variant=variant,
+                                       allow_pickle=allow_pickle))
+            except MergeError as exc:
+                problems.append(f"{what} {i + 1}: {exc}")
     if problems:
         raise PlanError(f"cannot read the {what}s", problems)
     return layouts

@@ -182,6 +182,10 @@ def _weight_file(path: str, name: str, allow_pickle: bool) -> WeightFile:
 
 
 def _fill_tensors(comp: Component, where: str) -> None:
+    if len(comp.files) == 1 and not comp.tensors:  # one file: no key can appear twice
+        wf = comp.files[0]
+        comp.tensors = {k: (wf, info) for k, info in wf.infos().items()}
+        return
     for wf in comp.files:
         for k, info in wf.infos().items():
             if k in comp.tensors:

@@ -269,3 +269,25 @@ def test_bulk_pass_is_taken_and_refuses_duplicates():
     blob = raw_safetensors(None, raw_header=inner.encode()) + b"\0" * 22
     with pytest.raises(HeaderError, match="duplicate key 'shape'"):
         parse(blob)
+
+
+def test_identical_headers_are_parsed_once_within_shared_headers(tmp_path, monkeypatch):
+    from fastsoup.io import safetensors as sf
+
+    blob = raw_safetensors(good_header(), b"\0" * 22)
+    for name in "abc":
+        (tmp_path / f"{name}.safetensors").write_bytes(blob)
+    (tmp_path / "d.safetensors").write_bytes(blob[:-1])              # truncated: other size
+    calls = []
+    real = sf._parse_fast
+    monkeypatch.setattr(sf, "_parse_fast", lambda *a: calls.append(1) or real(*a))
+    with sf.shared_headers():
+        a, b, c = (read_header(str(tmp_path / f"{n}.safetensors")) for n in "abc")
+        with pytest.raises(HeaderError, match="truncated"):
+            read_header(str(tmp_path / "d.safetensors"))
+    assert len(calls) == 2 and a.tensors is b.tensors is c.tensors
+    assert (a.path, b.path) == (str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors"))
+    assert a.identity != b.identity and a.metadata == b.metadata and a.metadata is not b.metadata
+    calls.clear()
+    d = read_header(str(tmp_path / "a.safetensors"))                  # outside: parsed again
+    assert calls == [1] and d.tensors == a.tensors and d.tensors is not a.tensors

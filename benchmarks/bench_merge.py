@@ -644,8 +644,9 @@ def run_command(argv, env=None, memory_limit=None) -> dict:
             facts += (f"; in a {size_text(group.limit)} memory cgroup: peak RSS "
                       f"{out['peak_rss'] / 1e6:.0f} MB, cgroup peak {out['cgroup_peak'] / 1e6:.0f} MB, "
                       f"OOM kills {out.get('oom_kills', '?')}, after {dt:.1f} s")
-        raise CommandFailed(f"{facts}; {' '.join(argv[:3])} ...: "
-                            f"{(res.stderr or res.stdout).strip()[-600:]}", out)
+        said = (res.stderr or res.stdout).strip()[-600:]
+        raise CommandFailed(f"{facts}; {' '.join(argv[:3])} ..." + (f": {said}" if said else
+                                                                    " (printed nothing)"), out)
     return out
 
 

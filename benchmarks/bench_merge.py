@@ -346,7 +346,7 @@ def run_floor(inputs, out, out_bytes=None):
         raise errors[0]
 
 
-def run_fastsoup(inputs, out, hash_mode="sha256", cache=False):
+def run_fastsoup(inputs, out, hash_mode="sha256", cache=False, memory=None):
     """``cache=False``: the inputs' sha256 are computed in this run (first merge of these
     constituents); ``cache=True``: taken from fastsoup's digest cache (a later merge)."""
     import fastsoup as fs
@@ -356,7 +356,7 @@ def run_fastsoup(inputs, out, hash_mode="sha256", cache=False):
     if cache:
         os.environ.setdefault("FASTSOUP_CACHE_DIR", os.path.join(os.path.dirname(out), ".cache"))
     try:
-        fs.merge(inputs, out, quiet=True, overwrite=True, hash=hash_mode)
+        fs.merge(inputs, out, quiet=True, overwrite=True, hash=hash_mode, memory=memory)
     finally:
         if old is None:
             del os.environ["FASTSOUP_HASH_CACHE"]
@@ -739,7 +739,7 @@ MEMORY_LIMIT_ROWS = ("floor", "fastsoup-merge (first merge)", "fastsoup-merge --
 
 
 def interleaved(inputs, folder: str, rounds: int, cold: bool, peers=("mergekit", "sd-mecha"),
-                skip=(), memory_limit=None):
+                skip=(), memory_limit=None, budgets=()):
     """Every row once per round, rows in the same order each round; returns
     ``(rows, skipped)``: ``{row: {"kind", "times", "cpu", "rss", "load"}}``.
 
@@ -796,11 +796,18 @@ def interleaved(inputs, folder: str, rounds: int, cold: bool, peers=("mergekit",
          command(cli + [*inputs, "-o", "{out}", "-q", "--overwrite", "--hash", "none"], env_first)),
         ("naive", "command", command([py, HERE, "--child", "naive", "{out}", *inputs], env_first)),
     ]
+    for budget in budgets:  # the streaming budget (--memory) swept, in process
+        plan[4:4] = [(f"fastsoup (first merge, --memory {budget})", "in-process", in_process(
+                         lambda i, o, b=budget: run_fastsoup(i, o, memory=b))),
+                     (f"fastsoup (hash none, --memory {budget})", "in-process", in_process(
+                         lambda i, o, b=budget: run_fastsoup(i, o, "none", memory=b)))]
     if memory_limit:
         plan = [p for p in plan if p[1] == "command" and p[0] in MEMORY_LIMIT_ROWS]
         cold = True
-    skipped = {name: "left out of this run (--skip)" for name in sorted({p[0] for p in plan} & set(skip))}
-    plan = [p for p in plan if p[0] not in skip]
+    left_out = lambda name: any(name == s or name.startswith(s + " ") for s in skip)
+    skipped = {name: "left out of this run (--skip)" for name in sorted({p[0] for p in plan})
+               if left_out(name)}
+    plan = [p for p in plan if not left_out(p[0])]
     for name in peers:
         fn, why = peer_runner(name, inputs, folder, memory_limit)
         if fn is None:
@@ -976,13 +983,17 @@ def run_main(argv) -> int:
     ap.add_argument("--cold", action="store_true", help="evict the inputs before every round")
     ap.add_argument("--out", help="write OUT.json and OUT.md")
     ap.add_argument("--no-peers", action="store_true")
-    ap.add_argument("--skip", default="", help="comma list of row names to leave out "
-                    "(e.g. naive: minutes on 50,000 tensors)")
+    ap.add_argument("--skip", default="", help="comma list of row names, or of their first "
+                    "words, to leave out (e.g. naive: minutes on 50,000 tensors; "
+                    "'fastsoup TIES,fastsoup DARE')")
     ap.add_argument("--memory-limit", metavar="SIZE",
                     help="run the whole commands (floor, fastsoup-merge first merge and "
                     "--hash none, peers) each in a fresh cgroup v1 memory group of SIZE "
                     "(e.g. 1GiB), inputs evicted before every row; needs a writable "
                     f"{CGROUP_MEMORY}")
+    ap.add_argument("--budgets", default="", metavar="SIZES",
+                    help="comma list of streaming budgets (e.g. 8MiB,32MiB,256MiB): in-process "
+                    "first-merge and --hash none rows at each --memory")
     args = ap.parse_args(argv)
     memory_limit = parse_bytes(args.memory_limit) if args.memory_limit else None
     if memory_limit:
@@ -1004,7 +1015,8 @@ def run_main(argv) -> int:
     rows, skipped = interleaved(inputs, folder, ROUNDS, args.cold,
                                 peers=() if args.no_peers else ("mergekit", "sd-mecha"),
                                 skip=[x.strip() for x in args.skip.split(",") if x.strip()],
-                                memory_limit=memory_limit)
+                                memory_limit=memory_limit,
+                                budgets=[b.strip() for b in args.budgets.split(",") if b.strip()])
     import datetime
 
     size = os.path.getsize(weights_file(inputs[0]))

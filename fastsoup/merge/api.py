@@ -40,7 +40,7 @@ from .formats import Layout, resolve
 from .hashing import Hasher
 from .manifest import build, output_metadata, sidecar_path
 from .mmap import InputFiles, describe_identity_change, plan_files
-from .options import DEFAULT_MEMORY, MergeOptions
+from .options import MergeOptions
 from .output import (AtomicOutput, check_output_name, check_paths, copy_side_files, describe_error, file_paths,
                      remove_stale_temporaries, write_indexes)
 from .plan import Plan, build_plan
@@ -55,7 +55,7 @@ def merge(inputs: Sequence[PathLike], output: Optional[PathLike],
           *, base: Optional[PathLike] = None, normalize: Optional[bool] = None,
           keys: str = "strict", dtype: Optional[str] = None, accumulate: str = "fp32",
           variant: Optional[str] = None, allow_pickle: bool = False,
-          max_shard_size: Union[None, int, str] = None, memory: Union[int, str] = DEFAULT_MEMORY,
+          max_shard_size: Union[None, int, str] = None, memory: Union[None, int, str] = None,
           threads: Optional[int] = None, device: str = "cpu", dry_run: bool = False,
           overwrite: bool = False, quiet: Optional[bool] = None, hash: str = "sha256",
           drop_cache: bool = False, metadata: Optional[Mapping[str, str]] = None,
@@ -86,9 +86,9 @@ def merge(inputs: Sequence[PathLike], output: Optional[PathLike],
         allow_pickle: load ``.ckpt/.bin/.pt`` inputs with ``torch.load(weights_only=True)``.
         max_shard_size: re-shard into files of at most this size ("5GB" = 5·10⁹ bytes,
             "5GiB" = 5·2³⁰ bytes, or an int in bytes).
-        memory: streaming budget for mapped input windows and output buffers (bytes or
-            "256MiB", the default); the resident set stays near this plus the
-            interpreter's own.
+        memory: streaming budget for input windows and output buffers (bytes or text
+            such as "64MiB"; default 32 MiB on the CPU, 256 MiB with a GPU ``device``); the
+            resident set stays near this plus the interpreter's own.
         threads: CPU threads for the sum (default: all cores).
         device: "cpu" (``fastsoup._C``) or "cuda"/"cuda:N" (:func:`fastsoup.weighted_sum_`
             on the GPU). "torch:cpu" runs the device path's code on CPU tensors (tests).

@@ -32,7 +32,7 @@ import sys
 from typing import List, Optional
 
 from .._version import __version__
-from .options import ACCUMULATE, DEFAULT_MEMORY_TEXT, DTYPE_NAMES, HASH_MODES, KEY_POLICIES, METHODS
+from .options import ACCUMULATE, DEFAULT_DEVICE_MEMORY_TEXT, DEFAULT_MEMORY_TEXT, DTYPE_NAMES, HASH_MODES, KEY_POLICIES, METHODS
 
 PROG = "fastsoup-merge"
 VERBS = ("add", "remove")
@@ -73,9 +73,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-pickle", action="store_true",
                    help="load .ckpt/.bin/.pt inputs with torch.load(weights_only=True)")
     p.add_argument("--max-shard-size", help="re-shard outputs: 5GB = 5e9 bytes, 5GiB = 5*2^30")
-    p.add_argument("--memory", default=DEFAULT_MEMORY_TEXT,
-                   help=f"streaming buffer budget (default {DEFAULT_MEMORY_TEXT}; units as "
-                   "--max-shard-size)")
+    p.add_argument("--memory", default=None,
+                   help=f"streaming buffer budget (default {DEFAULT_MEMORY_TEXT} on the CPU, "
+                   f"{DEFAULT_DEVICE_MEMORY_TEXT} with --device cuda; units as --max-shard-size)")
     p.add_argument("--threads", type=int, help="CPU threads for the sum (default: all cores)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--hash", choices=list(HASH_MODES), default=HASH_MODES[0],

@@ -490,20 +490,21 @@ def execute(plan: Plan, writers: List[SafetensorsFileWriter], *, memory: int, th
     runs = make_runs(items, writers, window, staging_bytes)
     windows = make_windows(runs, window)
     reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastsoup-prefetch")
+    helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastsoup-prefetch")
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastsoup-write")
     staging = Staging(staging_bytes, writer)
     wbufs = [WindowBuffer(window), WindowBuffer(window)]
     written = read = 0
     prefetch_wait = sum_time = 0.0
     try:
-        prefetch = (reader.submit(input_maps.prefetch_window, maps, windows[0], wbufs[0], digest)
-                    if windows else None)
+        prefetch = (reader.submit(input_maps.prefetch_window, maps, windows[0], wbufs[0], digest,
+                                  helper) if windows else None)
         for j, win in enumerate(windows):
             t_wait = time.perf_counter()
             wb = prefetch.result()
             prefetch_wait += time.perf_counter() - t_wait
             prefetch = (reader.submit(input_maps.prefetch_window, maps, windows[j + 1],
-                                      wbufs[(j + 1) % 2], digest)
+                                      wbufs[(j + 1) % 2], digest, helper)
                         if j + 1 < len(windows) else None)
             for run in win:
                 nbytes = run.out_nbytes
@@ -547,6 +548,7 @@ def execute(plan: Plan, writers: List[SafetensorsFileWriter], *, memory: int, th
     finally:
         try:
             reader.shutdown(wait=True, cancel_futures=True)
+            helper.shutdown(wait=True, cancel_futures=True)
             writer.shutdown(wait=True, cancel_futures=True)
         finally:
             if own_maps:

@@ -231,30 +231,58 @@ class WindowBuffer:
         return pickle_view(s.file, s.key, s.start, s.start + (s.hi - s.lo))
 
 
-def prefetch_window(files: InputFiles, win: list, wbuf: WindowBuffer, digest=None) -> WindowBuffer:
+def prefetch_window(files: InputFiles, win: list, wbuf: WindowBuffer, digest=None,
+                    helper=None) -> WindowBuffer:
     """Read every safetensors range ``win`` needs into ``wbuf`` (after digest work on its
     previous contents has finished), each file's touching ranges in one ``pread``, and hand
-    each such range to ``digest`` (an object with ``feed(wf, lo, view) -> future | None``)
-    as soon as it is read, in file order."""
+    each such range to ``digest`` (an object with ``feed(wf, lo, view) -> future | None``),
+    in file order. With ``helper`` (a one-thread executor) the window's bytes are read by
+    two threads, each half of them (``pread`` copies from the page cache at the speed of
+    one core: one thread cannot keep up with a fused sum on the other cores)."""
     for fut in wbuf.pending:
         fut.result()
     wbuf.pending = []
     ranges = coalesce(window_ranges(files, win))
-    wbuf.ensure(sum(hi - lo for _, lo, hi, _ in ranges))
+    total = sum(hi - lo for _, lo, hi, _ in ranges)
+    wbuf.ensure(total)
     wbuf.views = {}
     mv = memoryview(wbuf.buf)
+    pieces = []  # (file, absolute offset, destination view), split in two halves of bytes
     pos = 0
     for wf, lo, hi, members in ranges:
         view = mv[pos: pos + (hi - lo)]
-        files.read_into(wf, lo, view)
         for run, k, _, a, b in members:
             wbuf.views[(id(run), k)] = view[a - lo: b - lo]
+        pieces.append((wf, lo, view))
         pos += hi - lo
-        if digest is not None:  # hashed while the rest of the window is read
+    if helper is not None and total >= 2 * PAGE:
+        half, first, second = total // 2, [], []
+        pos = 0
+        for wf, lo, view in pieces:  # a range across the middle is cut at a page boundary
+            cut = min(max(align_down(half - pos), 0), len(view)) if pos < half else 0
+            if cut:
+                first.append((wf, lo, view[:cut]))
+            if cut < len(view):
+                second.append((wf, lo + cut, view[cut:]))
+            pos += len(view)
+        other = helper.submit(_read_all, files, second)
+        try:
+            _read_all(files, first)
+        finally:
+            other.result()
+    else:
+        _read_all(files, pieces)
+    if digest is not None:
+        for wf, lo, view in pieces:
             fut = digest.feed(wf, lo, view)
             if fut is not None:
                 wbuf.pending.append(fut)
     return wbuf
+
+
+def _read_all(files: InputFiles, pieces) -> None:
+    for wf, lo, view in pieces:
+        files.read_into(wf, lo, view)
 
 
 def release_window(files: InputFiles, win: list) -> None:

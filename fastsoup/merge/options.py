@@ -22,8 +22,14 @@ KEY_POLICIES = ("strict", "intersection", "union")  # --keys / keys=
 HASH_MODES = ("sha256", "none")                     # --hash / hash=
 METHODS = ("average", "ties", "dare", "slerp")      # --method / method=
 DEFAULT_DENSITY = 0.2                               # --density / density= (TIES, DARE)
-DEFAULT_MEMORY = 256 * 2**20                        # --memory / memory=
-DEFAULT_MEMORY_TEXT = "256MiB"
+# --memory / memory=: the streaming budget. On the CPU a small one is faster as well as
+# leaner: a window of input read by one thread is still in the cache when the sum and the
+# digest read it (measured: benchmarks/results/cpu-merge-2026-11-29-budget.md). A GPU
+# merge copies each run to the device, and larger runs copy at a better rate.
+DEFAULT_MEMORY = 32 * 2**20
+DEFAULT_MEMORY_TEXT = "32MiB"
+DEFAULT_DEVICE_MEMORY = 256 * 2**20
+DEFAULT_DEVICE_MEMORY_TEXT = "256MiB"
 
 
 def user_dtype(name: str) -> str:
@@ -105,7 +111,7 @@ class MergeOptions:
     def validate(cls, *, keys: str = "strict", dtype: Optional[str] = None,
                  accumulate: str = "fp32", variant: Optional[str] = None,
                  allow_pickle: bool = False, max_shard_size: Union[None, int, str] = None,
-                 memory: Union[int, str] = DEFAULT_MEMORY, threads: Optional[int] = None,
+                 memory: Union[None, int, str] = None, threads: Optional[int] = None,
                  device: str = "cpu", dry_run: bool = False, overwrite: bool = False,
                  quiet: Optional[bool] = None, hash: str = "sha256",
                  drop_cache: bool = False,
@@ -125,10 +131,12 @@ class MergeOptions:
             out_dtype = user_dtype(dtype) if dtype is not None else None
         except ValueError as exc:
             raise MergeError(str(exc)) from None
-        memory_bytes = parse_size(memory)
         shard_bytes = parse_size(max_shard_size) if max_shard_size is not None else None
         if device not in ("cpu", "cuda", "torch:cpu") and not device.startswith("cuda:"):
             raise MergeError(f"device must be 'cpu' or 'cuda', got {device!r}")
+        if memory is None:
+            memory = DEFAULT_MEMORY if device == "cpu" else DEFAULT_DEVICE_MEMORY
+        memory_bytes = parse_size(memory)
         if keys not in KEY_POLICIES:
             raise MergeError(f"unknown key policy {keys!r} (choose {', '.join(KEY_POLICIES)})")
         meta = check_metadata(metadata)

@@ -139,3 +139,55 @@ def test_hasher_cancel_ends_pending_ranges(tmp_path):
 def test_default_workers_are_the_usable_cores():
     n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     assert hashing.default_workers() == max(1, min(8, n))
+
+
+@pytest.mark.parametrize("memory", [9000, 40000, 1 << 20])
+def test_two_thread_prefetch_reads_and_digests_what_one_thread_does(tmp_path, memory):
+    """A window read by two threads (its bytes cut in two halves at a page boundary,
+    ranges split across the cut) lands the same bytes in the same views, and feeds the
+    digest the same ranges in the same order, as a window read by one."""
+    from fastsoup.merge import engine, mmap as input_maps
+    from fastsoup.merge.plan import build_plan
+
+    import torch
+
+    from tests.helpers import SPEC
+
+    spec = dict(SPEC, big=((3000, 7), torch.float32), half=((4099,), torch.bfloat16))
+    layouts = [resolve(save_file_layout(str(tmp_path / f"m{i}.safetensors"), make_state(i, spec)))
+               for i in range(3)]
+    plan = build_plan(layouts)
+    window, staging = engine.budget_split(memory)
+    files = [(0, plan.components[0].files[0].tensors)]
+    writers = [type("W", (), {"offsets": {t.key: i * 10 ** 9 for i, t in enumerate(files[0][1])}})()]
+    runs = engine.make_runs(engine.make_items(files, window, staging), writers, window, staging)
+    maps = input_maps.InputFiles()
+    maps.open_all(plan)
+
+    class Log:
+        def __init__(self):
+            self.fed = []
+
+        def feed(self, wf, lo, view):
+            self.fed.append((wf.path, lo, bytes(view)))
+
+    pool = ThreadPoolExecutor(max_workers=1)
+    split = 0
+    try:
+        for win in engine.make_windows(runs, window):
+            got = []
+            for helper in (None, pool):
+                log = Log()
+                wb = input_maps.prefetch_window(maps, win, input_maps.WindowBuffer(window), log, helper)
+                got.append(({k: bytes(v) for k, v in wb.views.items()}, log.fed))
+                split += helper is not None and sum(len(v) for v in wb.views.values()) >= 8192
+            assert got[0] == got[1]
+            by_id = {id(r): r for r in win}
+            assert len(got[1][0]) == sum(len(r.sources) for r in win if r.n > 0)
+            for (rid, k), view in got[1][0].items():
+                s = by_id[rid].sources[k]
+                assert view == open(s.file.path, "rb").read()[s.lo:s.hi]
+    finally:
+        pool.shutdown()
+        maps.close()
+    assert split or memory < 20000

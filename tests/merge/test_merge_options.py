@@ -104,3 +104,11 @@ def test_bad_options_are_merge_errors(tmp_path, capsys):
     with pytest.raises(MergeError, match="unknown output dtype 'F8'"):
         _soup_options({"dtype": "F8", "constituents": [{}]}, {})
     assert not out.exists()
+
+
+def test_default_budget_is_small_on_the_cpu_and_larger_for_a_device():
+    from fastsoup.merge.options import (DEFAULT_DEVICE_MEMORY, DEFAULT_MEMORY, MergeOptions)
+
+    assert MergeOptions.validate().memory == DEFAULT_MEMORY == 32 * 2**20
+    assert MergeOptions.validate(device="torch:cpu").memory == DEFAULT_DEVICE_MEMORY == 256 * 2**20
+    assert MergeOptions.validate(device="torch:cpu", memory="8MiB").memory == 8 * 2**20

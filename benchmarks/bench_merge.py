@@ -36,11 +36,13 @@ Two ways to run it:
 * ``pytest benchmarks/bench_merge.py --benchmark-only`` (what ``benchmarks/report.py``
   runs): the in-process rows under pytest-benchmark, rounds of one row back to back.
 
-The floor is the least I/O any merge must do, done the way the merge runs and no slower
-than we know how: every input read (``readinto`` into 16 MiB buffers, as many reader
-threads as usable cores) while a writer thread writes an output of the same size and
-fsyncs it and its directory; same page-cache state and same fsync as the merges. A row
-faster than the floor would mean the floor is wrong, and the table flags it.
+The floor is the least I/O any merge must do, done the way the merge does it and no
+slower than we know how (:func:`run_floor`): every input read in windows of the merge's
+default budget by two threads into buffers allocated as the merge allocates them, while
+a writer thread writes an output of the same size into a preallocated file, starting
+write-back as it goes, and fsyncs it and its directory; same page-cache state and same
+fsync as the merges. A row faster than the floor would mean the floor is wrong, and the
+table flags it.
 
 Layouts (``FASTSOUP_BENCH_MERGE_LAYOUT``): ``sd`` (default: SD-like, ~85% of the bytes in
 1280-column matrices, 320 small vectors), ``moe`` (MoE-like: ~50,000 tensors per file,
@@ -298,32 +300,63 @@ def _usable_cores() -> int:
 
 
 def run_floor(inputs, out, out_bytes=None):
-    """Read every input (one reader thread per usable core, ``readinto`` 16 MiB at a time)
-    while a writer thread writes ``out_bytes`` (default: the first input's size) and
-    fsyncs the file and its directory: the least I/O of a merge, overlapped. A folder
-    input is its weights file (:func:`weights_file`): the bytes its merge reads."""
-    inputs = [weights_file(p) for p in inputs]
-    size = os.path.getsize(inputs[0]) if out_bytes is None else out_bytes
-    errors = []
+    """The least I/O of a merge, done the way the merge does it: every input read in
+    windows of the merge's default budget (an equal piece of each input per window, the
+    window's bytes cut in two halves read by two threads, ``preadv`` into reused buffers
+    that stay in the cache), while a writer thread writes ``out_bytes`` (default: the
+    first input's size) into a preallocated file as the windows arrive, starting
+    write-back as it goes, then fsyncs the file and its directory. Same page-cache state
+    and fsync as the merges. A folder input is its weights file (:func:`weights_file`):
+    the bytes its merge reads."""
+    from fastsoup.io.atomic import sync_file_range
+    from fastsoup.merge.engine import budget_split
+    from fastsoup.merge.mmap import anonymous_buffer
+    from fastsoup.merge.options import DEFAULT_MEMORY
 
-    def reader(paths):
+    inputs = [weights_file(p) for p in inputs]
+    sizes = [os.path.getsize(p) for p in inputs]
+    size = sizes[0] if out_bytes is None else out_bytes
+    window = budget_split(DEFAULT_MEMORY)[0]
+    piece = max(4096, window // len(inputs) // 4096 * 4096)
+    total = sum(sizes)
+    errors = []
+    fds = [os.open(p, os.O_RDONLY) for p in inputs]
+    done = [0]
+    cond = threading.Condition()
+
+    def reader(half):
         try:
-            buf = bytearray(16 << 20)
-            for p in paths:
-                with open(p, "rb", buffering=0) as f:
-                    while f.readinto(buf):
-                        pass
+            buf = memoryview(anonymous_buffer(piece * len(inputs)))
+            for pos in range(0, max(sizes), piece):
+                got = 0
+                for j, (fd, n) in enumerate(zip(fds, sizes)):
+                    lo, hi = pos + half * piece // 2, pos + (half + 1) * piece // 2
+                    if lo < n:
+                        got += os.preadv(fd, [buf[j * piece: j * piece + min(hi, n) - lo]], lo)
+                with cond:
+                    done[0] += got
+                    cond.notify_all()
         except BaseException as exc:  # noqa: BLE001
             errors.append(exc)
+            with cond:
+                done[0] = total
+                cond.notify_all()
 
     def writer():
         try:
-            mv = memoryview(bytearray(16 << 20))
+            mv = memoryview(anonymous_buffer(max(4096, size * piece // max(total, 1) * len(inputs))))
             fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
-                left = size
-                while left:
-                    left -= os.write(fd, mv[: min(left, len(mv))])
+                if size:
+                    os.posix_fallocate(fd, 0, size)
+                pos = 0
+                while pos < size:
+                    n = min(size - pos, len(mv))
+                    with cond:  # paced by the reads, as a merge's output follows its input
+                        cond.wait_for(lambda: done[0] >= total * (pos + n) // size)
+                    os.pwrite(fd, mv[:n], pos)
+                    sync_file_range(fd, pos, n)
+                    pos += n
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -335,13 +368,16 @@ def run_floor(inputs, out, out_bytes=None):
         except BaseException as exc:  # noqa: BLE001
             errors.append(exc)
 
-    n = max(1, min(_usable_cores(), len(inputs)))
-    threads = [threading.Thread(target=reader, args=(inputs[i::n],)) for i in range(n)]
+    threads = [threading.Thread(target=reader, args=(h,)) for h in (0, 1)]
     threads.append(threading.Thread(target=writer))
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        for fd in fds:
+            os.close(fd)
     if errors:
         raise errors[0]
 

@@ -32,7 +32,7 @@ from ..kernels import cpu as cpu_kernels
 from . import mmap as input_maps
 from .errors import Diagnostics, MergeError, PlanError
 from .formats import WeightFile
-from .mmap import PAGE, InputFiles, WindowBuffer, align_down
+from .mmap import PAGE, InputFiles, WindowBuffer, align_down, anonymous_buffer
 from .plan import OutTensor, Plan
 from .writer import SafetensorsFileWriter
 
@@ -251,7 +251,7 @@ class Staging:
     (``pool``, one worker, so writes reach the file in order)."""
 
     def __init__(self, nbytes: int, pool: ThreadPoolExecutor):
-        self.bufs = [np.empty(nbytes, dtype=np.uint8), np.empty(nbytes, dtype=np.uint8)]
+        self.bufs = [anonymous_buffer(nbytes), anonymous_buffer(nbytes)]
         self.pending = [None, None]
         self.cur = 0
         self.fill = 0
@@ -412,7 +412,7 @@ def _equal_chunked(files: InputFiles, a, b, nbytes: int, chunk: int) -> bool:
     """Whether two sources' bytes are equal, read and compared ``chunk`` bytes at a time
     into two reused buffers (the resident set stays within the budget)."""
     chunk = max(PAGE, align_down(chunk))
-    bufs = [np.empty(min(chunk, max(nbytes, 1)), dtype=np.uint8) for _ in range(2)]
+    bufs = [anonymous_buffer(min(chunk, max(nbytes, 1))) for _ in range(2)]
     for lo in range(0, nbytes, chunk):
         hi = min(nbytes, lo + chunk)
         va = files.read(a.file, a.key, lo, hi, bufs[0])

@@ -209,18 +209,32 @@ def coalesce(spans) -> List[Tuple[WeightFile, int, int, list]]:
     return [tuple(c) for c in out]
 
 
+def anonymous_buffer(nbytes: int) -> np.ndarray:
+    """A zeroed byte buffer in an anonymous mapping of its own (4 KiB pages).
+
+    numpy advises the kernel to back large arrays with transparent huge pages, and where
+    the kernel defragments for advised regions (``defrag=madvise``, a common default) the
+    first touch of such an array can stall in direct compaction when memory is full of page
+    cache, as it is while merging checkpoints: measured on the 2-core test machine, the
+    first windows of a fresh process cost seconds of system time (the benchmark's I/O floor
+    over 8 x 800 MB, run as a new process: about 5 s of system CPU with numpy buffers,
+    1.6-2.2 s with these). The merge's buffers are reused window after window and stay
+    small, so huge pages buy little."""
+    return np.frombuffer(mmap.mmap(-1, max(nbytes, 1)), dtype=np.uint8)
+
+
 class WindowBuffer:
     """Input bytes of one window: one buffer, reused, plus where each source landed.
     ``pending`` holds digest work on the buffer that must end before it is refilled."""
 
     def __init__(self, nbytes: int):
-        self.buf = np.empty(max(nbytes, 1), dtype=np.uint8)
+        self.buf = anonymous_buffer(nbytes)
         self.views: Dict[Tuple[int, int], memoryview] = {}
         self.pending: list = []
 
     def ensure(self, nbytes: int) -> None:
         if nbytes > len(self.buf):
-            self.buf = np.empty(nbytes, dtype=np.uint8)
+            self.buf = anonymous_buffer(nbytes)
 
     def view(self, run, k: int, files: InputFiles) -> memoryview:
         """Bytes of source ``k`` of ``run`` (read by :func:`prefetch_window`)."""

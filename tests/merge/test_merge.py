@@ -477,8 +477,12 @@ def test_inputs_are_read_without_memory_maps(tmp_path, monkeypatch):
     the end of a file truncated under the merge would be SIGBUS)."""
     import mmap as stdlib_mmap
 
-    def refuse(*a, **k):
-        raise AssertionError("an input was memory-mapped")
+    real = stdlib_mmap.mmap
+
+    def refuse(fileno, *a, **k):  # anonymous memory (the engine's buffers) is fine
+        if fileno != -1:
+            raise AssertionError("an input was memory-mapped")
+        return real(fileno, *a, **k)
 
     monkeypatch.setattr(stdlib_mmap, "mmap", refuse)
     spec = {f"w{i}": ((257, 300), torch.bfloat16) for i in range(5)}
@@ -493,3 +497,22 @@ def test_merge_on_the_gpu_matches_cpu(tmp_path):
     paths, states = files(tmp_path)
     fs.merge(paths, tmp_path / "gpu.safetensors", device="cuda", memory="64KiB", quiet=True)
     check_merged(load_any(str(tmp_path / "gpu.safetensors")), states, [1 / 3] * 3, exact=False)
+
+
+def test_stream_buffers_are_anonymous_mappings_not_numpy_allocations():
+    """The window and staging buffers live in mappings of their own: numpy would advise
+    huge pages for them, whose first touch can stall in direct compaction."""
+    import mmap as stdlib_mmap
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fastsoup.merge import engine
+    from fastsoup.merge.mmap import WindowBuffer
+
+    wb = WindowBuffer(1 << 20)
+    wb.ensure(3 << 20)
+    with ThreadPoolExecutor(1) as pool:
+        staging = engine.Staging(1 << 20, pool)
+    for buf in [wb.buf, *staging.bufs]:
+        base = buf.base.obj if isinstance(buf.base, memoryview) else buf.base
+        assert isinstance(base, stdlib_mmap.mmap) and buf.flags.writeable
+    assert len(wb.buf) == 3 << 20

@@ -358,10 +358,10 @@ def latest_reports(folder: str) -> Dict[str, dict]:
 
 
 # bench_merge.py --run results shown in README: the newest warm SD-like run. Its variants
-# (cold cache, MoE-like key counts, merge methods, other layouts, memory limits) are listed
-# by file, not mixed into the table.
+# (cold cache, MoE-like key counts, merge methods, other layouts, memory limits, budget
+# sweeps at another size) are listed by file, not mixed into the table.
 MERGE_GLOB = "cpu-merge-*-sd-*.json"
-MERGE_VARIANTS = ("cold", "moe", "methods", "llama", "memlimit", "mem", "gc")
+MERGE_VARIANTS = ("cold", "moe", "methods", "llama", "memlimit", "mem", "gc", "budget")
 # (row label, bench_merge row names that are this row: in-process, whole command)
 MERGE_ROWS = [
     ("I/O floor (read every input, write + fsync the output)", ("floor",)),

@@ -24,7 +24,7 @@ METHODS = ("average", "ties", "dare", "slerp")      # --method / method=
 DEFAULT_DENSITY = 0.2                               # --density / density= (TIES, DARE)
 # --memory / memory=: the streaming budget. On the CPU a small one is faster as well as
 # leaner: a window of input read by one thread is still in the cache when the sum and the
-# digest read it (measured: benchmarks/results/cpu-merge-2026-11-29-budget.md). A GPU
+# digest read it (measured: benchmarks/results/cpu-merge-2026-11-29-sd-4x400-budget.md). A GPU
 # merge copies each run to the device, and larger runs copy at a better rate.
 DEFAULT_MEMORY = 32 * 2**20
 DEFAULT_MEMORY_TEXT = "32MiB"

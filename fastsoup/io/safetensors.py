@@ -461,10 +461,14 @@ def tensors_json(tensors: Iterable[Tuple[str, str, Tuple[int, ...], int]]) -> Tu
     parts = []
     offsets = []
     pos = 0
+    head: Dict[tuple, str] = {}  # (dtype, shape) -> the entry's text up to its offsets
     for key, dtype, shape, nbytes in tensors:
-        dims = ",".join(map(str, shape))
-        parts.append(f'{enc(key)}:{{"dtype":{enc(dtype)},"shape":[{dims}],'
-                     f'"data_offsets":[{pos},{pos + nbytes}]}}')
+        shape = tuple(shape)
+        mid = head.get((dtype, shape))
+        if mid is None:  # checkpoints repeat a few shapes many times
+            mid = head[(dtype, shape)] = (f':{{"dtype":{enc(dtype)},"shape":['
+                                          f'{",".join(map(str, shape))}],"data_offsets":[')
+        parts.append(f"{enc(key)}{mid}{pos},{pos + nbytes}]}}")
         offsets.append(pos)
         pos += nbytes
     return "{" + ",".join(parts) + "}", offsets

@@ -22,6 +22,7 @@ heuristic.
 """
 from __future__ import annotations
 
+import heapq
 import json
 import math
 import os
@@ -138,14 +139,13 @@ def distance_warning(plan) -> Optional[str]:
         return len(t.sources) >= n and len({s.input_index for s in t.sources}) == n
 
     # the largest first; the per-source test only for tensors that could be among them
-    candidates = sorted((t for t in plan.tensors() if len(t.shape) >= 2 and t.op == "sum"
-                         and t.special is None), key=lambda t: (-t.numel, t.qualified))
-    probes = []
-    for t in candidates:
-        if every_input(t):
-            probes.append(t)
-            if len(probes) == PROBE_TENSORS:
-                break
+    matrices = [t for t in plan.tensors() if len(t.shape) >= 2 and t.op == "sum"
+                and t.special is None]
+    order = lambda t: (-t.numel, t.qualified)
+    probes = [t for t in heapq.nsmallest(4 * PROBE_TENSORS, matrices, key=order)
+              if every_input(t)][:PROBE_TENSORS]
+    if len(probes) < PROBE_TENSORS and len(matrices) > 4 * PROBE_TENSORS:
+        probes = [t for t in sorted(matrices, key=order) if every_input(t)][:PROBE_TENSORS]
     if n < 2 or not probes:
         return None
     # accumulated probe by probe: at most n × PROBE_ELEMENTS values held at once

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -422,6 +423,15 @@ def _mirror(layouts, key_maps, out_tensors, order, max_shard_size) -> List[OutCo
                 return k, cname, key, wf, info
         raise AssertionError(q)
 
+    fast = _single_file_order(layouts[0], key_maps[0], out_tensors)
+    if fast is not None:  # the first input, one file, holds every output tensor
+        cname, comp, keys = fast
+        comps[cname] = OutComponent(name=cname, files=[OutFile(
+            name=comp.files[0].name, tensors=[out_tensors[q] for q in keys])],
+            index_name=comp.index_name, index_metadata=dict(comp.index_metadata))
+        comp_layout[cname] = layouts[0]
+        return _finish_components(layouts, comps, comp_layout, max_shard_size)
+
     held = {q: holder(q) for q in out_tensors}
 
     def position(q):
@@ -450,7 +460,30 @@ def _mirror(layouts, key_maps, out_tensors, order, max_shard_size) -> List[OutCo
             comps[cname].files.append(by_file[fk])
         by_file[fk].tensors.append(t)
 
-    # Keep the first input's component order.
+    return _finish_components(layouts, comps, comp_layout, max_shard_size)
+
+
+def _single_file_order(layout, key_map, out_tensors):
+    """``(component name, component, keys in file order)`` when ``layout`` is one
+    safetensors file without index holding every key of ``out_tensors`` at distinct offsets:
+    then the file's order (by offset) is the order :func:`_mirror`'s sort gives, and the
+    sort is skipped. None otherwise."""
+    if len(layout.components) != 1:
+        return None
+    (cname, comp), = layout.components.items()
+    if not _single_file(comp) or comp.files[0].header is None:
+        return None
+    if len(out_tensors) > len(key_map) or not all(map(key_map.__contains__, out_tensors)):
+        return None
+    keys = [q for q in key_map if q in out_tensors]   # key_map follows the file's tensors
+    begins = [comp.tensors[key_map[q][1]][1].begin for q in keys]
+    if not all(map(operator.lt, begins[:-1], begins[1:])):
+        return None  # ties (zero-sized tensors): the sort breaks them by name
+    return cname, comp, keys
+
+
+def _finish_components(layouts, comps, comp_layout, max_shard_size) -> List[OutComponent]:
+    """The output components in the first input's order, re-sharded or renamed."""
     names = list(layouts[0].components) + [c for c in comps if c not in layouts[0].components]
     out = [comps[c] for c in names if c in comps]
     for oc in out:

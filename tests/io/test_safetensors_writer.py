@@ -26,10 +26,11 @@ def test_layout_header_places_tensors_back_to_back():
 @pytest.mark.parametrize("keys", [[], ["a"], ["é\"q\\", "tab\tnl\n\x01", "\u2028 𝄞", "model.layers.0.w"]])
 def test_tensors_json_is_the_text_json_dumps_writes(keys):
     entries = [(k, ["F32", "BF16", "I64"][i % 3], tuple(range(i % 3)), 4 * i) for i, k in enumerate(keys)]
+    entries += [(k + "#2", "F32", [1, 2], 8) for k in keys]  # repeated shapes, given as lists
     obj, offsets = layout_header(entries, None)
     text, pos = tensors_json(entries)
     assert text == json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
-    assert pos == [offsets[k] for k in keys]
+    assert pos == [offsets[e[0]] for e in entries]
 
 
 @pytest.mark.parametrize("reserve", [0, 8, 40, 101])

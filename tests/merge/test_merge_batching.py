@@ -255,8 +255,9 @@ def test_make_runs_matches_the_item_by_item_rule(tmp_path, case):
 
 @pytest.mark.parametrize("case", ["plain", "base", "mixed-dtype", "int", "zero-weight", "fp64"])
 def test_bulk_plan_equals_the_key_by_key_plan(tmp_path, monkeypatch, case):
-    """Keys every input holds with one shape and dtype are planned in bulk; the plan is the
-    one the key-by-key pass builds (sources, weights, dtypes, order, warnings)."""
+    """Keys every input holds with one shape and dtype are planned in bulk, and a single
+    file's tensors keep its order without a sort; the plan is the one the key-by-key pass
+    and the sort build (sources, weights, dtypes, order, files, warnings)."""
     from fastsoup.merge import formats, plan as planning
 
     spec = _spec(60, every_f32=9)
@@ -279,7 +280,11 @@ def test_bulk_plan_equals_the_key_by_key_plan(tmp_path, monkeypatch, case):
                  for t in p.tensors()], p.warnings, p.coefficients,
                 [(c.name, [f.name for f in c.files]) for c in p.components])
 
+    taken = []
+    real_order = planning._single_file_order
+    monkeypatch.setattr(planning, "_single_file_order", lambda *a: taken.append(real_order(*a)) or taken[-1])
     bulk = planning.build_plan(lays, **kw)
+    assert taken and taken[-1] is not None  # the file's order, no sort
     calls = []
     real = planning._plan_uniform
 
@@ -288,8 +293,9 @@ def test_bulk_plan_equals_the_key_by_key_plan(tmp_path, monkeypatch, case):
         return a[2]  # every key to the key-by-key pass
 
     monkeypatch.setattr(planning, "_plan_uniform", keyed)
+    monkeypatch.setattr(planning, "_single_file_order", lambda *a: calls.append(0))
     careful = planning.build_plan(lays, **kw)
-    assert calls and summary(bulk) == summary(careful)
+    assert calls[-1] == 0 and summary(bulk) == summary(careful)
     monkeypatch.setattr(planning, "_plan_uniform", real)
     rest = real(lays + ([kw["base"]] if "base" in kw else []), len(lays), list(lays[0].keys()),
                 kw.get("weights", [1.0] * len(lays)), "base" in kw, "base" not in kw, None,

@@ -38,8 +38,12 @@ def diffusers_loss(model_pred, target):
     return F.mse_loss(model_pred.float(), target.float(), reduction="mean")
 
 
+# one sample of the batch excluded at every size (a fraction under 1/BATCH excludes none)
+EXCLUDE = 1 / BATCH
+
+
 def fastsoup_agc(model_pred, target):
-    return fs.agc_loss(model_pred, target, exclude_fraction=0.125)[0]
+    return fs.agc_loss(model_pred, target, exclude_fraction=EXCLUDE)[0]
 
 
 def fastsoup_mse(model_pred, target):
@@ -50,7 +54,8 @@ LOSSES = {"eager": diffusers_loss, "fastsoup-mse": fastsoup_mse, "fastsoup-agc":
 LABELS = {  # what each row's loss block is; report.py prints it next to the impl name
     "eager": "diffusers' `F.mse_loss(pred.float(), target.float())`",
     "fastsoup-mse": "`fs.per_sample_mse(pred, target).mean()`",
-    "fastsoup-agc": "`fs.agc_loss(pred, target, exclude_fraction=0.125)` (top-k exclusion)",
+    "fastsoup-agc": f"`fs.agc_loss(pred, target, exclude_fraction={EXCLUDE:g})` (top-k exclusion: "
+                    f"1 of {BATCH} samples)",
 }
 
 _model = {}

@@ -880,8 +880,9 @@ def interleaved(inputs, folder: str, rounds: int, cold: bool, peers=("mergekit",
             load = os.getloadavg()[0]
             try:
                 res = fn(o)
-            except RuntimeError as exc:
-                row["error"] = str(exc)
+            except Exception as exc:  # noqa: BLE001 - one failing row must not end the run
+                row["error"] = str(exc) if isinstance(exc, RuntimeError) else \
+                    f"{type(exc).__name__}: {exc}"
                 row["failure"] = getattr(exc, "info", None)  # what was measured of it
                 print(f"  {key}: failed: {exc}", file=sys.stderr, flush=True)
                 continue

@@ -832,8 +832,9 @@ def interleaved(inputs, folder: str, rounds: int, cold: bool, peers=("mergekit",
          command(cli + [*inputs, "-o", "{out}", "-q", "--overwrite", "--hash", "none"], env_first)),
         ("naive", "command", command([py, HERE, "--child", "naive", "{out}", *inputs], env_first)),
     ]
-    for budget in budgets:  # the streaming budget (--memory) swept, in process
-        plan[4:4] = [(f"fastsoup (first merge, --memory {budget})", "in-process", in_process(
+    at = [p[0] for p in plan].index("fastsoup (hash none)") + 1
+    for budget in budgets:  # the streaming budget (--memory) swept, in process, after the default
+        plan[at:at] = [(f"fastsoup (first merge, --memory {budget})", "in-process", in_process(
                          lambda i, o, b=budget: run_fastsoup(i, o, memory=b))),
                      (f"fastsoup (hash none, --memory {budget})", "in-process", in_process(
                          lambda i, o, b=budget: run_fastsoup(i, o, "none", memory=b)))]

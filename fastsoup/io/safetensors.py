@@ -81,6 +81,7 @@ _TABLE = [
     DType("BOOL", 1, "bool"),
 ]
 DTYPES: Dict[str, DType] = {d.name: d for d in _TABLE}
+ITEMSIZE: Dict[str, int] = {d.name: d.itemsize for d in _TABLE}  # bytes per element, by name
 
 # torch dtype (by its ``str``) → safetensors name: pickle inputs and :func:`serialize`.
 TORCH_NAMES = {
@@ -158,8 +159,6 @@ def file_identity(st: os.stat_result) -> Tuple[int, int, int, int, int]:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
-_ENTRY_KEYS = ("dtype", "shape", "data_offsets")
-_ITEMSIZE = {name: spec.itemsize for name, spec in DTYPES.items()}
 
 
 def _parse_fast(text: str, data_start: int, data_len: int):
@@ -198,7 +197,7 @@ def _parse_fast(text: str, data_start: int, data_len: int):
     shapes = [e.get("shape") for e in entries]
     offsets = [e.get("data_offsets") for e in entries]
     try:
-        if not set(dtypes) <= _ITEMSIZE.keys():
+        if not set(dtypes) <= ITEMSIZE.keys():
             return None
     except TypeError:  # an unhashable dtype
         return None
@@ -217,9 +216,9 @@ def _parse_fast(text: str, data_start: int, data_len: int):
     if text.count(":") - colons != pairs:
         return None  # a duplicate key somewhere: the careful pass names it
     numels = list(map(math.prod, shapes))
-    nbytes = list(map(operator.mul, numels, map(_ITEMSIZE.__getitem__, dtypes)))
+    nbytes = list(map(operator.mul, numels, map(ITEMSIZE.__getitem__, dtypes)))
     if max(nbytes) > INT64_MAX or 0 in numels and any(
-            _extent(s, _ITEMSIZE[d]) > INT64_MAX for s, d, k in zip(shapes, dtypes, numels)
+            _extent(s, ITEMSIZE[d]) > INT64_MAX for s, d, k in zip(shapes, dtypes, numels)
             if k == 0):
         return None
     if list(map(operator.sub, ends, begins)) != nbytes or max(ends) > data_len:
@@ -240,7 +239,8 @@ def _parse_fast(text: str, data_start: int, data_len: int):
 
 
 def _extent(shape, itemsize: int) -> int:
-    """Bytes the shape would span if its zero-sized dimensions were 1 (an overflow check)."""
+    """Bytes the shape would span if its zero-sized dimensions were 1 (an overflow check:
+    zero-sized dimensions do not excuse others that overflow)."""
     extent = itemsize
     for d in shape:
         extent *= d if d > 1 else 1
@@ -367,12 +367,8 @@ def parse_header(prefix: bytes, file_size: int, path: str = "<bytes>",
             raise fail(f"tensor {key!r}: data_offsets must be [begin, end] non-negative "
                        f"integers, got {offsets!r}")
         itemsize = spec.itemsize
-        numel = 1
-        extent = itemsize
-        for d in shape:  # zero-sized dimensions do not excuse others that overflow
-            numel *= d
-            extent *= d if d > 1 else 1
-        if extent > INT64_MAX:  # any dimension > INT64_MAX makes the extent overflow too
+        numel = math.prod(shape)
+        if _extent(shape, itemsize) > INT64_MAX:  # any dimension > INT64_MAX makes the extent overflow too
             raise fail(f"tensor {key!r}: shape {shape!r} overflows a 64-bit element count or "
                        "byte size")
         begin, end = offsets

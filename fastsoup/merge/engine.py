@@ -27,7 +27,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from ..io.safetensors import DTYPES, TORCH_NAMES
+from ..io.safetensors import DTYPES, ITEMSIZE, TORCH_NAMES
 from ..kernels import cpu as cpu_kernels
 from . import mmap as input_maps
 from .errors import Diagnostics, MergeError, PlanError
@@ -37,7 +37,6 @@ from .plan import OutTensor, Plan
 from .writer import SafetensorsFileWriter
 
 MIN_BUDGET = 4 << 10
-_ITEMSIZE = {name: spec.itemsize for name, spec in DTYPES.items()}
 
 
 @dataclass
@@ -68,7 +67,7 @@ def budget_split(memory: int) -> Tuple[int, int]:
 
 
 def make_items(files: List[Tuple[int, List[OutTensor]]], window: int, staging: int) -> List[Item]:
-    size = _ITEMSIZE
+    size = ITEMSIZE
     items = []
     append = items.append
     for fi, tensors in files:
@@ -156,7 +155,7 @@ def make_runs(items: List[Item], writers: List[SafetensorsFileWriter], window: i
     count = len(items)
     if count == 0:
         return []
-    size = _ITEMSIZE
+    size = ITEMSIZE
     tensors = [it.tensor for it in items]
     srcs = [t.sources[:1] if t.op == "copy" else t.sources for t in tensors]
     per = np.fromiter(map(len, srcs), np.int64, count)
@@ -490,7 +489,7 @@ def execute(plan: Plan, writers: List[SafetensorsFileWriter], *, memory: int, th
     runs = make_runs(items, writers, window, staging_bytes)
     windows = make_windows(runs, window)
     reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastsoup-prefetch")
-    helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastsoup-prefetch")
+    helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastsoup-prefetch-half")
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastsoup-write")
     staging = Staging(staging_bytes, writer)
     wbufs = [WindowBuffer(window), WindowBuffer(window)]

@@ -108,17 +108,6 @@ class Plan:
             counts[t.dtype] = counts.get(t.dtype, 0) + 1
         return dict(sorted(counts.items()))
 
-    @property
-    def bytes_to_write(self) -> int:
-        return sum(t.nbytes for t in self.tensors())
-
-    @property
-    def bytes_to_read(self) -> int:
-        total = 0
-        for t in self.tensors():
-            total += sum(s.info.nbytes for s in t.sources)  # copies compare every input
-        return total
-
 
 def _coefficients(weights: Sequence[float], present: Sequence[int], base: bool,
                   normalize: bool, where: str) -> Dict[int, float]:

@@ -148,14 +148,12 @@ def plan_report(plan, output: str, options) -> MergeReport:
     :class:`.options.MergeOptions`): what will be read and written; a run fills in the
     rest with :func:`record_run`."""
     files = []
-    summed = copied = to_read = to_write = 0
-    dtypes: dict = {}
-    for comp, f in plan.output_files():  # one pass over the tensors (there may be 10⁵)
+    summed = copied = to_read = 0
+    for comp, f in plan.output_files():
         name = os.path.basename(output) if plan.kind == "file" else \
             "/".join(([comp.name] if comp.name else []) + [f.name])
-        data = 0
+        files.append(FilePlan(name, len(f.tensors), f.data_bytes))
         for t in f.tensors:
-            data += t.nbytes
             if t.op == "sum":
                 summed += 1
             elif t.op == "copy":
@@ -163,9 +161,7 @@ def plan_report(plan, output: str, options) -> MergeReport:
             for s in t.sources:  # copies compare every input
                 info = s.info
                 to_read += info.end - info.begin
-            dtypes[t.dtype] = dtypes.get(t.dtype, 0) + 1
-        to_write += data
-        files.append(FilePlan(name, len(f.tensors), data))
+    to_write = sum(fp.bytes for fp in files)
     parent = os.path.dirname(os.path.abspath(output))
     try:
         free = shutil.disk_usage(parent).free
@@ -183,7 +179,7 @@ def plan_report(plan, output: str, options) -> MergeReport:
         tensors=summed + copied, tensors_summed=summed, tensors_copied=copied, files=files,
         bytes_to_read=to_read, bytes_to_write=to_write,
         memory_budget=options.memory, disk_free=free, dropped_keys=list(plan.dropped_keys),
-        warnings=list(plan.warnings), output_dtypes=dict(sorted(dtypes.items())),
+        warnings=list(plan.warnings), output_dtypes=plan.output_dtypes(),
         diagnostics=[d.to_dict() for d in plan.diagnostics])
 
 

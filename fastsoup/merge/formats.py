@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import Dict, List, Optional, Tuple
 
 from ..io import safetensors
@@ -67,6 +68,10 @@ class Component:
     index_name: Optional[str] = None           # "model.safetensors.index.json" when sharded
     index_metadata: dict = field(default_factory=dict)
     tensors: Dict[str, Tuple[WeightFile, TensorInfo]] = field(default_factory=dict)
+    # set when ``tensors`` is exactly {key: (files[0], info)} of this mapping (one file): the
+    # planner then reads the mapping, which identical headers share (see
+    # io.safetensors.shared_headers); dataclasses.replace() resets it
+    infos_of_file: Optional[dict] = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def weight_stem(self) -> str:
@@ -97,7 +102,7 @@ class Layout:
                 if cname:
                     out.update({f"{cname}/{k}": (cname, k) for k in comp.tensors})
                 else:
-                    out.update({k: ("", k) for k in comp.tensors})
+                    out.update(zip(comp.tensors, zip(repeat(""), comp.tensors)))
             self._keys = (signature, out)
         return self._keys[1]
 
@@ -184,7 +189,9 @@ def _weight_file(path: str, name: str, allow_pickle: bool) -> WeightFile:
 def _fill_tensors(comp: Component, where: str) -> None:
     if len(comp.files) == 1 and not comp.tensors:  # one file: no key can appear twice
         wf = comp.files[0]
-        comp.tensors = {k: (wf, info) for k, info in wf.infos().items()}
+        infos = wf.infos()
+        comp.tensors = dict(zip(infos, zip(repeat(wf), infos.values())))
+        comp.infos_of_file = infos
         return
     for wf in comp.files:
         for k, info in wf.infos().items():

@@ -7,6 +7,8 @@ import resource
 import shutil
 import sys
 from dataclasses import asdict, dataclass, field
+from itertools import chain
+from operator import attrgetter
 from typing import Dict, List, Optional
 
 
@@ -143,6 +145,9 @@ def peak_rss() -> int:
     return ru if sys.platform == "darwin" else ru * 1024
 
 
+_BEGIN, _END = attrgetter("info.begin"), attrgetter("info.end")
+
+
 def plan_report(plan, output: str, options) -> MergeReport:
     """The report of a planned merge (a :class:`.plan.Plan` into ``output`` with
     :class:`.options.MergeOptions`): what will be read and written; a run fills in the
@@ -153,14 +158,11 @@ def plan_report(plan, output: str, options) -> MergeReport:
         name = os.path.basename(output) if plan.kind == "file" else \
             "/".join(([comp.name] if comp.name else []) + [f.name])
         files.append(FilePlan(name, len(f.tensors), f.data_bytes))
-        for t in f.tensors:
-            if t.op == "sum":
-                summed += 1
-            elif t.op == "copy":
-                copied += 1
-            for s in t.sources:  # copies compare every input
-                info = s.info
-                to_read += info.end - info.begin
+        ops = list(map(attrgetter("op"), f.tensors))
+        summed += ops.count("sum")
+        copied += ops.count("copy")
+        srcs = list(chain.from_iterable(map(attrgetter("sources"), f.tensors)))
+        to_read += sum(map(_END, srcs)) - sum(map(_BEGIN, srcs))  # copies compare every input
     to_write = sum(fp.bytes for fp in files)
     parent = os.path.dirname(os.path.abspath(output))
     try:

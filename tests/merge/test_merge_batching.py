@@ -173,6 +173,20 @@ def test_no_cyclic_gc_during_a_merge_and_restored_after(tmp_path):
         gc.enable()
 
 
+def _reference_items(files, window, staging):
+    """Work items tensor by tensor (what :func:`engine.make_items` computes on arrays): a
+    tensor whole when it fits both buffers, else chunks of the most elements that fit."""
+    size = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I64": 8, "BOOL": 1}
+    out = []
+    for fi, tensors in files:
+        for t in tensors:
+            n = int(np.prod(t.shape))
+            per_in = sum(size[s.info.dtype] for s in t.sources)
+            chunk = max(1, min(window // max(per_in, 1), staging // size[t.dtype]))
+            out.extend((fi, t.qualified, lo, min(n, lo + chunk)) for lo in range(0, max(n, 1), chunk))
+    return out
+
+
 def _reference_runs(items, writers, window, staging):
     """The fusion rule written item by item (what :func:`engine.make_runs` computes on
     arrays): join the current run when output file, op, output dtype, output position and,
@@ -216,6 +230,9 @@ def test_make_runs_matches_the_item_by_item_rule(tmp_path, case):
     spec = _spec(120, every_f32=7 if case == "mixed" else 0)
     spec["big"] = ((5000,), torch.bfloat16)
     states = [make_state(900 + i, spec) for i in range(3)]
+    if case == "small-memory":  # input bytes, not output bytes, bound the chunks of "big"
+        for s in states[1:]:
+            s["big"] = s["big"].float()
     kw = {"quiet": True, "hash": "none"}
     paths = []
     for i, s in enumerate(states):
@@ -242,22 +259,38 @@ def test_make_runs_matches_the_item_by_item_rule(tmp_path, case):
         seen.append((runs, _reference_runs(items, writers, window, staging), len(items)))
         return runs
 
-    engine.make_runs = spy
+    orig_items = engine.make_items
+    cut = []
+
+    def spy_items(files, window, staging):
+        items = orig_items(files, window, staging)
+        cut.append(([(it.file_index, it.tensor.qualified, it.lo, it.hi) for it in items],
+                    _reference_items(files, window, staging)))
+        return items
+
+    engine.make_runs, engine.make_items = spy, spy_items
     try:
         fs.merge(paths, tmp_path / "o.safetensors", **kw)
     finally:
-        engine.make_runs = orig
+        engine.make_runs, engine.make_items = orig, orig_items
+    (items_got, items_ref), = cut
+    assert items_got == items_ref
+    assert (case == "small-memory") == (len(items_got) > len({q for _, q, _, _ in items_got}))
     (runs, ref, n_items), = seen
     got = [(r.out_offset, r.n, len(r.items), [(s.lo, s.hi) for s in r.sources]) for r in runs]
     assert got == ref
     assert 1 < len(runs) < n_items  # some items fused into runs, but not all into one
 
 
+@pytest.mark.parametrize("shared", [False, True], ids=["parsed-each", "shared-headers"])
 @pytest.mark.parametrize("case", ["plain", "base", "mixed-dtype", "int", "zero-weight", "fp64"])
-def test_bulk_plan_equals_the_key_by_key_plan(tmp_path, monkeypatch, case):
+def test_bulk_plan_equals_the_key_by_key_plan(tmp_path, monkeypatch, case, shared):
     """Keys every input holds with one shape and dtype are planned in bulk, and a single
     file's tensors keep its order without a sort; the plan is the one the key-by-key pass
-    and the sort build (sources, weights, dtypes, order, files, warnings)."""
+    and the sort build (sources, weights, dtypes, order, files, warnings). Inputs whose
+    headers are byte-identical and parsed once (``shared_headers``, as a merge resolves
+    them) are planned from the one mapping they share, with no comparison per key."""
+    from fastsoup.io.safetensors import shared_headers
     from fastsoup.merge import formats, plan as planning
 
     spec = _spec(60, every_f32=9)
@@ -265,7 +298,13 @@ def test_bulk_plan_equals_the_key_by_key_plan(tmp_path, monkeypatch, case):
     if case == "mixed-dtype":
         states[1]["layers.000.experts.02.w"] = states[1]["layers.000.experts.02.w"].half()
     paths = [save_file_layout(str(tmp_path / f"m{i}.safetensors"), s) for i, s in enumerate(states)]
-    lays = [formats.resolve(p) for p in paths]
+    if shared:
+        with shared_headers():
+            lays = [formats.resolve(p) for p in paths]
+    else:
+        lays = [formats.resolve(p) for p in paths]
+    one_mapping = planning._shared_single_files(lays) is not None
+    assert one_mapping == (shared and case != "mixed-dtype")
     kw = {}
     if case == "base":
         kw = {"base": lays.pop(), "weights": [0.25, 0.5]}

@@ -25,6 +25,7 @@ from __future__ import annotations
 import heapq
 import json
 import math
+import operator
 import os
 from typing import Dict, List, Optional
 
@@ -129,6 +130,9 @@ def _probe(file, key: str, count: int):
     return np.frombuffer(raw, dtype=_DECODE[info.dtype]).astype(np.float32)
 
 
+_NUMEL, _QUALIFIED = operator.attrgetter("numel"), operator.attrgetter("qualified")
+
+
 def distance_warning(plan) -> Optional[str]:
     """A warning when two inputs' weights look unrelated (see the module docstring), or
     None. Reads at most ``PROBE_TENSORS × PROBE_ELEMENTS`` elements of each input."""
@@ -141,11 +145,16 @@ def distance_warning(plan) -> Optional[str]:
     # the largest first; the per-source test only for tensors that could be among them
     matrices = [t for t in plan.tensors() if len(t.shape) >= 2 and t.op == "sum"
                 and t.special is None]
-    order = lambda t: (-t.numel, t.qualified)
-    probes = [t for t in heapq.nsmallest(4 * PROBE_TENSORS, matrices, key=order)
-              if every_input(t)][:PROBE_TENSORS]
+
+    def ranked(count=None):  # by size, largest first, then by name (C-level comparisons)
+        keys = zip(map(operator.neg, map(_NUMEL, matrices)), map(_QUALIFIED, matrices),
+                   range(len(matrices)))
+        best = heapq.nsmallest(count, keys) if count is not None else sorted(keys)
+        return [matrices[i] for _, _, i in best]
+
+    probes = [t for t in ranked(4 * PROBE_TENSORS) if every_input(t)][:PROBE_TENSORS]
     if len(probes) < PROBE_TENSORS and len(matrices) > 4 * PROBE_TENSORS:
-        probes = [t for t in sorted(matrices, key=order) if every_input(t)][:PROBE_TENSORS]
+        probes = [t for t in ranked() if every_input(t)][:PROBE_TENSORS]
     if n < 2 or not probes:
         return None
     # accumulated probe by probe: at most n × PROBE_ELEMENTS values held at once

@@ -8,10 +8,12 @@ first input's layout (file names, shard assignment, tensor order), unless
 """
 from __future__ import annotations
 
+import collections
 import functools
 import math
 import operator
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..io.safetensors import DTYPES, TensorInfo
@@ -78,6 +80,9 @@ class OutTensor:
         return self.numel * DTYPES[self.dtype].itemsize
 
 
+_NBYTES, _DTYPE = operator.attrgetter("nbytes"), operator.attrgetter("dtype")
+
+
 @dataclass
 class OutFile:
     name: str                 # file name inside its component folder
@@ -85,7 +90,7 @@ class OutFile:
 
     @property
     def data_bytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors)
+        return sum(map(_NBYTES, self.tensors))
 
 
 @dataclass
@@ -122,9 +127,8 @@ class Plan:
 
     def output_dtypes(self) -> Dict[str, int]:
         """Output tensors per dtype name, sorted by name."""
-        counts: Dict[str, int] = {}
-        for t in self.tensors():
-            counts[t.dtype] = counts.get(t.dtype, 0) + 1
+        counts = collections.Counter(chain.from_iterable(
+            map(_DTYPE, f.tensors) for _, f in self.output_files()))
         return dict(sorted(counts.items()))
 
 

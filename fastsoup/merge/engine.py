@@ -25,7 +25,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import chain, repeat
-from operator import attrgetter
+from operator import attrgetter, itemgetter
 from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -81,12 +81,11 @@ def make_items(files: List[Tuple[int, List[OutTensor]]], window: int, staging: i
         m = len(tensors)
         if not m:
             continue
-        srcs = list(map(attrgetter("sources"), tensors))
-        per = np.fromiter(map(len, srcs), np.int64, m)
-        flat_es = np.fromiter(map(size.__getitem__, map(_INFO_DTYPE, chain.from_iterable(srcs))),
-                              np.int64, int(per.sum()))
-        per_elem_in = np.zeros(m, dtype=np.int64)
-        np.add.at(per_elem_in, np.repeat(np.arange(m), per), flat_es)
+        # input bytes per element: an input set's width × its one dtype, or source by source
+        per_elem_in = np.fromiter(
+            (len(sh[0].indices) * size[sh[1].dtype] if sh is not None
+             else sum(map(size.__getitem__, map(_INFO_DTYPE, t.sources)))
+             for t, sh in zip(tensors, map(_SHARED, tensors))), np.int64, m)
         out_es = np.fromiter(map(size.__getitem__, map(attrgetter("dtype"), tensors)), np.int64, m)
         chunks = np.maximum(1, np.minimum(window // np.maximum(per_elem_in, 1), staging // out_es))
         numels = list(map(attrgetter("numel"), tensors))
@@ -171,8 +170,8 @@ def make_runs(items: List[Item], writers: List[SafetensorsFileWriter], window: i
         return []
     size = ITEMSIZE
     tensors = list(map(attrgetter("tensor"), items))
-    srcs = [t.sources[:1] if t.op == "copy" else t.sources for t in tensors]
-    per = np.fromiter(map(len, srcs), np.int64, count)
+    shared = list(map(_SHARED, tensors))
+    is_shared = np.fromiter(map(operator.is_not, shared, repeat(None)), bool, count)
     lo = np.fromiter(map(attrgetter("lo"), items), np.int64, count)
     n = np.fromiter(map(attrgetter("hi"), items), np.int64, count) - lo
     out_es = np.fromiter(map(size.__getitem__, map(attrgetter("dtype"), tensors)), np.int64, count)
@@ -182,15 +181,18 @@ def make_runs(items: List[Item], writers: List[SafetensorsFileWriter], window: i
     kind = (np.fromiter(map(attrgetter("file_index"), items), np.int64, count) * 4096
             + _ids(list(map(attrgetter("op"), tensors))) * 64
             + _ids(list(map(attrgetter("dtype"), tensors))))
+
+    # items read source by source (a copy reads its first source): one column per source
+    plain = np.flatnonzero(~is_shared)
+    srcs = [t.sources[:1] if t.op == "copy" else t.sources
+            for t in map(tensors.__getitem__, plain.tolist())]
+    p_per = np.fromiter(map(len, srcs), np.int64, len(srcs))
     flat = list(chain.from_iterable(srcs))
     total = len(flat)
     files = list(map(attrgetter("file"), flat))
     headers = list(map(attrgetter("header"), files))
     no_header = np.fromiter(map(operator.is_, headers, repeat(None)), bool, total)
-    f_id = _ids(list(map(attrgetter("path"), files)))
-    f_id[no_header] = -1  # pickle inputs: never fused
     dts = list(map(_INFO_DTYPE, flat))
-    d_id = _ids(dts)
     es = np.fromiter(map(size.__getitem__, dts), np.int64, total)
     weight = np.fromiter(map(attrgetter("weight"), flat), np.float64, total)
     if no_header.any():
@@ -199,19 +201,66 @@ def make_runs(items: List[Item], writers: List[SafetensorsFileWriter], window: i
     else:
         begin = (np.fromiter(map(attrgetter("data_start"), headers), np.int64, total)
                  + np.fromiter(map(_INFO_BEGIN, flat), np.int64, total))
-    row = np.repeat(np.arange(count), per)
-    col = np.arange(total) - np.repeat(np.cumsum(per) - per, per)
+
+    # items planned from a shared header: their input set's files and weights, one info
+    rows_s = np.flatnonzero(is_shared)
+    sh = list(map(shared.__getitem__, rows_s.tolist()))
+    sets = list(map(itemgetter(0), sh))
+    uniq = list(dict.fromkeys(sets))        # InputSet compares by identity
+    sid = _ids(sets)                        # index into uniq
+    infos = list(map(itemgetter(1), sh))
+    s_dts = list(map(attrgetter("dtype"), infos))
+    s_es = np.fromiter(map(size.__getitem__, s_dts), np.int64, len(sh))
+
+    # ids common to both kinds of items
+    set_files = [f for u in uniq for f in u.files]
+    f_all = _ids(list(map(attrgetter("path"), files + set_files)))
+    f_id, sf_id = f_all[:total], f_all[total:]
+    f_id[no_header] = -1  # pickle inputs: never fused
+    d_all = _ids(dts + s_dts)
+    d_id, sd_id = d_all[:total], d_all[total:]
+
+    per = np.zeros(count, dtype=np.int64)
+    per[plain] = p_per
+    widths = np.array([len(u.indices) for u in uniq], dtype=np.int64)
+    per[rows_s] = widths[sid] if len(uniq) else 0
     width = int(per.max())
+    g_file = np.full((count, width), -2, dtype=np.int64)
+    g_dtype = np.full((count, width), -2, dtype=np.int64)
+    g_weight = np.zeros((count, width), dtype=np.float64)
+    g_start = np.zeros((count, width), dtype=np.int64)
+    g_stop = np.zeros((count, width), dtype=np.int64)
+    in_bytes = np.zeros(count, dtype=np.int64)
+
+    row = np.repeat(plain, p_per)
+    col = np.arange(total) - np.repeat(np.cumsum(p_per) - p_per, p_per)
     start = begin + lo[row] * es
-    stop = start + n[row] * es
+    g_file[row, col], g_dtype[row, col], g_weight[row, col] = f_id, d_id, weight
+    g_start[row, col], g_stop[row, col] = start, start + n[row] * es
+    np.add.at(in_bytes, row, n[row] * es)
 
-    def grid(values, fill):
-        g = np.full((count, width), fill, dtype=values.dtype)
-        g[row, col] = values
-        return g
+    if uniq:
+        ws = int(widths.max())
+        t_file = np.full((len(uniq), ws), -2, dtype=np.int64)
+        t_weight = np.zeros((len(uniq), ws), dtype=np.float64)
+        t_data = np.zeros((len(uniq), ws), dtype=np.int64)
+        at = 0
+        for j, u in enumerate(uniq):
+            k = len(u.indices)
+            t_file[j, :k] = sf_id[at:at + k]
+            t_weight[j, :k] = u.weights
+            t_data[j, :k] = [f.header.data_start for f in u.files]
+            at += k
+        # (the columns past a set's width are compared only between rows of equal width)
+        s_start = (t_data[sid] + (np.fromiter(map(attrgetter("begin"), infos), np.int64, len(sh))
+                                  + lo[rows_s] * s_es)[:, None])
+        g_file[rows_s, :ws] = t_file[sid]
+        g_dtype[rows_s, :ws] = sd_id[:, None]
+        g_weight[rows_s, :ws] = t_weight[sid]
+        g_start[rows_s, :ws] = s_start
+        g_stop[rows_s, :ws] = s_start + (n[rows_s] * s_es)[:, None]
+        in_bytes[rows_s] = per[rows_s] * n[rows_s] * s_es
 
-    g_file, g_dtype, g_weight = grid(f_id, -2), grid(d_id, -2), grid(weight, 0.0)
-    g_start, g_stop = grid(start, 0), grid(stop, 0)
     pickled = np.zeros(count, dtype=bool)
     pickled[row[f_id < 0]] = True
     join = np.zeros(count, dtype=bool)
@@ -222,8 +271,6 @@ def make_runs(items: List[Item], writers: List[SafetensorsFileWriter], window: i
                 & (g_dtype[1:] == g_dtype[:-1]).all(axis=1)
                 & (g_weight[1:] == g_weight[:-1]).all(axis=1)
                 & (g_start[1:] == g_stop[:-1]).all(axis=1))
-    in_bytes = np.zeros(count, dtype=np.int64)
-    np.add.at(in_bytes, row, n[row] * es)
     out_bytes = n * out_es
     runs: List[Run] = []
     first = 0
@@ -248,6 +295,7 @@ def _ids(values: list) -> "np.ndarray":
 
 
 _INFO_DTYPE = attrgetter("info.dtype")
+_SHARED = attrgetter("shared")
 _INFO_BEGIN = attrgetter("info.begin")
 
 

@@ -59,16 +59,57 @@ class Source:
         return self.info.dtype
 
 
-@dataclass
+@dataclass(frozen=True, eq=False)
+class InputSet:
+    """The inputs of tensors planned together from one shared header (byte-identical
+    headers, parsed once: see :func:`_shared_single_files`): input ``indices[j]`` holds
+    every such tensor in ``files[j]``, at the same offsets as the others, and contributes
+    ``weights[j]`` times it. One set serves every tensor of the plan it holds."""
+
+    indices: Tuple[int, ...]
+    files: Tuple[WeightFile, ...]
+    weights: Tuple[float, ...]
+
+
 class OutTensor:
-    key: str                  # key inside its component (what the output header says)
-    qualified: str            # key qualified by component ("unet/conv_in.weight")
-    dtype: str                # output dtype
-    shape: Tuple[int, ...]
-    op: str                   # "sum" (floating) or "copy" (integer/bool, must be equal)
-    sources: List[Source]
-    special: Optional[dict] = None  # a per-tensor method or LoRA product (merge/methods.py,
-    #                                 merge/lora.py) computed instead of the weighted sum
+    """One output tensor and where it comes from.
+
+    ``sources`` is one :class:`Source` per input read. A tensor planned from a shared
+    header keeps ``shared = (InputSet, TensorInfo, key)`` instead and builds its sources
+    on first access: checkpoints of 10⁵ tensors × many inputs create no object per input
+    and tensor, and the engine and the report read the set directly. ``shared`` is None
+    once ``sources`` is built or replaced, so it never describes sources that changed."""
+
+    def __init__(self, key: str, qualified: str, dtype: str, shape: Tuple[int, ...], op: str,
+                 sources: Optional[List[Source]], special: Optional[dict] = None,
+                 shared: Optional[Tuple[InputSet, TensorInfo, str]] = None):
+        self.key = key                # key inside its component (what the output header says)
+        self.qualified = qualified    # key qualified by component ("unet/conv_in.weight")
+        self.dtype = dtype            # output dtype
+        self.shape = shape
+        self.op = op                  # "sum" (floating) or "copy" (integer/bool, must be equal)
+        self._sources = sources
+        self.special = special        # a per-tensor method or LoRA product (merge/methods.py,
+        #                               merge/lora.py) computed instead of the weighted sum
+        self.shared = shared if sources is None else None
+
+    @property
+    def sources(self) -> List[Source]:
+        if self._sources is None:
+            inputs, info, key = self.shared
+            self._sources = [Source(k, f, info, w, key) for k, f, w in
+                             zip(inputs.indices, inputs.files, inputs.weights)]
+            self.shared = None
+        return self._sources
+
+    @sources.setter
+    def sources(self, value: List[Source]) -> None:
+        self._sources = value
+        self.shared = None
+
+    def __repr__(self) -> str:
+        return (f"OutTensor({self.qualified!r}, {self.dtype}, {list(self.shape)}, {self.op}, "
+                f"{len(self.shared[0].indices) if self.shared else len(self.sources)} sources)")
 
     # computed once: read per tensor by the writer, the engine and the report
     @_cached
@@ -393,14 +434,15 @@ def _plan_uniform(layouts, n: int, keys: List[str], weights, has_base: bool, nor
     shared = _shared_single_files(layouts)
     if shared is not None:  # one header, parsed once, for every input: nothing to compare
         infos, wfs = shared
+        inputs = InputSet(tuple(used), tuple(wfs[k] for k in used), tuple(cs[k] for k in used))
         rest = []
         for q in keys:
             info = infos[q]
             if info.dtype not in averageable:
                 rest.append(q)
                 continue
-            out[q] = OutTensor(q, q, dtype or info.dtype, info.shape, "sum",
-                               [Source(k, wfs[k], info, cs[k], q) for k in used])
+            out[q] = OutTensor(q, q, dtype or info.dtype, info.shape, "sum", None,
+                               shared=(inputs, info, q))
         return rest
     # qualified key -> (file, info) per input; a flat single-component layout's own table
     # serves as is (its keys are the qualified keys), others are built once
@@ -450,7 +492,8 @@ def _shared_single_files(layouts):
     infos, files = None, []
     for lay in layouts:
         comp = lay.components.get("")
-        if len(lay.components) != 1 or comp is None or comp.infos_of_file is None:
+        if (len(lay.components) != 1 or comp is None or comp.infos_of_file is None
+                or comp.files[0].header is None):
             return None
         if infos is None:
             infos = comp.infos_of_file

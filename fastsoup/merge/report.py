@@ -145,7 +145,7 @@ def peak_rss() -> int:
     return ru if sys.platform == "darwin" else ru * 1024
 
 
-_BEGIN, _END = attrgetter("info.begin"), attrgetter("info.end")
+_BEGIN, _END, _SHARED = attrgetter("info.begin"), attrgetter("info.end"), attrgetter("shared")
 
 
 def plan_report(plan, output: str, options) -> MergeReport:
@@ -161,8 +161,11 @@ def plan_report(plan, output: str, options) -> MergeReport:
         ops = list(map(attrgetter("op"), f.tensors))
         summed += ops.count("sum")
         copied += ops.count("copy")
-        srcs = list(chain.from_iterable(map(attrgetter("sources"), f.tensors)))
+        shared = list(map(_SHARED, f.tensors))
+        srcs = list(chain.from_iterable(t.sources for t, sh in zip(f.tensors, shared) if sh is None))
         to_read += sum(map(_END, srcs)) - sum(map(_BEGIN, srcs))  # copies compare every input
+        to_read += sum(len(sh[0].indices) * (sh[1].end - sh[1].begin)
+                       for sh in shared if sh is not None)
     to_write = sum(fp.bytes for fp in files)
     parent = os.path.dirname(os.path.abspath(output))
     try:

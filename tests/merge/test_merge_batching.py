@@ -173,6 +173,17 @@ def test_no_cyclic_gc_during_a_merge_and_restored_after(tmp_path):
         gc.enable()
 
 
+def _sources_of(t):
+    """``t.sources`` without building them on ``t`` (which would take it off the engine's
+    input-set path the test checks)."""
+    from fastsoup.merge.plan import Source
+
+    if t.shared is None:
+        return t.sources
+    inputs, info, key = t.shared
+    return [Source(k, f, info, w, key) for k, f, w in zip(inputs.indices, inputs.files, inputs.weights)]
+
+
 def _reference_items(files, window, staging):
     """Work items tensor by tensor (what :func:`engine.make_items` computes on arrays): a
     tensor whole when it fits both buffers, else chunks of the most elements that fit."""
@@ -181,7 +192,7 @@ def _reference_items(files, window, staging):
     for fi, tensors in files:
         for t in tensors:
             n = int(np.prod(t.shape))
-            per_in = sum(size[s.info.dtype] for s in t.sources)
+            per_in = sum(size[s.info.dtype] for s in _sources_of(t))
             chunk = max(1, min(window // max(per_in, 1), staging // size[t.dtype]))
             out.extend((fi, t.qualified, lo, min(n, lo + chunk)) for lo in range(0, max(n, 1), chunk))
     return out
@@ -197,7 +208,7 @@ def _reference_runs(items, writers, window, staging):
         t = it.tensor
         n = it.hi - it.lo
         out_off = writers[it.file_index].offsets[t.key] + it.lo * size[t.dtype]
-        srcs = t.sources[:1] if t.op == "copy" else t.sources
+        srcs = _sources_of(t)[:1] if t.op == "copy" else _sources_of(t)
         spans = []
         for s in srcs:
             h = s.file.header
@@ -225,11 +236,16 @@ def _reference_runs(items, writers, window, staging):
             for r in runs]
 
 
-@pytest.mark.parametrize("case", ["shuffled", "mixed", "union", "small-memory", "base", "weights_for"])
+@pytest.mark.parametrize("case", ["shuffled", "mixed", "union", "small-memory", "small-memory-shared",
+                                  "base", "weights_for", "weights_for_same"])
 def test_make_runs_matches_the_item_by_item_rule(tmp_path, case):
-    spec = _spec(120, every_f32=7 if case == "mixed" else 0)
-    spec["big"] = ((5000,), torch.bfloat16)
-    states = [make_state(900 + i, spec) for i in range(3)]
+    """make_items and make_runs (arrays; items planned from a shared header read through
+    their input set) give what the rules give written item by item and source by source,
+    also when items of both kinds alternate and may join."""
+    # "big" is cut into chunks under a small budget; its last chunk may join what follows
+    spec = {"big": ((5000,), torch.bfloat16), **_spec(120, every_f32=7 if case == "mixed" else 0)}
+    # 4 inputs: the window (input bytes), not the staging buffer, bounds the runs
+    states = [make_state(900 + i, spec) for i in range(4 if case == "small-memory-shared" else 3)]
     if case == "small-memory":  # input bytes, not output bytes, bound the chunks of "big"
         for s in states[1:]:
             s["big"] = s["big"].float()
@@ -245,16 +261,20 @@ def test_make_runs_matches_the_item_by_item_rule(tmp_path, case):
             keys.remove("layers.001.experts.03.w")
             kw["keys"] = "union"
         paths.append(_save_in_order(p, s, keys))
-    if case == "small-memory":
+    if case.startswith("small-memory"):
         kw["memory"] = "8KiB"
     if case == "base":
         kw.update(base=paths.pop(), weights=[0.3, 0.5])
     if case == "weights_for":
         kw["weights_for"] = {"layers.002.*": [0.9, 0.05, 0.05]}
+    if case == "weights_for_same":  # the default weights again: sources rebuilt, runs may join
+        kw["weights_for"] = {"layers.002.*": [1.0, 1.0, 1.0]}
     seen = []
+    kinds = []
     orig = engine.make_runs
 
     def spy(items, writers, window, staging):
+        kinds.append({it.tensor.shared is None for it in items})  # True: read source by source
         runs = orig(items, writers, window, staging)
         seen.append((runs, _reference_runs(items, writers, window, staging), len(items)))
         return runs
@@ -274,8 +294,13 @@ def test_make_runs_matches_the_item_by_item_rule(tmp_path, case):
     finally:
         engine.make_runs, engine.make_items = orig, orig_items
     (items_got, items_ref), = cut
+    # byte-identical headers (same shapes, dtypes and order) are parsed once and shared
+    expect = {"shuffled": {True}, "union": {True}, "small-memory": {True}, "mixed": {True, False},
+              "base": {True, False}, "weights_for": {True, False}, "weights_for_same": {True, False},
+              "small-memory-shared": {True, False}}
+    assert kinds == [expect[case]]  # ("mixed", "base": the integer position_ids is a copy)
     assert items_got == items_ref
-    assert (case == "small-memory") == (len(items_got) > len({q for _, q, _, _ in items_got}))
+    assert case.startswith("small-memory") == (len(items_got) > len({q for _, q, _, _ in items_got}))
     (runs, ref, n_items), = seen
     got = [(r.out_offset, r.n, len(r.items), [(s.lo, s.hi) for s in r.sources]) for r in runs]
     assert got == ref

@@ -16,32 +16,13 @@ from dataclasses import dataclass, field
 from itertools import chain
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from ..io.safetensors import DTYPES, TensorInfo
+from ..io.safetensors import DTYPES, ITEMSIZE, TensorInfo
 import os
 
 from .errors import Diagnostic, Diagnostics, MergeError, PlanError, flag
 from .formats import Layout, WeightFile
 
 FP32_MAX = 3.4028234663852886e38
-
-
-class _cached:
-    """A computed-once attribute: :class:`functools.cached_property` without the lock it
-    takes on every first access before Python 3.12 (10⁵ tensors: a tenth of a second)."""
-
-    def __init__(self, fn):
-        self.fn = fn
-        self.name = fn.__name__
-        self.__doc__ = fn.__doc__
-
-    def __set_name__(self, owner, name):
-        self.name = name
-
-    def __get__(self, obj, owner=None):
-        if obj is None:
-            return self
-        value = obj.__dict__[self.name] = self.fn(obj)
-        return value
 
 
 @dataclass
@@ -92,6 +73,9 @@ class OutTensor:
         self.special = special        # a per-tensor method or LoRA product (merge/methods.py,
         #                               merge/lora.py) computed instead of the weighted sum
         self.shared = shared if sources is None else None
+        # read per tensor by the writer, the engine and the report
+        self.numel = math.prod(shape)
+        self.nbytes = self.numel * ITEMSIZE[dtype]
 
     @property
     def sources(self) -> List[Source]:
@@ -110,15 +94,6 @@ class OutTensor:
     def __repr__(self) -> str:
         return (f"OutTensor({self.qualified!r}, {self.dtype}, {list(self.shape)}, {self.op}, "
                 f"{len(self.shared[0].indices) if self.shared else len(self.sources)} sources)")
-
-    # computed once: read per tensor by the writer, the engine and the report
-    @_cached
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @_cached
-    def nbytes(self) -> int:
-        return self.numel * DTYPES[self.dtype].itemsize
 
 
 _NBYTES, _DTYPE = operator.attrgetter("nbytes"), operator.attrgetter("dtype")

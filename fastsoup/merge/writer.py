@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import json
+import operator
 import os
 from typing import Dict, Optional, Tuple
 
@@ -18,6 +19,9 @@ from ..io.atomic import FILE_MODE
 from ..io.safetensors import encode_header, layout_header, tensors_json
 from .errors import MergeError
 from .plan import OutFile
+
+
+_ENTRY = operator.attrgetter("key", "dtype", "shape", "nbytes")
 
 
 def header_bytes(out_file: OutFile, metadata: Optional[Dict[str, str]],
@@ -30,7 +34,7 @@ def header_bytes(out_file: OutFile, metadata: Optional[Dict[str, str]],
     small models."""
     if _tensors_json is not None:
         if not _tensors_json:
-            text, pos = tensors_json((t.key, t.dtype, t.shape, t.nbytes) for t in out_file.tensors)
+            text, pos = tensors_json(map(_ENTRY, out_file.tensors))
             _tensors_json.append(text)
             _tensors_json.append(dict(zip((t.key for t in out_file.tensors), pos)))
         body, offsets = _tensors_json[0], _tensors_json[1]

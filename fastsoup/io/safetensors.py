@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import itertools
 import json
 import math
 import operator
@@ -234,7 +235,9 @@ def _parse_fast(text: str, data_start: int, data_len: int):
     # back to back from byte 0 to the end of the data section: no gap, overlap or tail
     if begins[0] != 0 or ends[-1] != data_len or begins[1:] != ends[:-1]:
         return None
-    infos = list(map(TensorInfo, dtypes, map(tuple, shapes), begins, ends))
+    # tuple.__new__ in C, not the named tuple's Python __new__, per entry
+    infos = list(itertools.starmap(tuple.__new__, zip(
+        itertools.repeat(TensorInfo), zip(dtypes, map(tuple, shapes), begins, ends))))
     return dict(zip(keys, infos)), metadata
 
 

@@ -164,7 +164,9 @@ def make_runs(items: List[Item], writers: List[SafetensorsFileWriter], window: i
     and output dtype, and every input's bytes of ``i`` follow its bytes of ``i − 1`` in the
     same file with the same dtype and weight (pickle inputs never join). The comparisons
     are done on arrays (one row per item, one column per input); the caps, greedily, in
-    one pass over the items."""
+    one pass over the items. Items of tensors planned from a shared header take their
+    columns from their :class:`.plan.InputSet` (:func:`_fill_from_sets`): no Python work
+    per input and item."""
     count = len(items)
     if count == 0:
         return []
@@ -240,26 +242,8 @@ def make_runs(items: List[Item], writers: List[SafetensorsFileWriter], window: i
     np.add.at(in_bytes, row, n[row] * es)
 
     if uniq:
-        ws = int(widths.max())
-        t_file = np.full((len(uniq), ws), -2, dtype=np.int64)
-        t_weight = np.zeros((len(uniq), ws), dtype=np.float64)
-        t_data = np.zeros((len(uniq), ws), dtype=np.int64)
-        at = 0
-        for j, u in enumerate(uniq):
-            k = len(u.indices)
-            t_file[j, :k] = sf_id[at:at + k]
-            t_weight[j, :k] = u.weights
-            t_data[j, :k] = [f.header.data_start for f in u.files]
-            at += k
-        # (the columns past a set's width are compared only between rows of equal width)
-        s_start = (t_data[sid] + (np.fromiter(map(attrgetter("begin"), infos), np.int64, len(sh))
-                                  + lo[rows_s] * s_es)[:, None])
-        g_file[rows_s, :ws] = t_file[sid]
-        g_dtype[rows_s, :ws] = sd_id[:, None]
-        g_weight[rows_s, :ws] = t_weight[sid]
-        g_start[rows_s, :ws] = s_start
-        g_stop[rows_s, :ws] = s_start + (n[rows_s] * s_es)[:, None]
-        in_bytes[rows_s] = per[rows_s] * n[rows_s] * s_es
+        _fill_from_sets(uniq, sid, sf_id, sd_id, infos, s_es, rows_s, lo, n, per, in_bytes,
+                        (g_file, g_dtype, g_weight, g_start, g_stop))
 
     pickled = np.zeros(count, dtype=bool)
     pickled[row[f_id < 0]] = True
@@ -286,6 +270,34 @@ def make_runs(items: List[Item], writers: List[SafetensorsFileWriter], window: i
         first, cur_in, cur_out = i, ins[i], outs[i]
     runs.append(_run(items, first, count, n, out_at, g_stop))
     return runs
+
+
+def _fill_from_sets(uniq, sid, sf_id, sd_id, infos, s_es, rows, lo, n, per, in_bytes, grids):
+    """Fill :func:`make_runs`' grid rows ``rows`` (items planned from a shared header) from
+    their input sets ``uniq[sid]``: each set's file ids ``sf_id`` (concatenated in set
+    order) and weights, one dtype id ``sd_id`` and one :class:`TensorInfo` per item, the
+    inputs' data sections at their headers' ``data_start``."""
+    g_file, g_dtype, g_weight, g_start, g_stop = grids
+    ws = max(len(u.indices) for u in uniq)
+    t_file = np.full((len(uniq), ws), -2, dtype=np.int64)
+    t_weight = np.zeros((len(uniq), ws), dtype=np.float64)
+    t_data = np.zeros((len(uniq), ws), dtype=np.int64)
+    at = 0
+    for j, u in enumerate(uniq):
+        k = len(u.indices)
+        t_file[j, :k] = sf_id[at:at + k]
+        t_weight[j, :k] = u.weights
+        t_data[j, :k] = [f.header.data_start for f in u.files]
+        at += k
+    # (the columns past a set's width are compared only between rows of equal width)
+    start = t_data[sid] + (np.fromiter(map(attrgetter("begin"), infos), np.int64, len(infos))
+                           + lo[rows] * s_es)[:, None]
+    g_file[rows, :ws] = t_file[sid]
+    g_dtype[rows, :ws] = sd_id[:, None]
+    g_weight[rows, :ws] = t_weight[sid]
+    g_start[rows, :ws] = start
+    g_stop[rows, :ws] = start + (n[rows] * s_es)[:, None]
+    in_bytes[rows] = per[rows] * n[rows] * s_es
 
 
 def _ids(values: list) -> "np.ndarray":

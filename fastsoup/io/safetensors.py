@@ -289,16 +289,16 @@ def parse_header(prefix: bytes, file_size: int, path: str = "<bytes>",
     raw = bytes(prefix[8:8 + n])
     if n == 0 or raw[:1] != b"{":
         raise fail("the header is not a JSON object (must start with '{')")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise fail(f"the header is not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
     shared = _SHARED.get()
     known = shared.get((file_size, raw)) if shared is not None else None
     if known is not None:  # the same bytes were validated already: the same result
         tensors, metadata = known
         return Header(path=path, file_size=file_size, data_start=8 + n, tensors=tensors,
                       metadata=None if metadata is None else dict(metadata), raw=raw)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise fail(f"the header is not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
     fast = _parse_fast(text, 8 + n, file_size - 8 - n)
     if fast is not None:
         tensors, metadata = fast

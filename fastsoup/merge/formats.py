@@ -109,6 +109,16 @@ class Layout:
     def files(self) -> List[WeightFile]:
         return [f for c in self.components.values() for f in c.files]
 
+    def file_mapping(self) -> Optional[dict]:
+        """The header's tensor mapping when this layout is one flat safetensors file whose
+        tensors are exactly that mapping's (``Component.infos_of_file``), else None.
+        Byte-identical headers parsed in one :func:`fastsoup.io.safetensors.shared_headers`
+        context share this object: such layouts have the same keys, infos and order."""
+        comp = self.components.get("") if len(self.components) == 1 else None
+        if comp is None or comp.files[0].header is None:
+            return None
+        return comp.infos_of_file
+
     @property
     def size(self) -> int:
         return sum(f.size for f in self.files())

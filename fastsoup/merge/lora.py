@@ -103,6 +103,22 @@ def lora_keys(modules: Dict[str, Module]) -> set:
     return out
 
 
+def any_lora(layouts) -> bool:
+    """Whether any of ``layouts`` is a LoRA adapter (:func:`is_lora`). Inputs that are one
+    file whose tensors come from one shared header mapping (byte-identical headers, see
+    :func:`fastsoup.io.safetensors.shared_headers`) have the same names: scanned once."""
+    scanned = set()
+    for lay in layouts:
+        mapping = lay.file_mapping()
+        if mapping is not None:
+            if id(mapping) in scanned:  # the mappings stay alive: their ids are not reused
+                continue
+            scanned.add(id(mapping))
+        if is_lora(lay):
+            return True
+    return False
+
+
 def is_lora(layout) -> bool:
     keys = layout.keys()
     if ".lora_" not in "\n".join(keys):  # one scan of every name: most inputs are not adapters

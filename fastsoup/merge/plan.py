@@ -239,7 +239,7 @@ def build_plan(inputs: Sequence[Layout], *, weights: Optional[Sequence[float]] =
 
     layouts = list(inputs) + ([base] if base is not None else [])
     base_index = n if base is not None else None
-    key_maps = [lay.keys() for lay in layouts]
+    key_maps = _key_maps(layouts)
     first_order: List[str] = []
     early_warnings: List[str] = []
     if keys == "union" and not normalize and base is None:
@@ -466,16 +466,27 @@ def _shared_single_files(layouts):
     input ``k``. None otherwise."""
     infos, files = None, []
     for lay in layouts:
-        comp = lay.components.get("")
-        if (len(lay.components) != 1 or comp is None or comp.infos_of_file is None
-                or comp.files[0].header is None):
+        mapping = lay.file_mapping()
+        if mapping is None or infos is not None and mapping is not infos:
             return None
-        if infos is None:
-            infos = comp.infos_of_file
-        elif comp.infos_of_file is not infos:
-            return None
-        files.append(comp.files[0])
+        infos = mapping
+        files.append(lay.components[""].files[0])
     return infos, files
+
+
+def _key_maps(layouts) -> list:
+    """:meth:`Layout.keys` of each layout; layouts sharing one header mapping
+    (:meth:`Layout.file_mapping`) have equal maps, built once and shared (read-only)."""
+    maps, by_mapping = [], {}
+    for lay in layouts:
+        mapping = lay.file_mapping()
+        if mapping is None:
+            maps.append(lay.keys())
+            continue
+        if id(mapping) not in by_mapping:  # the layouts keep the mappings alive
+            by_mapping[id(mapping)] = lay.keys()
+        maps.append(by_mapping[id(mapping)])
+    return maps
 
 
 def _mirror(layouts, key_maps, out_tensors, order, max_shard_size) -> List[OutComponent]:

@@ -19,7 +19,7 @@ def build(constituents, base, *, weights, normalize, opts):
     from . import keyweights, lora, methods
     from .plan import build_plan
 
-    if any(lora.is_lora(lay) for lay in constituents):
+    if lora.any_lora(constituents):
         if opts.method != "average":
             raise MergeError(f"--method {opts.method} applies to full checkpoints; LoRA adapters "
                              "are merged exactly as products (the default method)")

@@ -168,3 +168,27 @@ def test_lora_problems_are_reported(tmp_path):
     save_file({"x.weight": torch.zeros(3)}, d)
     with pytest.raises(MergeError, match="not LoRA adapters"):
         fs.merge([c, d], str(tmp_path / "o.safetensors"), lora_rank=2, quiet=True)
+
+
+def test_adapters_are_found_among_inputs_sharing_one_header(tmp_path):
+    """Inputs parsed from one shared header are scanned for LoRA names once; an adapter
+    after them, or among them, is still found."""
+    from fastsoup.io.safetensors import shared_headers
+    from fastsoup.merge import formats, lora
+
+    plain = {"w.weight": torch.ones(4, 4)}
+    paths = []
+    for i in range(3):
+        paths.append(str(tmp_path / f"full{i}.safetensors"))
+        save_file(plain, paths[-1])
+    for name, seed in (("a", 0), ("b", 1)):
+        paths.append(str(tmp_path / f"{name}.safetensors"))
+        _adapter(paths[-1], 2, seed=seed)
+    with shared_headers():
+        lays = [formats.resolve(p) for p in paths]
+    full, adapters = lays[:3], lays[3:]
+    assert full[0].components[""].infos_of_file is full[2].components[""].infos_of_file
+    assert adapters[0].components[""].infos_of_file is adapters[1].components[""].infos_of_file
+    assert not lora.any_lora(full)
+    assert lora.any_lora(full + adapters[:1]) and lora.any_lora(adapters)
+    assert lora.any_lora(adapters[1:] + full)

@@ -330,6 +330,11 @@ def test_bulk_plan_equals_the_key_by_key_plan(tmp_path, monkeypatch, case, share
         lays = [formats.resolve(p) for p in paths]
     one_mapping = planning._shared_single_files(lays) is not None
     assert one_mapping == (shared and case != "mixed-dtype")
+    maps = planning._key_maps(lays)
+    assert maps == [lay.keys() for lay in lays]
+    assert (maps[0] is maps[1]) == one_mapping  # built once for the inputs sharing a header
+    if len(lays) > 2:  # "mixed-dtype": inputs 1 and 3 share theirs
+        assert (maps[0] is maps[2]) == shared
     kw = {}
     if case == "base":
         kw = {"base": lays.pop(), "weights": [0.25, 0.5]}

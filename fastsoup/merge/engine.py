@@ -1,7 +1,9 @@
 """Streaming execution of a merge plan.
 
 Data path, per output file: tensors are split into work items (whole small tensors,
-chunks of large ones) and grouped into windows of about ``window_bytes`` of input.
+chunks of large ones), consecutive items are fused into runs (:func:`make_runs`: one
+kernel call over items contiguous in every file), and runs are grouped into windows of
+about ``window_bytes`` of input.
 While window ``j`` is summed, a prefetch thread ``pread``s window ``j + 1`` of every
 input into the other window buffer (:func:`.mmap.prefetch_window`; inputs are never
 mapped, so a file truncated under the merge is an error, not SIGBUS) and hands those
@@ -11,7 +13,7 @@ set stays near
 
     2 × window_bytes (input buffers) + 2 × staging_bytes (output buffers)
 
-whatever the model size and the number of inputs. The sum itself is one call per item
+whatever the model size and the number of inputs. The sum itself is one call per run
 to :func:`fastsoup.kernels.cpu.weighted_sum` (the ``_C`` kernel: fused K-way, fp32 or
 fp64 accumulation, GIL released), which reads each input element once and writes each
 output element once; or, with a torch device, :func:`fastsoup.weighted_sum_` on that
@@ -50,14 +52,6 @@ class Item:
     tensor: OutTensor
     lo: int
     hi: int
-
-    @property
-    def out_nbytes(self) -> int:
-        return (self.hi - self.lo) * DTYPES[self.tensor.dtype].itemsize
-
-    @property
-    def in_nbytes(self) -> int:
-        return sum((self.hi - self.lo) * DTYPES[s.dtype].itemsize for s in self.tensor.sources)
 
 
 def budget_split(memory: int) -> Tuple[int, int]:
@@ -322,10 +316,10 @@ def _run(items: List[Item], a: int, b: int, n, out_at, stops) -> Run:
                int(out_at[a]), int(n[a:b].sum()), sources, items[a:b])
 
 
-def make_windows(items: list, window: int) -> list:
-    """Consecutive items (or runs) grouped into windows of about ``window`` input bytes."""
+def make_windows(runs: List[Run], window: int) -> List[List[Run]]:
+    """Consecutive runs grouped into windows of about ``window`` input bytes."""
     windows, cur, size = [], [], 0
-    for it in items:
+    for it in runs:
         if cur and size + it.in_nbytes > window:
             windows.append(cur)
             cur, size = [], 0

@@ -1,5 +1,5 @@
 """benchmarks/bench_merge.py --run: a row that fails is recorded with its error and the
-other rows are still measured."""
+other rows are still measured; benchmarks/merge_stages.py reports every stage."""
 import os
 import sys
 
@@ -25,3 +25,20 @@ def test_a_failing_row_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
     assert bad["error"] == "ValueError: broken on purpose" and not bad["times"]
     assert set(rows) == {"fastsoup (hash none) [in-process]", "floor [in-process]", "floor [command]"}
     assert all(len(rows[k]["times"]) == 1 for k in ("floor [in-process]", "floor [command]"))
+
+
+def test_merge_stages_times_every_stage(tmp_path, capsys):
+    """benchmarks/merge_stages.py runs on real inputs and reports each stage and the sum."""
+    bench_merge = pytest.importorskip("bench_merge")
+    import merge_stages
+
+    inputs = bench_merge.generate(str(tmp_path / "in"), 2, 1, "sd")
+    assert merge_stages.main(["--repeat", "1", *inputs]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "2 inputs, minimum of 1:"
+    got = {line[:34].strip(): float(line[34:].split()[0]) for line in lines[1:]}
+    assert list(got) == ["resolve", "plan (resolve included)", "report", "items", "runs",
+                         "plan + report + items + runs"]
+    assert all(v >= 0 for v in got.values())
+    assert got["plan + report + items + runs"] == pytest.approx(
+        got["plan (resolve included)"] + got["report"] + got["items"] + got["runs"], abs=2e-3)

@@ -2,9 +2,14 @@
 
 Data path, per output file: tensors are split into work items (whole small tensors,
 chunks of large ones), consecutive items are fused into runs (:func:`make_runs`: one
-kernel call over items contiguous in every file), and runs are grouped into windows of
-about ``window_bytes`` of input.
-While window ``j`` is summed, a prefetch thread ``pread``s window ``j + 1`` of every
+kernel call over items contiguous in every file), and runs are streamed one of two ways.
+
+When no digest needs the bytes (``hash="none"``, or every digest cached) and the sum
+runs on the CPU, runs are cut into slices (:func:`_execute_sliced`): each worker thread
+reads a slice of every input into its own small buffer and sums it at once, while the
+bytes are in cache (at most ``threads`` × ``SLICE_BYTES`` of input buffers). Otherwise
+runs are grouped into windows of about ``window_bytes`` of input: while window ``j`` is
+summed, a prefetch thread ``pread``s window ``j + 1`` of every
 input into the other window buffer (:func:`.mmap.prefetch_window`; inputs are never
 mapped, so a file truncated under the merge is an error, not SIGBUS) and hands those
 bytes to the digest (:class:`.hashing.Hasher`), and a writer thread ``pwrite``s the
@@ -23,6 +28,7 @@ them across inputs. The CPU path does not import torch.
 from __future__ import annotations
 
 import operator
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -344,9 +350,13 @@ class Staging:
         self.pool = pool
         self.wait_seconds = 0.0  # time the producer waited for the writer
 
+    def would_flush(self, writer: SafetensorsFileWriter, offset: int, nbytes: int) -> bool:
+        """Whether :meth:`reserve` of these bytes hands the current buffer to the writer."""
+        return (writer is not self.writer or offset != self.offset + self.fill
+                or self.fill + nbytes > len(self.bufs[0]))
+
     def reserve(self, writer: SafetensorsFileWriter, offset: int, nbytes: int) -> memoryview:
-        if (writer is not self.writer or offset != self.offset + self.fill
-                or self.fill + nbytes > len(self.bufs[0])):
+        if self.would_flush(writer, offset, nbytes):
             self.flush()
             self.writer, self.offset = writer, offset
         start = self.fill
@@ -391,6 +401,11 @@ class CpuSummer:
     def __call__(self, dst: memoryview, out_dtype: str, srcs, dtypes, weights, n: int) -> None:
         cpu_kernels.weighted_sum(dst, out_dtype, srcs, dtypes, weights, n, self.threads,
                                  self.acc64, ext=self.ext)
+
+    def one(self, dst: memoryview, out_dtype: str, srcs, dtypes, weights, n: int) -> None:
+        """The same sum on the calling thread only (the caller runs several at once)."""
+        cpu_kernels.weighted_sum(dst, out_dtype, srcs, dtypes, weights, n, 1, self.acc64,
+                                 ext=self.ext)
 
 
 # safetensors name -> torch dtype attribute ("BF16" -> "bfloat16")
@@ -540,13 +555,121 @@ class RunStats:
     bytes_written: int
     bytes_read: int
     items: int
-    windows: int
+    windows: int                         # windows read, or staging buffers filled by slices
     window_bytes: int
     staging_bytes: int
     prefetch_wait_seconds: float = 0.0   # waiting for the next window's pages
-    sum_seconds: float = 0.0             # in the fused sum (and copies)
+    sum_seconds: float = 0.0             # in the fused sum (and copies); sliced: waiting for
+    #                                      the slices (their reads and sums)
     write_wait_seconds: float = 0.0      # waiting for the writer thread
     runs: int = 0                        # kernel calls / copies (items fused into runs)
+
+
+SLICED = True          # stream by slices when no digest needs the bytes (tests compare both)
+SLICE_BYTES = 4 << 20  # input bytes a worker reads, then sums while they are in cache
+
+
+def _execute_sliced(runs: List[Run], writers, maps: InputFiles, summer: "CpuSummer",
+                    window: int, staging_bytes: int, progress, own_maps: bool, t0: float,
+                    n_items: int) -> RunStats:
+    """Stream without a digest: each run is cut into slices of about ``SLICE_BYTES`` of
+    input, and each of ``summer.threads`` workers reads a slice of every input into its
+    own buffer and sums it at once, while the bytes are still in cache (a window read by
+    other threads and summed later is read from memory again). Slices of the runs that
+    share a staging buffer run in parallel; the buffer goes to the writer thread when all
+    of them are done."""
+    workers = max(1, summer.threads)
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fastsoup-slice")
+    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastsoup-write")
+    staging = Staging(staging_bytes, writer)
+    local = threading.local()
+    budget = max(PAGE, min(SLICE_BYTES, window))
+    written = read = 0
+    sum_time = 0.0
+    pending: list = []
+
+    def buffer(nbytes: int):
+        buf = getattr(local, "buf", None)
+        if buf is None or len(buf) < nbytes:
+            buf = local.buf = anonymous_buffer(max(nbytes, budget))
+        return memoryview(buf)
+
+    def work(run: Run, lo: int, hi: int, dst: memoryview) -> None:
+        """Elements ``[lo, hi)`` of ``run`` into ``dst`` (the slice's output bytes)."""
+        if run.op == "copy":
+            s = run.sources[0]
+            es = ITEMSIZE[s.dtype]
+            maps.read_into(s.file, s.lo + lo * es, dst)
+            return
+        sizes = [(hi - lo) * ITEMSIZE[s.dtype] for s in run.sources]
+        buf = buffer(sum(sizes))
+        views, pos = [], 0
+        for s, size in zip(run.sources, sizes):
+            view = buf[pos:pos + size]
+            maps.read_into(s.file, s.lo + lo * ITEMSIZE[s.dtype], view)
+            views.append(view)
+            pos += size
+        summer.one(dst, run.out_dtype, views, [s.dtype for s in run.sources],
+                   [s.weight for s in run.sources], hi - lo)
+
+    def wait_all() -> float:
+        t = time.perf_counter()
+        try:
+            for fut in pending:
+                fut.result()
+        finally:
+            for fut in pending:  # an error: let the other slices end before raising
+                fut.cancel()
+            for fut in pending:
+                if not fut.cancelled():
+                    fut.exception()
+            pending.clear()
+        return time.perf_counter() - t
+
+    batch: List[Run] = []  # the runs in the staging buffer being filled
+    batches = 0
+
+    def finish_batch() -> float:
+        nonlocal batches
+        batches += 1 if batch else 0
+        waited = wait_all()
+        input_maps.release_window(maps, batch)  # with drop_cache: pages no longer needed
+        batch.clear()
+        return waited
+
+    try:
+        for run in runs:
+            nbytes = run.out_nbytes
+            target = writers[run.file_index]
+            if staging.would_flush(target, run.out_offset, nbytes):
+                sum_time += finish_batch()  # every slice is in the buffer before it is written
+            dst = staging.reserve(target, run.out_offset, nbytes)
+            batch.append(run)
+            if run.n > 0:
+                per_elem = sum(ITEMSIZE[s.dtype] for s in run.sources[:1 if run.op == "copy" else None])
+                step = max(1, budget // max(per_elem, 1))
+                out_es = ITEMSIZE[run.out_dtype]
+                for lo in range(0, run.n, step):
+                    hi = min(run.n, lo + step)
+                    pending.append(pool.submit(work, run, lo, hi, dst[lo * out_es:hi * out_es]))
+            written += nbytes
+            read += run.in_nbytes
+            del dst
+            if progress is not None:
+                progress(run.last_key, nbytes)
+        sum_time += finish_batch()
+        staging.drain()
+    finally:
+        try:
+            pool.shutdown(wait=True, cancel_futures=True)
+            writer.shutdown(wait=True, cancel_futures=True)
+        finally:
+            if own_maps:
+                maps.close()
+    return RunStats(seconds=time.perf_counter() - t0, bytes_written=written, bytes_read=read,
+                    items=n_items, windows=batches, window_bytes=window, runs=len(runs),
+                    staging_bytes=staging_bytes, prefetch_wait_seconds=0.0,
+                    sum_seconds=sum_time, write_wait_seconds=staging.wait_seconds)
 
 
 def execute(plan: Plan, writers: List[SafetensorsFileWriter], *, memory: int, threads: int,
@@ -572,6 +695,10 @@ def execute(plan: Plan, writers: List[SafetensorsFileWriter], *, memory: int, th
     maps.open_all(plan)
     items = make_items(files, window, staging_bytes)
     runs = make_runs(items, writers, window, staging_bytes)
+    if (SLICED and (digest is None or not digest.needs_bytes) and isinstance(summer, CpuSummer)
+            and all(s.file.header is not None for r in runs for s in r.sources)):
+        return _execute_sliced(runs, writers, maps, summer, window, staging_bytes, progress,
+                               own_maps, t0, len(items))
     windows = make_windows(runs, window)
     reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastsoup-prefetch")
     helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastsoup-prefetch-half")

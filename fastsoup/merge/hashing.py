@@ -296,6 +296,11 @@ class Hasher:
             self._strands = {p: _Strand(self._pools[0]) for p in self.digests}
         return self
 
+    @property
+    def needs_bytes(self) -> bool:
+        """Whether :meth:`feed` hashes anything (False when every digest is cached)."""
+        return bool(self.digests and self._pools)
+
     def feed(self, wf: WeightFile, lo: int, view) -> Optional[Future]:
         """Hash ``view`` (the bytes of ``wf`` at absolute offset ``lo`` the merge read)."""
         d = self.digests.get(wf.path)

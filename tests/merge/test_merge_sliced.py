@@ -1,0 +1,97 @@
+"""Streaming by slices (no digest to feed): each worker reads a slice of every input and
+sums it while it is in cache. Its output equals the windowed stream's, bit for bit, and
+an error in any slice ends the merge with that error and nothing written."""
+import os
+
+import pytest
+import torch
+
+import fastsoup as fs
+from fastsoup.merge import MergeError, engine
+from fastsoup.merge.mmap import InputFiles
+
+from tests.helpers import leftovers, load_any, make_state, save_file_layout, save_sharded
+
+SPEC = {
+    "emb.weight": ((300, 64), torch.bfloat16),
+    "big.weight": ((70000,), torch.bfloat16),
+    "norm.weight": ((64,), torch.float32),
+    "half.weight": ((33, 7), torch.float16),
+    "position_ids": ((1, 77), torch.int64),
+    "empty.weight": ((0, 4), torch.bfloat16),
+}
+
+
+def _spy(monkeypatch):
+    calls = []
+    real = engine._execute_sliced
+    monkeypatch.setattr(engine, "_execute_sliced", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("case", ["plain", "small-memory", "base", "fp64", "sharded", "cached"])
+def test_sliced_stream_equals_the_windowed_stream(tmp_path, monkeypatch, case):
+    states = [make_state(40 + i, SPEC) for i in range(3)]
+    for s in states:  # integers are copied: equal in every input
+        s["position_ids"] = torch.arange(77).reshape(1, 77)
+    if case == "sharded":
+        paths = [save_sharded(str(tmp_path / f"m{i}"), s, 3) for i, s in enumerate(states)]
+    else:
+        paths = [save_file_layout(str(tmp_path / f"m{i}.safetensors"), s)
+                 for i, s in enumerate(states)]
+    kw = {"quiet": True, "hash": "none"}
+    if case == "small-memory":
+        kw["memory"] = "64KiB"  # chunks and many staging buffers
+    if case == "base":
+        kw.update(base=paths.pop(), weights=[0.7, 0.6])
+    if case == "fp64":
+        kw.update(accumulate="fp64", dtype="fp32")
+    if case == "cached":  # digests known: nothing to feed, the sliced stream runs
+        monkeypatch.setenv("FASTSOUP_CACHE_DIR", str(tmp_path / "cache"))
+        kw["hash"] = "sha256"
+        fs.merge(paths, str(tmp_path / "first.safetensors"), **kw)
+    calls = _spy(monkeypatch)
+    monkeypatch.setattr(engine, "SLICE_BYTES", 8 << 10)  # many slices per run
+    out_sliced = str(tmp_path / ("sliced" + ("" if case == "sharded" else ".safetensors")))
+    fs.merge(paths, out_sliced, **kw)
+    assert calls == [1]
+    monkeypatch.setattr(engine, "SLICED", False)
+    out_windowed = str(tmp_path / ("windowed" + ("" if case == "sharded" else ".safetensors")))
+    fs.merge(paths, out_windowed, **kw)
+    assert calls == [1]
+    got, want = load_any(out_sliced), load_any(out_windowed)
+    assert got.keys() == want.keys()
+    for k in want:
+        assert got[k].dtype == want[k].dtype and got[k].shape == want[k].shape
+        assert torch.equal(got[k].view(torch.uint8), want[k].view(torch.uint8)), k
+
+
+def test_a_first_merge_streams_by_windows(tmp_path, monkeypatch):
+    """The digest is fed the bytes as they are read, in order: the windowed stream."""
+    monkeypatch.setenv("FASTSOUP_CACHE_DIR", str(tmp_path / "cache"))
+    paths = [save_file_layout(str(tmp_path / f"m{i}.safetensors"), make_state(i, SPEC))
+             for i in range(2)]
+    calls = _spy(monkeypatch)
+    fs.merge(paths, str(tmp_path / "o.safetensors"), quiet=True)
+    assert calls == []
+
+
+def test_an_error_in_a_slice_ends_the_merge(tmp_path, monkeypatch):
+    paths = [save_file_layout(str(tmp_path / f"m{i}.safetensors"), make_state(i, SPEC))
+             for i in range(3)]
+    real = InputFiles.read_into
+    count = [0]
+
+    def read_into(self, wf, lo, out):
+        count[0] += 1
+        if count[0] == 5:
+            raise MergeError(f"input {wf.path} was truncated while merging (injected)")
+        return real(self, wf, lo, out)
+
+    monkeypatch.setattr(InputFiles, "read_into", read_into)
+    monkeypatch.setattr(engine, "SLICE_BYTES", 8 << 10)
+    calls = _spy(monkeypatch)
+    with pytest.raises(MergeError, match="injected"):
+        fs.merge(paths, str(tmp_path / "o.safetensors"), quiet=True, hash="none")
+    assert calls == [1] and count[0] >= 5
+    assert not leftovers(tmp_path) and not os.path.exists(tmp_path / "o.safetensors")

@@ -28,6 +28,7 @@ them across inputs. The CPU path does not import torch.
 from __future__ import annotations
 
 import operator
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -578,12 +579,13 @@ def _execute_sliced(runs: List[Run], writers, maps: InputFiles, summer: "CpuSumm
     other threads and summed later is read from memory again). Slices of the runs that
     share a staging buffer run in parallel; the buffer goes to the writer thread when all
     of them are done."""
-    workers = max(1, summer.threads)
+    workers = max(1, min(summer.threads, os.cpu_count() or 1))
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fastsoup-slice")
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastsoup-write")
     staging = Staging(staging_bytes, writer)
     local = threading.local()
-    budget = max(PAGE, min(SLICE_BYTES, window))
+    # the workers' buffers take the two windows' share of the memory budget
+    budget = max(PAGE, min(SLICE_BYTES, 2 * window // workers))
     written = read = 0
     sum_time = 0.0
     pending: list = []

@@ -95,3 +95,25 @@ def test_an_error_in_a_slice_ends_the_merge(tmp_path, monkeypatch):
         fs.merge(paths, str(tmp_path / "o.safetensors"), quiet=True, hash="none")
     assert calls == [1] and count[0] >= 5
     assert not leftovers(tmp_path) and not os.path.exists(tmp_path / "o.safetensors")
+
+
+@pytest.mark.parametrize("threads", [1, 2, 8])
+def test_slice_buffers_stay_within_the_memory_budget(tmp_path, monkeypatch, threads):
+    """Whatever the number of workers, their buffers and the two staging buffers fit
+    ``--memory`` (the windowed stream's two windows' share)."""
+    paths = [save_file_layout(str(tmp_path / f"m{i}.safetensors"), make_state(i, SPEC))
+             for i in range(3)]
+    monkeypatch.setattr(engine.os, "cpu_count", lambda: 8)
+    sizes = []
+    real = engine.anonymous_buffer
+    monkeypatch.setattr(engine, "anonymous_buffer", lambda n: sizes.append(n) or real(n))
+    calls = _spy(monkeypatch)
+    memory = 256 << 10
+    fs.merge(paths, str(tmp_path / "o.safetensors"), quiet=True, hash="none", memory=memory,
+             threads=threads)
+    window, staging = engine.budget_split(memory)
+    at = sizes.index(staging)  # before: the integer copies' comparison buffers
+    assert calls == [1] and sizes[at:at + 2] == [staging, staging]
+    workers = sizes[at + 2:]  # one buffer per worker that took a slice
+    assert 1 <= len(workers) <= threads and max(workers) <= 2 * window // threads
+    assert 2 * staging + threads * max(workers) <= memory

@@ -117,3 +117,29 @@ def test_slice_buffers_stay_within_the_memory_budget(tmp_path, monkeypatch, thre
     workers = sizes[at + 2:]  # one buffer per worker that took a slice
     assert 1 <= len(workers) <= threads and max(workers) <= 2 * window // threads
     assert 2 * staging + threads * max(workers) <= memory
+
+
+@pytest.mark.parametrize("sliced", [True, False])
+def test_drop_cache_releases_every_range_read(tmp_path, monkeypatch, sliced):
+    """``drop_cache`` (inputs larger than memory): every input byte the merge read is
+    dropped from the page cache as the merge goes, batch by batch."""
+    paths = [save_file_layout(str(tmp_path / f"m{i}.safetensors"), make_state(i, SPEC))
+             for i in range(3)]
+    monkeypatch.setattr(engine, "SLICED", sliced)
+    monkeypatch.setattr(engine, "SLICE_BYTES", 8 << 10)
+    released = []
+    real = InputFiles.release
+    monkeypatch.setattr(InputFiles, "release",
+                        lambda self, wf, lo, hi: released.append((wf.path, lo, hi)) or real(self, wf, lo, hi))
+    fs.merge(paths, str(tmp_path / "o.safetensors"), quiet=True, hash="none",
+             drop_cache=True, memory="256KiB")
+    for p in paths:
+        with open(p, "rb") as f:
+            data_start = 8 + int.from_bytes(f.read(8), "little")
+        ranges = sorted((lo, hi) for path, lo, hi in released if path == p)
+        covered = 0
+        for lo, hi in ranges:
+            assert lo <= max(covered, data_start)  # no gap (page-aligned starts)
+            covered = max(covered, hi)
+        assert ranges and ranges[0][0] <= data_start and covered == os.path.getsize(p)
+    assert len(released) > len(paths)  # released as the merge went, not once at the end

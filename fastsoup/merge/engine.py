@@ -5,7 +5,7 @@ chunks of large ones), consecutive items are fused into runs (:func:`make_runs`:
 kernel call over items contiguous in every file), and runs are streamed one of two ways.
 
 When no digest needs the bytes (``hash="none"``, or every digest cached) and the sum
-runs on the CPU, runs are cut into slices (:func:`_execute_sliced`): each worker thread
+runs on the CPU, runs are cut into slices (:func:`_stream_sliced`): each worker thread
 reads a slice of every input into its own small buffer and sums it at once, while the
 bytes are in cache (at most ``threads`` × ``SLICE_BYTES`` of input buffers). Otherwise
 runs are grouped into windows of about ``window_bytes`` of input: while window ``j`` is
@@ -399,13 +399,12 @@ class CpuSummer:
         self.threads = threads
         self.acc64 = acc64
 
-    def __call__(self, dst: memoryview, out_dtype: str, srcs, dtypes, weights, n: int) -> None:
-        cpu_kernels.weighted_sum(dst, out_dtype, srcs, dtypes, weights, n, self.threads,
-                                 self.acc64, ext=self.ext)
-
-    def one(self, dst: memoryview, out_dtype: str, srcs, dtypes, weights, n: int) -> None:
-        """The same sum on the calling thread only (the caller runs several at once)."""
-        cpu_kernels.weighted_sum(dst, out_dtype, srcs, dtypes, weights, n, 1, self.acc64,
+    def __call__(self, dst: memoryview, out_dtype: str, srcs, dtypes, weights, n: int,
+                 threads: Optional[int] = None) -> None:
+        """The sum on ``threads`` threads (default ``self.threads``; 1: the calling thread
+        only, for callers that run several at once)."""
+        cpu_kernels.weighted_sum(dst, out_dtype, srcs, dtypes, weights, n,
+                                 self.threads if threads is None else threads, self.acc64,
                                  ext=self.ext)
 
 
@@ -570,15 +569,14 @@ SLICED = True          # stream by slices when no digest needs the bytes (tests 
 SLICE_BYTES = 4 << 20  # input bytes a worker reads, then sums while they are in cache
 
 
-def _execute_sliced(runs: List[Run], writers, maps: InputFiles, summer: "CpuSummer",
-                    window: int, staging_bytes: int, progress, own_maps: bool, t0: float,
-                    n_items: int) -> RunStats:
+def _stream_sliced(runs: List[Run], writers, maps: InputFiles, summer: "CpuSummer",
+                   window: int, staging_bytes: int, progress) -> dict:
     """Stream without a digest: each run is cut into slices of about ``SLICE_BYTES`` of
     input, and each of ``summer.threads`` workers reads a slice of every input into its
     own buffer and sums it at once, while the bytes are still in cache (a window read by
     other threads and summed later is read from memory again). Slices of the runs that
     share a staging buffer run in parallel; the buffer goes to the writer thread when all
-    of them are done."""
+    of them are done. Returns the stream's figures for :class:`RunStats`."""
     workers = max(1, min(summer.threads, os.cpu_count() or 1))
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fastsoup-slice")
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastsoup-write")
@@ -586,7 +584,6 @@ def _execute_sliced(runs: List[Run], writers, maps: InputFiles, summer: "CpuSumm
     local = threading.local()
     # the workers' buffers take the two windows' share of the memory budget
     budget = max(PAGE, min(SLICE_BYTES, 2 * window // workers))
-    written = read = 0
     sum_time = 0.0
     pending: list = []
 
@@ -596,23 +593,22 @@ def _execute_sliced(runs: List[Run], writers, maps: InputFiles, summer: "CpuSumm
             buf = local.buf = anonymous_buffer(max(nbytes, budget))
         return memoryview(buf)
 
-    def work(run: Run, lo: int, hi: int, dst: memoryview) -> None:
-        """Elements ``[lo, hi)`` of ``run`` into ``dst`` (the slice's output bytes)."""
+    def work(run: Run, sizes: List[int], dtypes: List[str], weights: List[float], lo: int,
+             hi: int, dst: memoryview) -> None:
+        """Elements ``[lo, hi)`` of ``run`` (``sizes``: each source's bytes per element)
+        into ``dst``, the slice's output bytes."""
         if run.op == "copy":
             s = run.sources[0]
-            es = ITEMSIZE[s.dtype]
-            maps.read_into(s.file, s.lo + lo * es, dst)
+            maps.read_into(s.file, s.lo + lo * sizes[0], dst)
             return
-        sizes = [(hi - lo) * ITEMSIZE[s.dtype] for s in run.sources]
-        buf = buffer(sum(sizes))
+        buf = buffer((hi - lo) * sum(sizes))
         views, pos = [], 0
-        for s, size in zip(run.sources, sizes):
-            view = buf[pos:pos + size]
-            maps.read_into(s.file, s.lo + lo * ITEMSIZE[s.dtype], view)
+        for s, es in zip(run.sources, sizes):
+            view = buf[pos:pos + (hi - lo) * es]
+            maps.read_into(s.file, s.lo + lo * es, view)
             views.append(view)
-            pos += size
-        summer.one(dst, run.out_dtype, views, [s.dtype for s in run.sources],
-                   [s.weight for s in run.sources], hi - lo)
+            pos += len(view)
+        summer(dst, run.out_dtype, views, dtypes, weights, hi - lo, threads=1)
 
     def wait_all() -> float:
         t = time.perf_counter()
@@ -648,30 +644,23 @@ def _execute_sliced(runs: List[Run], writers, maps: InputFiles, summer: "CpuSumm
             dst = staging.reserve(target, run.out_offset, nbytes)
             batch.append(run)
             if run.n > 0:
-                per_elem = sum(ITEMSIZE[s.dtype] for s in run.sources[:1 if run.op == "copy" else None])
-                step = max(1, budget // max(per_elem, 1))
+                sizes = [ITEMSIZE[s.dtype] for s in run.sources]
+                dtypes, weights = [s.dtype for s in run.sources], [s.weight for s in run.sources]
+                step = max(1, budget // (run.in_nbytes // run.n))
                 out_es = ITEMSIZE[run.out_dtype]
                 for lo in range(0, run.n, step):
                     hi = min(run.n, lo + step)
-                    pending.append(pool.submit(work, run, lo, hi, dst[lo * out_es:hi * out_es]))
-            written += nbytes
-            read += run.in_nbytes
+                    pending.append(pool.submit(work, run, sizes, dtypes, weights, lo, hi,
+                                               dst[lo * out_es:hi * out_es]))
             del dst
             if progress is not None:
                 progress(run.last_key, nbytes)
         sum_time += finish_batch()
         staging.drain()
     finally:
-        try:
-            pool.shutdown(wait=True, cancel_futures=True)
-            writer.shutdown(wait=True, cancel_futures=True)
-        finally:
-            if own_maps:
-                maps.close()
-    return RunStats(seconds=time.perf_counter() - t0, bytes_written=written, bytes_read=read,
-                    items=n_items, windows=batches, window_bytes=window, runs=len(runs),
-                    staging_bytes=staging_bytes, prefetch_wait_seconds=0.0,
-                    sum_seconds=sum_time, write_wait_seconds=staging.wait_seconds)
+        pool.shutdown(wait=True, cancel_futures=True)
+        writer.shutdown(wait=True, cancel_futures=True)
+    return dict(windows=batches, sum_seconds=sum_time, write_wait_seconds=staging.wait_seconds)
 
 
 def execute(plan: Plan, writers: List[SafetensorsFileWriter], *, memory: int, threads: int,
@@ -697,17 +686,35 @@ def execute(plan: Plan, writers: List[SafetensorsFileWriter], *, memory: int, th
     maps.open_all(plan)
     items = make_items(files, window, staging_bytes)
     runs = make_runs(items, writers, window, staging_bytes)
-    if (SLICED and (digest is None or not digest.needs_bytes) and isinstance(summer, CpuSummer)
-            and all(s.file.header is not None for r in runs for s in r.sources)):
-        return _execute_sliced(runs, writers, maps, summer, window, staging_bytes, progress,
-                               own_maps, t0, len(items))
+    sliced = (SLICED and (digest is None or not digest.needs_bytes)
+              and isinstance(summer, CpuSummer)
+              and all(s.file.header is not None for r in runs for s in r.sources))
+    try:
+        if sliced:
+            figures = _stream_sliced(runs, writers, maps, summer, window, staging_bytes, progress)
+        else:
+            figures = _stream_windowed(runs, writers, maps, summer, window, staging_bytes,
+                                       progress, digest)
+    finally:
+        if own_maps:
+            maps.close()
+    return RunStats(seconds=time.perf_counter() - t0,
+                    bytes_written=sum(r.out_nbytes for r in runs),
+                    bytes_read=sum(r.in_nbytes for r in runs), items=len(items),
+                    window_bytes=window, runs=len(runs), staging_bytes=staging_bytes, **figures)
+
+
+def _stream_windowed(runs: List[Run], writers, maps: InputFiles, summer, window: int,
+                     staging_bytes: int, progress, digest) -> dict:
+    """Stream ``runs`` window by window: a prefetch thread (and a helper for half of each
+    window) reads the next window while this thread sums the current one; the digest is
+    fed every range read, in order. Returns the stream's figures for :class:`RunStats`."""
     windows = make_windows(runs, window)
     reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastsoup-prefetch")
     helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastsoup-prefetch-half")
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastsoup-write")
     staging = Staging(staging_bytes, writer)
     wbufs = [WindowBuffer(window), WindowBuffer(window)]
-    written = read = 0
     prefetch_wait = sum_time = 0.0
     try:
         prefetch = (reader.submit(input_maps.prefetch_window, maps, windows[0], wbufs[0], digest,
@@ -745,8 +752,6 @@ def execute(plan: Plan, writers: List[SafetensorsFileWriter], *, memory: int, th
                                    [s.weight for s in run.sources], run.n)
                             del srcs
                 sum_time += time.perf_counter() - t_sum
-                written += nbytes
-                read += run.in_nbytes
                 del dst
                 if progress is not None:
                     progress(run.last_key, nbytes)
@@ -759,14 +764,8 @@ def execute(plan: Plan, writers: List[SafetensorsFileWriter], *, memory: int, th
                 fut.result()
             wb.pending = []
     finally:
-        try:
-            reader.shutdown(wait=True, cancel_futures=True)
-            helper.shutdown(wait=True, cancel_futures=True)
-            writer.shutdown(wait=True, cancel_futures=True)
-        finally:
-            if own_maps:
-                maps.close()
-    return RunStats(seconds=time.perf_counter() - t0, bytes_written=written, bytes_read=read,
-                    items=len(items), windows=len(windows), window_bytes=window, runs=len(runs),
-                    staging_bytes=staging_bytes, prefetch_wait_seconds=prefetch_wait,
-                    sum_seconds=sum_time, write_wait_seconds=staging.wait_seconds)
+        reader.shutdown(wait=True, cancel_futures=True)
+        helper.shutdown(wait=True, cancel_futures=True)
+        writer.shutdown(wait=True, cancel_futures=True)
+    return dict(windows=len(windows), prefetch_wait_seconds=prefetch_wait, sum_seconds=sum_time,
+                write_wait_seconds=staging.wait_seconds)

@@ -24,8 +24,8 @@ SPEC = {
 
 def _spy(monkeypatch):
     calls = []
-    real = engine._execute_sliced
-    monkeypatch.setattr(engine, "_execute_sliced", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = engine._stream_sliced
+    monkeypatch.setattr(engine, "_stream_sliced", lambda *a, **k: calls.append(1) or real(*a, **k))
     return calls
 
 
@@ -114,9 +114,10 @@ def test_slice_buffers_stay_within_the_memory_budget(tmp_path, monkeypatch, thre
     window, staging = engine.budget_split(memory)
     at = sizes.index(staging)  # before: the integer copies' comparison buffers
     assert calls == [1] and sizes[at:at + 2] == [staging, staging]
-    workers = sizes[at + 2:]  # one buffer per worker that took a slice
-    assert 1 <= len(workers) <= threads and max(workers) <= 2 * window // threads
-    assert 2 * staging + threads * max(workers) <= memory
+    workers = sizes[at + 2:]  # one buffer per worker that took a slice, all of one size
+    share = min(engine.SLICE_BYTES, 2 * window // threads)  # the windows' part, divided
+    assert workers and len(workers) <= threads and set(workers) == {share}
+    assert 2 * staging + threads * share <= memory
 
 
 @pytest.mark.parametrize("sliced", [True, False])

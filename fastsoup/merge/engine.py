@@ -4,13 +4,14 @@ Data path, per output file: tensors are split into work items (whole small tenso
 chunks of large ones), consecutive items are fused into runs (:func:`make_runs`: one
 kernel call over items contiguous in every file), and runs are streamed one of two ways.
 
-When no digest needs the bytes (``hash="none"``, or every digest cached) and the sum
-runs on the CPU, runs are cut into slices (:func:`_stream_sliced`): each worker thread
-reads a slice of every input into its own small buffer and sums it at once, while the
-bytes are in cache (at most ``threads`` × ``SLICE_BYTES`` of input buffers). Otherwise
-runs are grouped into windows of about ``window_bytes`` of input: while window ``j`` is
-summed, a prefetch thread ``pread``s window ``j + 1`` of every
-input into the other window buffer (:func:`.mmap.prefetch_window`; inputs are never
+When the sum runs on the CPU and every input is safetensors, runs are cut into slices
+(:func:`_stream_sliced`): each worker thread reads a slice of every input into its own
+small buffer, sums it at once, while the bytes are in cache, and hashes it for the
+digest (:class:`.hashing.Hasher`) in the file's turn, so that a file's digest takes its
+bytes in file order (at most ``threads`` × ``SLICE_BYTES`` of input buffers). Otherwise
+(a torch device, pickle inputs) runs are grouped into windows of about ``window_bytes``
+of input: while window ``j`` is summed, a prefetch thread ``pread``s window ``j + 1`` of
+every input into the other window buffer (:func:`.mmap.prefetch_window`; inputs are never
 mapped, so a file truncated under the merge is an error, not SIGBUS) and hands those
 bytes to the digest (:class:`.hashing.Hasher`), and a writer thread ``pwrite``s the
 previous staging buffer into the pre-sized output file (:mod:`.writer`). The resident
@@ -339,7 +340,9 @@ def make_windows(runs: List[Run], window: int) -> List[List[Run]]:
 
 class Staging:
     """Two output buffers: one is filled while the other is written by the writer thread
-    (``pool``, one worker, so writes reach the file in order)."""
+    (``pool``, one worker, so writes reach the file in order). A flush may give the
+    writer a ``before`` callable to run first (the sliced stream: wait for the slices
+    that fill the buffer), so that the producer goes on filling the other buffer."""
 
     def __init__(self, nbytes: int, pool: ThreadPoolExecutor):
         self.bufs = [anonymous_buffer(nbytes), anonymous_buffer(nbytes)]
@@ -364,10 +367,17 @@ class Staging:
         self.fill += nbytes
         return memoryview(self.bufs[self.cur])[start:start + nbytes]
 
-    def flush(self) -> None:
+    @staticmethod
+    def _write(before, writer: SafetensorsFileWriter, buf, offset: int) -> None:
+        if before is not None:
+            before()
+        writer.pwrite(buf, offset, True)
+
+    def flush(self, before: Optional[Callable[[], None]] = None) -> None:
         if self.fill and self.writer is not None:
             buf = self.bufs[self.cur][: self.fill]
-            self.pending[self.cur] = self.pool.submit(self.writer.pwrite, buf, self.offset, True)
+            self.pending[self.cur] = self.pool.submit(self._write, before, self.writer, buf,
+                                                      self.offset)
             self.cur ^= 1
             fut = self.pending[self.cur]
             if fut is not None:
@@ -375,11 +385,13 @@ class Staging:
                 t0 = time.perf_counter()
                 fut.result()
                 self.wait_seconds += time.perf_counter() - t0
+        elif before is not None:
+            before()
         self.offset += self.fill
         self.fill = 0
 
-    def drain(self) -> None:
-        self.flush()
+    def drain(self, before: Optional[Callable[[], None]] = None) -> None:
+        self.flush(before)
         t0 = time.perf_counter()
         for i, fut in enumerate(self.pending):
             if fut is not None:
@@ -559,24 +571,27 @@ class RunStats:
     window_bytes: int
     staging_bytes: int
     prefetch_wait_seconds: float = 0.0   # waiting for the next window's pages
-    sum_seconds: float = 0.0             # in the fused sum (and copies); sliced: waiting for
-    #                                      the slices (their reads and sums)
+    sum_seconds: float = 0.0             # in the fused sum (and copies); sliced: the writer
+    #                                      waiting for the slices (reads, sums, digests)
     write_wait_seconds: float = 0.0      # waiting for the writer thread
     runs: int = 0                        # kernel calls / copies (items fused into runs)
 
 
-SLICED = True          # stream by slices when no digest needs the bytes (tests compare both)
+SLICED = True          # stream by slices on the CPU (tests compare with the windowed stream)
 SLICE_BYTES = 4 << 20  # input bytes a worker reads, then sums while they are in cache
 
 
 def _stream_sliced(runs: List[Run], writers, maps: InputFiles, summer: "CpuSummer",
-                   window: int, staging_bytes: int, progress) -> dict:
-    """Stream without a digest: each run is cut into slices of about ``SLICE_BYTES`` of
-    input, and each of ``summer.threads`` workers reads a slice of every input into its
-    own buffer and sums it at once, while the bytes are still in cache (a window read by
-    other threads and summed later is read from memory again). Slices of the runs that
-    share a staging buffer run in parallel; the buffer goes to the writer thread when all
-    of them are done. Returns the stream's figures for :class:`RunStats`."""
+                   window: int, staging_bytes: int, progress, digest=None) -> dict:
+    """Stream by slices: each run is cut into slices of about ``SLICE_BYTES`` of input,
+    and each of ``summer.threads`` workers reads a slice of every input into its own
+    buffer, sums it at once, while the bytes are still in cache (a window read by other
+    threads and summed later is read from memory again), then hands them to ``digest``
+    (a :class:`.hashing.Hasher`) in the file's turn (:meth:`~.hashing.Hasher.ticket`,
+    taken here in file order). Slices of the runs that share a staging buffer run in
+    parallel; the writer thread writes the buffer once all of them are done, while the
+    workers go on with the slices of the other buffer (no pause between buffers).
+    Returns the stream's figures for :class:`RunStats`."""
     workers = max(1, min(summer.threads, os.cpu_count() or 1))
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fastsoup-slice")
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastsoup-write")
@@ -584,8 +599,11 @@ def _stream_sliced(runs: List[Run], writers, maps: InputFiles, summer: "CpuSumme
     local = threading.local()
     # the workers' buffers take the two windows' share of the memory budget
     budget = max(PAGE, min(SLICE_BYTES, 2 * window // workers))
-    sum_time = 0.0
-    pending: list = []
+    sum_time = 0.0          # the writer thread waiting for the slices
+    pending: list = []      # the slices filling the current staging buffer
+    causes: list = []       # the slices' errors, but the InterruptedErrors they caused
+    if digest is not None and not digest.needs_bytes:
+        digest = None
 
     def buffer(nbytes: int):
         buf = getattr(local, "buf", None)
@@ -594,53 +612,70 @@ def _stream_sliced(runs: List[Run], writers, maps: InputFiles, summer: "CpuSumme
         return memoryview(buf)
 
     def work(run: Run, sizes: List[int], dtypes: List[str], weights: List[float], lo: int,
-             hi: int, dst: memoryview) -> None:
+             hi: int, dst: memoryview, tickets) -> None:
         """Elements ``[lo, hi)`` of ``run`` (``sizes``: each source's bytes per element)
-        into ``dst``, the slice's output bytes."""
-        if run.op == "copy":
-            s = run.sources[0]
-            maps.read_into(s.file, s.lo + lo * sizes[0], dst)
-            return
-        buf = buffer((hi - lo) * sum(sizes))
-        views, pos = [], 0
-        for s, es in zip(run.sources, sizes):
-            view = buf[pos:pos + (hi - lo) * es]
-            maps.read_into(s.file, s.lo + lo * es, view)
-            views.append(view)
-            pos += len(view)
-        summer(dst, run.out_dtype, views, dtypes, weights, hi - lo, threads=1)
+        into ``dst``, the slice's output bytes; then the digest's turns ``tickets``."""
+        try:
+            if run.op == "copy":
+                s = run.sources[0]
+                views = [dst]
+                maps.read_into(s.file, s.lo + lo * sizes[0], dst)
+            else:
+                buf = buffer((hi - lo) * sum(sizes))
+                views, pos = [], 0
+                for s, es in zip(run.sources, sizes):
+                    view = buf[pos:pos + (hi - lo) * es]
+                    maps.read_into(s.file, s.lo + lo * es, view)
+                    views.append(view)
+                    pos += len(view)
+                summer(dst, run.out_dtype, views, dtypes, weights, hi - lo, threads=1)
+            if tickets is not None:
+                for s, es, view, t in zip(run.sources, sizes, views, tickets):
+                    if t is not None:
+                        digest.update_in_turn(s.file, t, s.lo + lo * es, view)
+        except BaseException as exc:
+            if not isinstance(exc, InterruptedError):
+                causes.append(exc)
+            if digest is not None:
+                digest.abort()  # the slices waiting for this one's turns stop too
+            raise
 
-    def wait_all() -> float:
+    def finish(futures: list, runs: List[Run]) -> None:
+        """In the writer thread, before the staging buffer is written: wait for the
+        slices that fill it; on an error, let the others end and raise the first cause,
+        in whichever slice it was (not a slice stopped by it, waiting for a turn)."""
+        nonlocal sum_time
         t = time.perf_counter()
         try:
-            for fut in pending:
+            for fut in futures:
                 fut.result()
-        finally:
-            for fut in pending:  # an error: let the other slices end before raising
+        except BaseException as exc:
+            for fut in futures:
                 fut.cancel()
-            for fut in pending:
+            for fut in futures:
                 if not fut.cancelled():
                     fut.exception()
-            pending.clear()
-        return time.perf_counter() - t
+            raise (causes[0] if causes else exc) from None
+        finally:
+            sum_time += time.perf_counter() - t
+        input_maps.release_window(maps, runs)  # with drop_cache: pages no longer needed
+
+    def batch_done():
+        """The ``before`` of the staging buffer being filled: its slices, its runs."""
+        nonlocal batches, pending, batch
+        batches += 1 if batch else 0
+        futures, runs_in = pending, batch
+        pending, batch = [], []
+        return lambda: finish(futures, runs_in)
 
     batch: List[Run] = []  # the runs in the staging buffer being filled
     batches = 0
-
-    def finish_batch() -> float:
-        nonlocal batches
-        batches += 1 if batch else 0
-        waited = wait_all()
-        input_maps.release_window(maps, batch)  # with drop_cache: pages no longer needed
-        batch.clear()
-        return waited
-
     try:
         for run in runs:
             nbytes = run.out_nbytes
             target = writers[run.file_index]
             if staging.would_flush(target, run.out_offset, nbytes):
-                sum_time += finish_batch()  # every slice is in the buffer before it is written
+                staging.flush(batch_done())  # written once its slices are done
             dst = staging.reserve(target, run.out_offset, nbytes)
             batch.append(run)
             if run.n > 0:
@@ -650,13 +685,14 @@ def _stream_sliced(runs: List[Run], writers, maps: InputFiles, summer: "CpuSumme
                 out_es = ITEMSIZE[run.out_dtype]
                 for lo in range(0, run.n, step):
                     hi = min(run.n, lo + step)
+                    tickets = (None if digest is None
+                               else [digest.ticket(s.file) for s in run.sources])
                     pending.append(pool.submit(work, run, sizes, dtypes, weights, lo, hi,
-                                               dst[lo * out_es:hi * out_es]))
+                                               dst[lo * out_es:hi * out_es], tickets))
             del dst
             if progress is not None:
                 progress(run.last_key, nbytes)
-        sum_time += finish_batch()
-        staging.drain()
+        staging.drain(batch_done())
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         writer.shutdown(wait=True, cancel_futures=True)
@@ -686,12 +722,12 @@ def execute(plan: Plan, writers: List[SafetensorsFileWriter], *, memory: int, th
     maps.open_all(plan)
     items = make_items(files, window, staging_bytes)
     runs = make_runs(items, writers, window, staging_bytes)
-    sliced = (SLICED and (digest is None or not digest.needs_bytes)
-              and isinstance(summer, CpuSummer)
+    sliced = (SLICED and isinstance(summer, CpuSummer)
               and all(s.file.header is not None for r in runs for s in r.sources))
     try:
         if sliced:
-            figures = _stream_sliced(runs, writers, maps, summer, window, staging_bytes, progress)
+            figures = _stream_sliced(runs, writers, maps, summer, window, staging_bytes, progress,
+                                     digest)
         else:
             figures = _stream_windowed(runs, writers, maps, summer, window, staging_bytes,
                                        progress, digest)

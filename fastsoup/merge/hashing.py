@@ -257,12 +257,18 @@ def default_workers() -> int:
 class Hasher:
     """The sha256 of every input file, computed from the bytes the merge reads.
 
-    :meth:`feed` takes each range the engine read (a view of its window buffer) and
-    queues it on the file's strand (a queue run one call at a time, in order, by any of
-    ``workers`` threads); the returned future must end before the buffer is reused.
-    :meth:`wait` hashes what the merge did not read and returns ``{path: hex digest}``. Digests of files whose planned identity is in the
-    :class:`HashCache` are taken from it (the identity is checked again before the
-    commit)."""
+    Two ways to feed it the bytes the engine read, each range in file order:
+
+    - :meth:`feed` queues a range (a view of a window buffer) on the file's strand (a
+      queue run one call at a time, in order, by any of ``workers`` threads); the
+      returned future must end before the buffer is reused.
+    - :meth:`ticket` (in the order the ranges are read) then :meth:`update_in_turn` (in
+      any thread) hashes a range in the calling thread once every earlier ticket of its
+      file was served: workers that read slices in parallel hash them in file order.
+
+    :meth:`wait` hashes what the merge did not read and returns ``{path: hex digest}``.
+    Digests of files whose planned identity is in the :class:`HashCache` are taken from
+    it (the identity is checked again before the commit)."""
 
     def __init__(self, layouts: List[Layout], mode: str, cache: Optional[HashCache] = None,
                  workers: Optional[int] = None):
@@ -277,6 +283,9 @@ class Hasher:
         self._pools: List[ThreadPoolExecutor] = []
         self._strands: Dict[str, _Strand] = {}
         self._stop = threading.Event()
+        self._turns = threading.Condition()
+        self._issued: Dict[str, int] = {}   # tickets handed out, per file
+        self._served: Dict[str, int] = {}   # tickets hashed, per file
 
     def start(self) -> "Hasher":
         if self.mode != "sha256":
@@ -308,8 +317,44 @@ class Hasher:
             return None
         return self._strands[wf.path].submit(d.update, lo, view)
 
-    def cancel(self) -> None:
+    def ticket(self, wf: WeightFile) -> Optional[int]:
+        """The turn of the next range of ``wf`` (call in file order, from one thread);
+        None when ``wf`` needs no bytes."""
+        if wf.path not in self.digests or not self._pools:
+            return None
+        t = self._issued.get(wf.path, 0)
+        self._issued[wf.path] = t + 1
+        return t
+
+    def update_in_turn(self, wf: WeightFile, ticket: int, lo: int, view) -> None:
+        """Hash ``view`` (the bytes of ``wf`` at offset ``lo``) in this thread, after the
+        ranges of ``wf`` with earlier tickets. Raises InterruptedError once the hashing
+        was stopped (:meth:`abort`, :meth:`cancel`), so that no thread waits for a turn
+        that will not come."""
+        path = wf.path
+        with self._turns:
+            self._turns.wait_for(lambda: self._served.get(path, 0) == ticket
+                                 or self._stop.is_set())
+        if self._stop.is_set():
+            raise InterruptedError("hashing cancelled")
+        try:
+            self.digests[path].update(lo, view)
+        except BaseException:
+            self.abort()
+            raise
+        with self._turns:
+            self._served[path] = ticket + 1
+            self._turns.notify_all()
+
+    def abort(self) -> None:
+        """Stop the hashing now (a read failed: its turns will not come); the digests
+        are lost, :meth:`cancel` still ends the workers."""
         self._stop.set()
+        with self._turns:
+            self._turns.notify_all()
+
+    def cancel(self) -> None:
+        self.abort()
         self._shutdown()
 
     def _shutdown(self) -> None:

@@ -276,14 +276,14 @@ def test_torch_device_pipeline_finishes_every_run_before_its_bytes_are_written(t
     monkeypatch.setattr(engine, "TorchSummer", lambda *a: made.append(LateDevice(*a)) or made[-1])
     real_flush = engine.Staging.flush
 
-    def flush(self):  # the writer must never be handed bytes of an unfinished run
+    def flush(self, before=None):  # the writer must never get bytes of an unfinished run
         buf = self.bufs[self.cur]
         lo, hi = buf.ctypes.data, buf.ctypes.data + self.fill
         for t in (made[0].pending if made else []):
             if t[4] is not None and len(t[4]):
                 at = np.frombuffer(t[4], dtype=np.uint8).ctypes.data
                 assert not lo <= at < hi, "a run's bytes went to the writer before it finished"
-        real_flush(self)
+        real_flush(self, before)
 
     monkeypatch.setattr(engine.Staging, "flush", flush)
     spec = {f"layer.{i}.weight": ((40 + i, 33), torch.bfloat16) for i in range(12)}

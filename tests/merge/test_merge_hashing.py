@@ -191,3 +191,80 @@ def test_two_thread_prefetch_reads_and_digests_what_one_thread_does(tmp_path, me
         pool.shutdown()
         maps.close()
     assert split or memory < 20000
+
+
+def _pieces(layouts, pieces=6):
+    """Every file's data section in ``pieces`` ranges: ``[(wf, lo, view), ...]`` per file."""
+    out = []
+    for lay in layouts:
+        wf = lay.files()[0]
+        data = open(wf.path, "rb").read()
+        cuts = np.linspace(wf.header.data_start, len(data), pieces + 1).astype(int)
+        out.append([(wf, int(a), memoryview(data)[a:b]) for a, b in zip(cuts[:-1], cuts[1:])])
+    return out
+
+
+def test_ranges_hashed_in_turn_from_many_threads_take_file_order(tmp_path):
+    """Tickets taken in file order; the ranges then handed over by threads that start in
+    the reverse order: each file still digests its ranges in order, every byte from the
+    ranges (no second read)."""
+    layouts = _inputs(tmp_path, 3)
+    h = hashing.Hasher(layouts, "sha256", cache=hashing.HashCache(None), workers=2).start()
+    jobs = [(wf, h.ticket(wf), lo, view) for window in zip(*_pieces(layouts)) for wf, lo, view in window]
+    assert [t for wf, t, _, _ in jobs if wf is jobs[0][0]] == list(range(6))
+    pool = ThreadPoolExecutor(max_workers=len(jobs))
+    futs = [pool.submit(h.update_in_turn, *job) for job in reversed(jobs)]
+    for f in futs:
+        f.result(timeout=30)
+    pool.shutdown()
+    got = h.wait()
+    data_bytes = 0
+    for lay in layouts:
+        wf = lay.files()[0]
+        assert got[wf.path] == hashlib.sha256(open(wf.path, "rb").read()).hexdigest()
+        data_bytes += os.path.getsize(wf.path) - wf.header.data_start
+    assert h.bytes_from_merge == data_bytes
+
+
+def test_abort_wakes_a_thread_waiting_for_its_turn(tmp_path):
+    """Ticket 0 never comes (its read failed): :meth:`abort` ends the wait of ticket 1
+    with InterruptedError instead of leaving it waiting forever."""
+    layouts = _inputs(tmp_path, 1)
+    h = hashing.Hasher(layouts, "sha256", cache=hashing.HashCache(None), workers=1).start()
+    (first, second, *_), = _pieces(layouts)
+    assert h.ticket(first[0]) == 0 and h.ticket(second[0]) == 1
+    pool = ThreadPoolExecutor(max_workers=1)
+    waiting = pool.submit(h.update_in_turn, second[0], 1, second[1], second[2])
+    with pytest.raises(TimeoutError):
+        waiting.result(timeout=0.2)
+    h.abort()
+    with pytest.raises(InterruptedError):
+        waiting.result(timeout=10)
+    h.cancel()
+    pool.shutdown()
+
+
+def test_a_failed_range_stops_the_later_turns(tmp_path, monkeypatch):
+    """Hashing a range fails (the file was truncated): that error, and the threads
+    waiting for later turns of any file end instead of waiting."""
+    layouts = _inputs(tmp_path, 2)
+    h = hashing.Hasher(layouts, "sha256", cache=hashing.HashCache(None), workers=2).start()
+    (a0, a1, *_), (b0, b1, *_) = _pieces(layouts)
+    jobs = [(wf, h.ticket(wf), lo, view) for wf, lo, view in (a0, b0, a1, b1)]
+    real = hashing._FileDigest.update
+
+    def update(self, lo, view):
+        if self.wf.path == a0[0].path and lo == a0[1]:
+            raise OSError(5, "injected")
+        return real(self, lo, view)
+
+    monkeypatch.setattr(hashing._FileDigest, "update", update)
+    pool = ThreadPoolExecutor(max_workers=4)
+    later = [pool.submit(h.update_in_turn, *job) for job in jobs[2:]]
+    with pytest.raises(OSError, match="injected"):
+        h.update_in_turn(*jobs[0])
+    for fut in later:
+        with pytest.raises(InterruptedError):
+            fut.result(timeout=10)
+    h.cancel()
+    pool.shutdown()

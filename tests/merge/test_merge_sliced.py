@@ -1,13 +1,16 @@
-"""Streaming by slices (no digest to feed): each worker reads a slice of every input and
-sums it while it is in cache. Its output equals the windowed stream's, bit for bit, and
-an error in any slice ends the merge with that error and nothing written."""
+"""Streaming by slices (the CPU stream): each worker reads a slice of every input, sums
+it while it is in cache and hashes it in its file's turn. Its output and digests equal
+the windowed stream's, bit for bit, and an error in any slice ends the merge with that
+error and nothing written."""
+import hashlib
 import os
+import threading
 
 import pytest
 import torch
 
 import fastsoup as fs
-from fastsoup.merge import MergeError, engine
+from fastsoup.merge import MergeError, engine, hashing
 from fastsoup.merge.mmap import InputFiles
 
 from tests.helpers import leftovers, load_any, make_state, save_file_layout, save_sharded
@@ -29,7 +32,8 @@ def _spy(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("case", ["plain", "small-memory", "base", "fp64", "sharded", "cached"])
+@pytest.mark.parametrize("case", ["plain", "small-memory", "base", "fp64", "sharded", "cached",
+                                  "first"])
 def test_sliced_stream_equals_the_windowed_stream(tmp_path, monkeypatch, case):
     states = [make_state(40 + i, SPEC) for i in range(3)]
     for s in states:  # integers are copied: equal in every input
@@ -50,15 +54,19 @@ def test_sliced_stream_equals_the_windowed_stream(tmp_path, monkeypatch, case):
         monkeypatch.setenv("FASTSOUP_CACHE_DIR", str(tmp_path / "cache"))
         kw["hash"] = "sha256"
         fs.merge(paths, str(tmp_path / "first.safetensors"), **kw)
+    if case == "first":  # digests computed from the slices
+        monkeypatch.setenv("FASTSOUP_HASH_CACHE", "0")
+        kw["hash"] = "sha256"
     calls = _spy(monkeypatch)
     monkeypatch.setattr(engine, "SLICE_BYTES", 8 << 10)  # many slices per run
     out_sliced = str(tmp_path / ("sliced" + ("" if case == "sharded" else ".safetensors")))
-    fs.merge(paths, out_sliced, **kw)
+    rep_sliced = fs.merge(paths, out_sliced, **kw)
     assert calls == [1]
     monkeypatch.setattr(engine, "SLICED", False)
     out_windowed = str(tmp_path / ("windowed" + ("" if case == "sharded" else ".safetensors")))
-    fs.merge(paths, out_windowed, **kw)
+    rep_windowed = fs.merge(paths, out_windowed, **kw)
     assert calls == [1]
+    assert (rep_sliced.manifest or {}).get("constituents") == (rep_windowed.manifest or {}).get("constituents")
     got, want = load_any(out_sliced), load_any(out_windowed)
     assert got.keys() == want.keys()
     for k in want:
@@ -66,17 +74,42 @@ def test_sliced_stream_equals_the_windowed_stream(tmp_path, monkeypatch, case):
         assert torch.equal(got[k].view(torch.uint8), want[k].view(torch.uint8)), k
 
 
-def test_a_first_merge_streams_by_windows(tmp_path, monkeypatch):
-    """The digest is fed the bytes as they are read, in order: the windowed stream."""
-    monkeypatch.setenv("FASTSOUP_CACHE_DIR", str(tmp_path / "cache"))
+def test_a_first_merge_digests_the_bytes_the_slices_read(tmp_path, monkeypatch):
+    """A first merge streams by slices: every data byte the merge reads reaches its
+    digest from the slices, in file order (no second read), and the digests are the
+    files' sha256. (Integer tensors are copied from the first input: the others' are
+    only compared, and their digests read those bytes themselves.)"""
+    monkeypatch.setenv("FASTSOUP_HASH_CACHE", "0")
+    monkeypatch.setattr(engine, "SLICE_BYTES", 8 << 10)
     paths = [save_file_layout(str(tmp_path / f"m{i}.safetensors"), make_state(i, SPEC))
-             for i in range(2)]
+             for i in range(3)]
+    fed = {}
+    real = hashing._FileDigest.update
+
+    def update(self, lo, view):
+        fed[self.wf.path] = fed.get(self.wf.path, 0) + len(view)
+        return real(self, lo, view)
+
+    monkeypatch.setattr(hashing._FileDigest, "update", update)
+    monkeypatch.setattr(hashing.Hasher, "feed", lambda *a: pytest.fail("windowed feed"))
     calls = _spy(monkeypatch)
-    fs.merge(paths, str(tmp_path / "o.safetensors"), quiet=True)
-    assert calls == []
+    rep = fs.merge(paths, str(tmp_path / "o.safetensors"), quiet=True, threads=2)
+    assert calls == [1]
+    copied = 77 * 8  # position_ids, int64
+    for i, (entry, p) in enumerate(zip(rep.manifest["constituents"], paths)):
+        with open(p, "rb") as f:
+            data = f.read()
+        assert entry["files"][0]["sha256"] == hashlib.sha256(data).hexdigest()
+        header = 8 + int.from_bytes(data[:8], "little")
+        assert fed[os.path.abspath(p)] == len(data) - header - (copied if i else 0)
 
 
-def test_an_error_in_a_slice_ends_the_merge(tmp_path, monkeypatch):
+@pytest.mark.parametrize("hash_mode", ["none", "sha256"])
+def test_an_error_in_a_slice_ends_the_merge(tmp_path, monkeypatch, hash_mode):
+    """The slice's own error ends the merge (with digests: not a later slice that stopped
+    waiting for the failed slice's turn), nothing is written and no thread is left
+    waiting."""
+    monkeypatch.setenv("FASTSOUP_HASH_CACHE", "0")
     paths = [save_file_layout(str(tmp_path / f"m{i}.safetensors"), make_state(i, SPEC))
              for i in range(3)]
     real = InputFiles.read_into
@@ -91,10 +124,66 @@ def test_an_error_in_a_slice_ends_the_merge(tmp_path, monkeypatch):
     monkeypatch.setattr(InputFiles, "read_into", read_into)
     monkeypatch.setattr(engine, "SLICE_BYTES", 8 << 10)
     calls = _spy(monkeypatch)
-    with pytest.raises(MergeError, match="injected"):
-        fs.merge(paths, str(tmp_path / "o.safetensors"), quiet=True, hash="none")
+    errors = []
+
+    def run():
+        try:
+            fs.merge(paths, str(tmp_path / "o.safetensors"), quiet=True, hash=hash_mode, threads=2)
+        except BaseException as exc:  # noqa: BLE001 - checked below
+            errors.append(exc)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(60)
+    assert not t.is_alive(), "the merge hangs after a failed slice"
+    assert len(errors) == 1 and isinstance(errors[0], MergeError), errors
+    assert "injected" in str(errors[0])
     assert calls == [1] and count[0] >= 5
     assert not leftovers(tmp_path) and not os.path.exists(tmp_path / "o.safetensors")
+    assert not [th for th in threading.enumerate() if th.name.startswith("fastsoup-")]
+
+
+@pytest.mark.parametrize("case", ["same-buffer", "later-buffer"])
+def test_the_cause_is_raised_not_the_turns_it_interrupted(tmp_path, monkeypatch, case):
+    """Slice 0 is hashing when slice 1's read fails: slice 0 then stops with
+    InterruptedError, and comes first in order; the merge still raises slice 1's error,
+    the cause, also when slice 1 fills the next staging buffer (``later-buffer``: two
+    tensors of 8 KiB, each one slice filling one 8 KiB buffer of a 64 KiB budget)."""
+    monkeypatch.setenv("FASTSOUP_HASH_CACHE", "0")
+    monkeypatch.setattr(engine.os, "cpu_count", lambda: 2)
+    spec, memory = SPEC, None
+    if case == "same-buffer":
+        monkeypatch.setattr(engine, "SLICE_BYTES", 8 << 10)
+    else:
+        spec, memory = {"a": ((4096,), torch.bfloat16), "b": ((4096,), torch.bfloat16)}, "64KiB"
+        assert engine.budget_split(64 << 10) == (24 << 10, 8 << 10)
+    paths = [save_file_layout(str(tmp_path / f"m{i}.safetensors"), make_state(i, spec))
+             for i in range(3)]
+    failed = threading.Event()
+    first_reader = []
+    real_read = InputFiles.read_into
+
+    def read_into(self, wf, lo, out):
+        me = threading.current_thread().name
+        if not me.startswith("fastsoup-slice"):  # the integer copies' comparison
+            return real_read(self, wf, lo, out)
+        first_reader.append(me) if not first_reader else None
+        if me != first_reader[0]:
+            failed.set()
+            raise MergeError(f"input {wf.path} was truncated while merging (injected)")
+        return real_read(self, wf, lo, out)
+
+    real_update = hashing._FileDigest.update
+
+    def update(self, lo, view):
+        assert failed.wait(20)  # slice 0 hashes once slice 1 has failed
+        return real_update(self, lo, view)
+
+    monkeypatch.setattr(InputFiles, "read_into", read_into)
+    monkeypatch.setattr(hashing._FileDigest, "update", update)
+    with pytest.raises(MergeError, match="injected"):
+        fs.merge(paths, str(tmp_path / "o.safetensors"), quiet=True, threads=2, memory=memory)
+    assert not leftovers(tmp_path)
 
 
 @pytest.mark.parametrize("threads", [1, 2, 8])

@@ -10,6 +10,7 @@
 #include <thread>
 #include <vector>
 
+#include "header_columns.h"
 #include "per_sample_mse.h"
 #include "weighted_sum.h"
 
@@ -154,6 +155,16 @@ PYBIND11_MODULE(_C, m) {
           "out[i] = sum_k weights[k] * inputs[k][i] for i < n, fused, GIL released.\n"
           "Buffers are contiguous; dtype codes: 0 fp32, 1 fp16, 2 bf16, 3 fp64. Accumulates\n"
           "in fp32 (fp64 with acc64) and rounds once to out_dtype (nearest even).");
+    m.def(
+        "header_columns",
+        [](py::bytes raw, py::dict itemsizes, int64_t data_len) {
+            PyObject* r = fastsoup::header_columns(raw.ptr(), itemsizes.ptr(), data_len);
+            if (r == nullptr) throw py::error_already_set();
+            return py::reinterpret_steal<py::object>(r);
+        },
+        py::arg("raw"), py::arg("itemsizes"), py::arg("data_len"),
+        "(keys, dtypes, shapes, begins, ends, metadata span) of a canonical compact\n"
+        "safetensors header whose tensors fill data_len bytes back to back, or None.");
     m.def("prefault", &prefault_py, py::arg("buf"), py::arg("page") = 4096,
           "Touch one byte per page of a (memory-mapped) buffer, GIL released.");
     m.def("weighted_sum_simd", &fastsoup::ws::simd_variant,

@@ -43,6 +43,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Mapping, NamedTuple, Optional, Tuple
 
+from ..kernels import _ext
 from ..kernels.abi import DTYPE_CODES
 
 
@@ -241,6 +242,34 @@ def _parse_fast(text: str, data_start: int, data_len: int):
     return dict(zip(keys, infos)), metadata
 
 
+def _parse_columns(raw: bytes, data_len: int):
+    """The tensors and metadata of a header in the canonical compact form the safetensors
+    writers produce (no whitespace but the trailing padding, no escapes, each entry's
+    fields in the order dtype, shape, data_offsets, tensors in offset order), read in one
+    compiled pass (``fastsoup._C.header_columns``: no JSON objects per entry); None when
+    the extension is missing or the header is not in that form or breaks a rule: then
+    :func:`_parse_fast` and the careful pass decide."""
+    scan = getattr(_ext.cpu_ext(warn=False), "header_columns", None)
+    if scan is None:
+        return None
+    cols = scan(raw, ITEMSIZE, data_len)
+    if cols is None:
+        return None
+    keys, dtypes, shapes, begins, ends, span = cols
+    metadata = None
+    if span is not None:  # a flat object of strings without escapes (checked by the scan)
+        text = raw[span[0]:span[1]].decode("utf-8")
+        metadata = json.loads(text)
+        inner = sum(k.count(":") + v.count(":") for k, v in metadata.items())
+        if text.count(":") - inner != len(metadata):
+            return None  # a duplicate metadata key: the careful pass names it
+    tensors = dict(zip(keys, itertools.starmap(tuple.__new__, zip(
+        itertools.repeat(TensorInfo), zip(dtypes, shapes, begins, ends)))))
+    if len(tensors) != len(keys):
+        return None  # a duplicate key: the careful pass names it
+    return tensors, metadata
+
+
 def _extent(shape, itemsize: int) -> int:
     """Bytes the shape would span if its zero-sized dimensions were 1 (an overflow check:
     zero-sized dimensions do not excuse others that overflow)."""
@@ -299,7 +328,7 @@ def parse_header(prefix: bytes, file_size: int, path: str = "<bytes>",
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise fail(f"the header is not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
-    fast = _parse_fast(text, 8 + n, file_size - 8 - n)
+    fast = _parse_columns(raw, file_size - 8 - n) or _parse_fast(text, 8 + n, file_size - 8 - n)
     if fast is not None:
         tensors, metadata = fast
         if shared is not None:

@@ -201,6 +201,8 @@ def header_texts(draw):
     keys (top level and inside entries), names with ':' and escapes, entries out of offset
     order, gaps, overlaps, zero-sized tensors, extra or missing fields."""
     pairs, pos = [], 0
+    compact = draw(st.booleans())  # the writers' form (no spaces): the compiled scan's
+    dumps = (lambda o, **kw: json.dumps(o, separators=(",", ":"), **kw)) if compact else json.dumps
     for i in range(draw(st.integers(0, 5))):
         dt, shape = draw(_dtype), draw(_shape)
         numel = 1
@@ -208,8 +210,8 @@ def header_texts(draw):
             numel *= s
         nbytes = numel * DTYPES[dt].itemsize
         begin = pos + draw(st.sampled_from([0, 0, 0, 1, -1]))
-        fields = [("dtype", json.dumps(dt)), ("shape", json.dumps(shape)),
-                  ("data_offsets", json.dumps([begin, begin + nbytes]))]
+        fields = [("dtype", dumps(dt)), ("shape", dumps(shape)),
+                  ("data_offsets", dumps([begin, begin + nbytes]))]
         if draw(st.integers(0, 9)) == 0:
             fields.append(draw(st.sampled_from(fields + [("x", '"a:b"')])))
         if draw(st.integers(0, 9)) == 0:
@@ -223,8 +225,10 @@ def header_texts(draw):
         pairs = draw(st.permutations(pairs))
     if draw(st.booleans()):
         meta = draw(st.dictionaries(st.text(max_size=4), st.text(max_size=4), max_size=2))
-        pairs.append(("__metadata__", json.dumps(meta, ensure_ascii=draw(st.booleans()))))
+        at = draw(st.sampled_from([0, len(pairs)]))
+        pairs.insert(at, ("__metadata__", dumps(meta, ensure_ascii=draw(st.booleans()))))
     text = "{" + ",".join(f"{json.dumps(k)}:{v}" for k, v in pairs) + "}"
+    text += " " * draw(st.sampled_from([0, 0, 3]))  # the writers pad to 8 bytes with spaces
     return text.encode("utf-8", "surrogatepass"), pos + draw(st.sampled_from([0, 0, 1]))
 
 
@@ -243,14 +247,92 @@ def test_property_bulk_pass_agrees_with_the_careful_pass(case):
             return "error"
         return list(h.tensors.items()), h.metadata
 
-    fast = run()
-    real = sf._parse_fast
-    sf._parse_fast = lambda *a: None
+    results = []
+    real = sf._parse_columns, sf._parse_fast
     try:
-        careful = run()
+        for columns, bulk in ((True, True), (True, False), (False, True), (False, False)):
+            sf._parse_columns = real[0] if columns else (lambda *a: None)
+            sf._parse_fast = real[1] if bulk else (lambda *a: None)
+            results.append(run())
     finally:
-        sf._parse_fast = real
-    assert fast == careful
+        sf._parse_columns, sf._parse_fast = real
+    assert results[1:] == results[:-1]  # the compiled scan, the bulk and the careful pass
+
+
+@st.composite
+def writer_texts(draw):
+    """Headers in the writers' compact form (the compiled scan's), then edited a few
+    characters at a time: every way of leaving that form by a little."""
+    header, pos = {}, 0
+    if draw(st.booleans()):
+        header["__metadata__"] = draw(st.dictionaries(
+            st.text(alphabet="ab:é", max_size=3), st.text(alphabet="ab:é", max_size=3), max_size=2))
+    for i in range(draw(st.integers(0, 4))):
+        dt = draw(_dtype)
+        shape = draw(st.lists(st.sampled_from([0, 1, 2, 7, 2**31, 2**62]), max_size=3))
+        numel = 1
+        for d in shape:
+            numel *= d
+        nbytes = numel * DTYPES[dt].itemsize
+        header[draw(st.sampled_from([f"t{i}", f"t:{i}", f"é{i}"]))] = {
+            "dtype": dt, "shape": shape, "data_offsets": [pos, pos + nbytes]}
+        pos += nbytes
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False)
+    text += " " * (-len(text.encode()) % 8)
+    for _ in range(draw(st.integers(0, 2))):
+        at = draw(st.integers(0, len(text)))
+        edit = draw(st.sampled_from(["put", "drop", "copy"]))
+        if edit == "put":
+            text = text[:at] + draw(st.sampled_from('":,09[]{}- \\xé.')) + text[at + 1:]
+        elif edit == "drop":
+            text = text[:at] + text[at + 1:]
+        else:
+            text = text[:at] + text[at:at + draw(st.integers(1, 30))] + text[at:]
+    return text.encode(), min(pos, 1 << 20) + draw(st.sampled_from([0, 0, 1]))
+
+
+@settings(max_examples=400, deadline=None)
+@given(writer_texts())
+def test_property_compiled_scan_agrees_on_edited_writer_headers(case):
+    """The compiled scan, the bulk pass and the careful pass give the same tensors and
+    metadata, or the same error, whatever the edit."""
+    test_property_bulk_pass_agrees_with_the_careful_pass.hypothesis.inner_test(case)
+
+
+def test_compiled_scan_takes_the_writers_form_and_hands_over_the_rest():
+    """``_C.header_columns`` reads the form the safetensors writers produce (compact,
+    padded with spaces, metadata first or last) and hands anything else to the Python
+    passes: whitespace, escapes, fields in another order, a duplicate key, tensors out
+    of offset order, a dtype it does not know."""
+    from fastsoup.io import safetensors as sf
+
+    if getattr(sf._ext.cpu_ext(warn=False), "header_columns", None) is None:
+        pytest.skip("fastsoup._C is not built")
+    obj = good_header()
+    obj["__metadata__"] = {"format": "pt", "a:b": "c:d"}
+    good = json.dumps(obj, separators=(",", ":"))
+    got = sf._parse_columns((good + "   ").encode(), 22)
+    assert got is not None and got == sf._parse_fast(good, 0, 22)
+    assert got[1] == {"format": "pt", "a:b": "c:d"}
+    assert list(got[0]) == [k for k in obj if k != "__metadata__"]
+    refused = {
+        "space": good.replace(":", ": ", 1),
+        "escape": good.replace('"a"', '"\\u0061"'),
+        "field order": good.replace('"dtype":"BF16","shape":[3]', '"shape":[3],"dtype":"BF16"'),
+        "duplicate": good.replace('"b":', '"a":{"dtype":"F32","shape":[0],"data_offsets":[0,0]},"b":'),
+        "meta duplicate": good.replace('"format":"pt"', '"format":"pt","format":"x"'),
+        "unknown dtype": good.replace('"F32"', '"F31"'),
+        "leading zero": good.replace("[3]", "[03]"),
+        "dim past int64": good.replace("[3]", f"[{2**64 + 3}]"),  # 3 if it wrapped
+        "offset past int64": good.replace("[16,22]", f"[16,{2**64 + 22}]"),
+        "tail": good + " x",
+    }
+    for name, text in refused.items():
+        assert text != good, name
+        assert sf._parse_columns(text.encode(), 22) is None, name
+    swapped = json.dumps(dict(reversed(list(good_header().items()))), separators=(",", ":"))
+    assert sf._parse_columns(swapped.encode(), 22) is None
+    assert sf._parse_fast(swapped, 0, 22) is not None  # the bulk pass sorts by offset
 
 
 def test_bulk_pass_is_taken_and_refuses_duplicates():

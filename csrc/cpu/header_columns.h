@@ -1,0 +1,16 @@
+// The columns of a canonical safetensors header (see header_columns.cpp).
+#pragma once
+
+#include <Python.h>
+
+#include <cstdint>
+
+namespace fastsoup {
+
+// (keys, dtypes, shapes, begins, ends, metadata span or None) for the JSON text `raw`
+// (bytes) of a header whose tensors fill `data_len` bytes back to back, dtypes taken
+// from `itemsizes` ({name: bytes per element}); None when the text is not in the
+// canonical compact form or breaks a rule; nullptr with a Python error on failure.
+PyObject* header_columns(PyObject* raw, PyObject* itemsizes, int64_t data_len);
+
+}  // namespace fastsoup

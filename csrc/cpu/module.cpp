@@ -165,6 +165,16 @@ PYBIND11_MODULE(_C, m) {
         py::arg("raw"), py::arg("itemsizes"), py::arg("data_len"),
         "(keys, dtypes, shapes, begins, ends, metadata span) of a canonical compact\n"
         "safetensors header whose tensors fill data_len bytes back to back, or None.");
+    m.def(
+        "tensors_json",
+        [](py::object entries) {
+            PyObject* r = fastsoup::tensors_json(entries.ptr());
+            if (r == nullptr) throw py::error_already_set();
+            return py::reinterpret_steal<py::object>(r);
+        },
+        py::arg("entries"),
+        "(text, offsets): the header JSON of (key, dtype, shape, nbytes) entries stored\n"
+        "back to back, as json.dumps(separators=(',', ':'), ensure_ascii=False) writes it.");
     m.def("prefault", &prefault_py, py::arg("buf"), py::arg("page") = 4096,
           "Touch one byte per page of a (memory-mapped) buffer, GIL released.");
     m.def("weighted_sum_simd", &fastsoup::ws::simd_variant,

@@ -484,7 +484,12 @@ def tensors_json(tensors: Iterable[Tuple[str, str, Tuple[int, ...], int]]) -> Tu
     """The JSON object :func:`layout_header` builds for ``(key, dtype, shape, nbytes)``
     tensors (no ``__metadata__``), as the text ``json.dumps(obj, separators=(",", ":"),
     ensure_ascii=False)`` writes, and each tensor's offset: written as text, without the
-    intermediate objects (a header of 10⁵ tensors in a fraction of the time)."""
+    intermediate objects (a header of 10⁵ tensors in a fraction of the time), by
+    ``fastsoup._C.tensors_json`` when the extension is built."""
+    write = getattr(_ext.cpu_ext(warn=False), "tensors_json", None)
+    if write is not None:
+        text, offsets = write(tensors if isinstance(tensors, (list, tuple)) else list(tensors))
+        return text, offsets
     enc = json.encoder.encode_basestring
     parts = []
     offsets = []

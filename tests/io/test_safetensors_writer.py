@@ -6,6 +6,8 @@ import os
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load
 
 from fastsoup.io import atomic
@@ -23,12 +25,45 @@ def test_layout_header_places_tensors_back_to_back():
     assert "__metadata__" not in layout_header([], None)[0]
 
 
-@pytest.mark.parametrize("keys", [[], ["a"], ["é\"q\\", "tab\tnl\n\x01", "\u2028 𝄞", "model.layers.0.w"]])
-def test_tensors_json_is_the_text_json_dumps_writes(keys):
+def _both_writers(monkeypatch, compiled: bool):
+    """``tensors_json`` through ``fastsoup._C.tensors_json`` or the Python loop."""
+    from fastsoup.io import safetensors as sf
+
+    ext = sf._ext.cpu_ext(warn=False)
+    if compiled and getattr(ext, "tensors_json", None) is None:
+        pytest.skip("fastsoup._C is not built")
+    if not compiled:
+        monkeypatch.setattr(sf._ext, "cpu_ext", lambda warn=False: None)
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+@pytest.mark.parametrize("keys", [[], ["a"], ["é\"q\\", "tab\tnl\n\x01\x1f\x7f\b\f\r", "\u2028 𝄞",
+                                              "model.layers.0.w"]])
+def test_tensors_json_is_the_text_json_dumps_writes(keys, compiled, monkeypatch):
+    _both_writers(monkeypatch, compiled)
     entries = [(k, ["F32", "BF16", "I64"][i % 3], tuple(range(i % 3)), 4 * i) for i, k in enumerate(keys)]
     entries += [(k + "#2", "F32", [1, 2], 8) for k in keys]  # repeated shapes, given as lists
+    entries += [(k + "#3", "F32", (2**40, 0), 0) for k in keys]  # large dims, nothing stored
     obj, offsets = layout_header(entries, None)
     text, pos = tensors_json(entries)
+    assert text == json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+    assert pos == [offsets[e[0]] for e in entries]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.text(st.characters(blacklist_categories=("Cs",)), max_size=6),
+                          st.sampled_from(["F32", "BF16", "I64"]),
+                          st.lists(st.integers(0, 2**40), max_size=3), st.integers(0, 2**40)),
+                max_size=5, unique_by=lambda e: e[0]))
+def test_property_compiled_tensors_json_is_the_python_text(entries):
+    from fastsoup.io import safetensors as sf
+
+    write = getattr(sf._ext.cpu_ext(warn=False), "tensors_json", None)
+    if write is None:
+        return
+    entries = [(k, d, tuple(s), n) for k, d, s, n in entries]
+    obj, offsets = layout_header(entries, None)
+    text, pos = write(entries)
     assert text == json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
     assert pos == [offsets[e[0]] for e in entries]
 

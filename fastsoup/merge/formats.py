@@ -20,7 +20,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from itertools import repeat
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple
 
 from ..io import safetensors
 from ..io.safetensors import DTYPES, TORCH_NAMES, Header, TensorInfo
@@ -67,7 +67,7 @@ class Component:
     files: List[WeightFile]
     index_name: Optional[str] = None           # "model.safetensors.index.json" when sharded
     index_metadata: dict = field(default_factory=dict)
-    tensors: Dict[str, Tuple[WeightFile, TensorInfo]] = field(default_factory=dict)
+    tensors: Mapping[str, Tuple[WeightFile, TensorInfo]] = field(default_factory=dict)
     # set when ``tensors`` is exactly {key: (files[0], info)} of this mapping (one file): the
     # planner then reads the mapping, which identical headers share (see
     # io.safetensors.shared_headers); dataclasses.replace() resets it
@@ -196,11 +196,53 @@ def _weight_file(path: str, name: str, allow_pickle: bool) -> WeightFile:
                      f"{' or ' + '/'.join(PICKLE_SUFFIXES) if allow_pickle else ''})")
 
 
+class FileTensors(Mapping):
+    """``{key: (wf, info)}`` of the one file ``wf`` of a component, over its header's
+    ``infos`` mapping: keys, length, membership and lookups read the mapping (which
+    identical headers share); the dict of pairs is built only to iterate over pairs, so
+    a merge of inputs sharing a header never builds one per input."""
+
+    __slots__ = ("wf", "infos", "_pairs")
+
+    def __init__(self, wf: "WeightFile", infos: Mapping):
+        self.wf, self.infos, self._pairs = wf, infos, None
+
+    def _dict(self) -> dict:
+        if self._pairs is None:
+            self._pairs = dict(zip(self.infos, zip(repeat(self.wf), self.infos.values())))
+        return self._pairs
+
+    def __getitem__(self, key):
+        return self.wf, self.infos[key]
+
+    def get(self, key, default=None):
+        info = self.infos.get(key)
+        return default if info is None else (self.wf, info)
+
+    def items(self):
+        return self._dict().items()
+
+    def values(self):
+        return self._dict().values()
+
+    def keys(self):
+        return self.infos.keys()
+
+    def __iter__(self):
+        return iter(self.infos)
+
+    def __len__(self) -> int:
+        return len(self.infos)
+
+    def __contains__(self, key) -> bool:
+        return key in self.infos
+
+
 def _fill_tensors(comp: Component, where: str) -> None:
     if len(comp.files) == 1 and not comp.tensors:  # one file: no key can appear twice
         wf = comp.files[0]
         infos = wf.infos()
-        comp.tensors = dict(zip(infos, zip(repeat(wf), infos.values())))
+        comp.tensors = FileTensors(wf, infos)
         comp.infos_of_file = infos
         return
     for wf in comp.files:

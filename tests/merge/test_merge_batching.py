@@ -372,3 +372,33 @@ def test_bulk_plan_equals_the_key_by_key_plan(tmp_path, monkeypatch, case, share
                 3e38, {})
     assert rest == [k for k in lays[0].keys()
                     if k == "position_ids" or case == "mixed-dtype" and k == "layers.000.experts.02.w"]
+
+
+def test_inputs_sharing_a_header_build_no_pairs_per_input(tmp_path, monkeypatch):
+    """A one-file component's ``tensors`` reads its header's mapping; a dict of ``(file,
+    info)`` pairs is built only to iterate over them, which a merge of inputs sharing one
+    header never does (integer tensors included). The mapping is the dict it stands for."""
+    from fastsoup.merge import formats
+
+    spec = _spec(40, every_f32=7)
+    paths = [save_file_layout(str(tmp_path / f"m{i}.safetensors"), make_state(970 + i, spec))
+             for i in range(3)]
+    built = []
+    real = formats.FileTensors._dict
+    monkeypatch.setattr(formats.FileTensors, "_dict",
+                        lambda self: (self._pairs is None and built.append(self.wf.path)) or real(self))
+    fs.merge(paths, str(tmp_path / "o.safetensors"), quiet=True, hash="none")
+    assert built == []
+    comp = formats.resolve(paths[0]).components[""]
+    wf = comp.files[0]
+    want = {k: (wf, info) for k, info in wf.header.tensors.items()}
+    assert isinstance(comp.tensors, formats.FileTensors)
+    assert list(comp.tensors) == list(want) and len(comp.tensors) == len(want)
+    key = next(iter(want))
+    assert key in comp.tensors and "missing" not in comp.tensors
+    assert comp.tensors[key] == want[key] == comp.tensors.get(key)
+    assert comp.tensors.get("missing") is None and built == []
+    with pytest.raises(KeyError):
+        comp.tensors["missing"]
+    assert list(comp.tensors.items()) == list(want.items()) and built == [wf.path]
+    assert comp.tensors == want

@@ -1,8 +1,10 @@
 """The sha256 digests of a merge's inputs (the manifest's constituent hashes).
 
 A digest in a manifest is the digest of the bytes that were merged: :class:`Hasher`
-is fed the very buffers the engine read (:func:`.mmap.prefetch_window`), in worker
-threads (``hashlib`` releases the GIL), and reads itself only the bytes the merge does
+is fed the very buffers the engine read, in worker threads (``hashlib`` releases the
+GIL): on the CPU each slice worker hashes its own slice in its file's turn
+(:meth:`Hasher.update_in_turn`), otherwise the window buffers are queued on the files'
+strands (:func:`.mmap.prefetch_window`). It reads itself only the bytes the merge does
 not use (headers, tensors nobody sums). A file whose tensors the merge reads out of
 file order (a checkpoint serialised in another order) is hashed by a second sequential
 read; it and a cached digest are vouched for by the file's identity (device, inode,

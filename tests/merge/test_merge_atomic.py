@@ -19,6 +19,18 @@ from tests.helpers import leftovers, run_quiet, make_state, save_file_layout, sa
 run = run_quiet
 
 
+@pytest.fixture(autouse=True)
+def ctrl_c_raises():
+    """The tests below send SIGINT as a terminal's Ctrl-C does: Python's default handler
+    turns it into KeyboardInterrupt. A process started with SIGINT ignored (a background
+    job of a non-interactive shell) would keep ignoring it, and the signal would be lost."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 @pytest.fixture
 def sharded(tmp_path):
     a = save_sharded(str(tmp_path / "a"), make_state(0), 2)

@@ -89,8 +89,8 @@ def merge(inputs: Sequence[PathLike], output: Optional[PathLike],
         memory: streaming budget for input windows and output buffers (bytes or text
             such as "64MiB"; default 32 MiB on the CPU, 256 MiB with a GPU ``device``); the
             resident set stays near this plus the interpreter's own.
-        threads: CPU threads for the sum (default: all cores). With ``hash="none"`` or
-            every digest cached, the same threads also read the inputs (slices).
+        threads: CPU threads for the merge (default: all cores). On the CPU each reads a
+            slice of every safetensors input, sums it and hashes it for the digests.
         device: "cpu" (``fastsoup._C``) or "cuda"/"cuda:N" (:func:`fastsoup.weighted_sum_`
             on the GPU). "torch:cpu" runs the device path's code on CPU tensors (tests).
         dry_run: plan and validate only: headers are read, and integer/bool tensors

@@ -76,8 +76,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory", default=None,
                    help=f"streaming buffer budget (default {DEFAULT_MEMORY_TEXT} on the CPU, "
                    f"{DEFAULT_DEVICE_MEMORY_TEXT} with --device cuda; units as --max-shard-size)")
-    p.add_argument("--threads", type=int, help="CPU threads for the sum (default: all cores); "
-                   "with --hash none or cached digests they also read the inputs")
+    p.add_argument("--threads", type=int, help="CPU threads for the merge (default: all "
+                   "cores): on the CPU each reads a slice of every safetensors input, sums "
+                   "it and hashes it for the digests")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--hash", choices=list(HASH_MODES), default=HASH_MODES[0],
                    help="content hashes of the inputs in the manifest (default sha256)")

@@ -207,6 +207,22 @@ def count_host_reads(monkeypatch, reads=HOST_READS):
         yield counter
 
 
+def digest_bytes_fed(monkeypatch) -> Dict[str, int]:
+    """``{path: bytes}`` the merge's own reads hand to each input's digest (not the bytes
+    the digest reads itself), counted from now on."""
+    from fastsoup.merge import hashing
+
+    fed: Dict[str, int] = {}
+    real = hashing._FileDigest.update
+
+    def update(self, lo, view):
+        fed[self.wf.path] = fed.get(self.wf.path, 0) + len(view)
+        return real(self, lo, view)
+
+    monkeypatch.setattr(hashing._FileDigest, "update", update)
+    return fed
+
+
 def cuda_syncs(call):
     """The synchronising CUDA calls ``call()`` makes after a warm-up call (sync-debug
     mode warns on each one, including those inside PyTorch's C++)."""

@@ -236,10 +236,14 @@ def _parse_fast(text: str, data_start: int, data_len: int):
     # back to back from byte 0 to the end of the data section: no gap, overlap or tail
     if begins[0] != 0 or ends[-1] != data_len or begins[1:] != ends[:-1]:
         return None
-    # tuple.__new__ in C, not the named tuple's Python __new__, per entry
-    infos = list(itertools.starmap(tuple.__new__, zip(
-        itertools.repeat(TensorInfo), zip(dtypes, map(tuple, shapes), begins, ends))))
-    return dict(zip(keys, infos)), metadata
+    return dict(zip(keys, _infos(dtypes, map(tuple, shapes), begins, ends))), metadata
+
+
+def _infos(dtypes, shapes, begins, ends):
+    """:class:`TensorInfo` of each column entry, through ``tuple.__new__`` in C (not the
+    named tuple's Python ``__new__``, per entry)."""
+    return itertools.starmap(tuple.__new__, zip(
+        itertools.repeat(TensorInfo), zip(dtypes, shapes, begins, ends)))
 
 
 def _parse_columns(raw: bytes, data_len: int):
@@ -263,8 +267,7 @@ def _parse_columns(raw: bytes, data_len: int):
         inner = sum(k.count(":") + v.count(":") for k, v in metadata.items())
         if text.count(":") - inner != len(metadata):
             return None  # a duplicate metadata key: the careful pass names it
-    tensors = dict(zip(keys, itertools.starmap(tuple.__new__, zip(
-        itertools.repeat(TensorInfo), zip(dtypes, shapes, begins, ends)))))
+    tensors = dict(zip(keys, _infos(dtypes, shapes, begins, ends)))
     if len(tensors) != len(keys):
         return None  # a duplicate key: the careful pass names it
     return tensors, metadata
@@ -487,9 +490,8 @@ def tensors_json(tensors: Iterable[Tuple[str, str, Tuple[int, ...], int]]) -> Tu
     intermediate objects (a header of 10⁵ tensors in a fraction of the time), by
     ``fastsoup._C.tensors_json`` when the extension is built."""
     write = getattr(_ext.cpu_ext(warn=False), "tensors_json", None)
-    if write is not None:
-        text, offsets = write(tensors if isinstance(tensors, (list, tuple)) else list(tensors))
-        return text, offsets
+    if write is not None:  # takes any iterable of 4-tuples
+        return write(tensors)
     enc = json.encoder.encode_basestring
     parts = []
     offsets = []

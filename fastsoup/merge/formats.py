@@ -68,10 +68,13 @@ class Component:
     index_name: Optional[str] = None           # "model.safetensors.index.json" when sharded
     index_metadata: dict = field(default_factory=dict)
     tensors: Mapping[str, Tuple[WeightFile, TensorInfo]] = field(default_factory=dict)
-    # set when ``tensors`` is exactly {key: (files[0], info)} of this mapping (one file): the
-    # planner then reads the mapping, which identical headers share (see
-    # io.safetensors.shared_headers); dataclasses.replace() resets it
-    infos_of_file: Optional[dict] = field(default=None, init=False, repr=False, compare=False)
+
+    @property
+    def infos_of_file(self) -> Optional[Mapping]:
+        """The header mapping ``tensors`` reads when it is one file's (:class:`FileTensors`):
+        the planner then reads the mapping, which identical headers share (see
+        io.safetensors.shared_headers); None otherwise."""
+        return self.tensors.infos if isinstance(self.tensors, FileTensors) else None
 
     @property
     def weight_stem(self) -> str:
@@ -241,9 +244,7 @@ class FileTensors(Mapping):
 def _fill_tensors(comp: Component, where: str) -> None:
     if len(comp.files) == 1 and not comp.tensors:  # one file: no key can appear twice
         wf = comp.files[0]
-        infos = wf.infos()
-        comp.tensors = FileTensors(wf, infos)
-        comp.infos_of_file = infos
+        comp.tensors = FileTensors(wf, wf.infos())
         return
     for wf in comp.files:
         for k, info in wf.infos().items():

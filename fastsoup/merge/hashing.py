@@ -309,7 +309,8 @@ class Hasher:
 
     @property
     def needs_bytes(self) -> bool:
-        """Whether :meth:`feed` hashes anything (False when every digest is cached)."""
+        """Whether any digest needs the merge's bytes (:meth:`feed`, :meth:`ticket`);
+        False when every digest is cached."""
         return bool(self.digests and self._pools)
 
     def feed(self, wf: WeightFile, lo: int, view) -> Optional[Future]:

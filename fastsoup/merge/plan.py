@@ -562,11 +562,7 @@ def _single_file_order(layout, key_map, out_tensors):
     if len(out_tensors) > len(key_map) or not all(map(key_map.__contains__, out_tensors)):
         return None
     keys = [q for q in key_map if q in out_tensors]   # key_map follows the file's tensors
-    infos = comp.infos_of_file
-    if infos is not None:  # the header's own mapping: no (file, info) pairs to build
-        begins = [infos[key_map[q][1]].begin for q in keys]
-    else:
-        begins = [comp.tensors[key_map[q][1]][1].begin for q in keys]
+    begins = [comp.tensors[key_map[q][1]][1].begin for q in keys]
     if not all(map(operator.lt, begins[:-1], begins[1:])):
         return None  # ties (zero-sized tensors): the sort breaks them by name
     return cname, comp, keys

@@ -14,7 +14,8 @@ import torch
 import fastsoup as fs
 from fastsoup.merge import MergeError, hashing, soup_add, soup_remove
 from fastsoup.kernels import cpu as cpu_kernels
-from tests.helpers import leftovers, load_any, make_state, save_diffusers, save_file_layout
+from tests.helpers import (digest_bytes_fed, leftovers, load_any, make_state, save_diffusers,
+                           save_file_layout)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -89,14 +90,7 @@ def test_manifest_digest_is_computed_from_the_merged_bytes(tmp_path, monkeypatch
     state = {"w": torch.randn(1 << 16), "v": torch.randn(1 << 16)}
     b = str(tmp_path / "b.safetensors")
     save_file(state, b)
-    fed = {}
-    real_update = hashing._FileDigest.update
-
-    def update(self, lo, view):
-        fed[self.wf.path] = fed.get(self.wf.path, 0) + len(view)
-        return real_update(self, lo, view)
-
-    monkeypatch.setattr(hashing._FileDigest, "update", update)
+    fed = digest_bytes_fed(monkeypatch)
     monkeypatch.setattr(hashing, "file_sha256", lambda *a, **k: pytest.fail("re-read"))
     rep = fs.merge([a, b], tmp_path / "o.safetensors", memory="64KiB", quiet=True)
     for entry, path in zip(rep.manifest["constituents"], (a, b)):

@@ -13,7 +13,8 @@ import fastsoup as fs
 from fastsoup.merge import MergeError, engine, hashing
 from fastsoup.merge.mmap import InputFiles
 
-from tests.helpers import leftovers, load_any, make_state, save_file_layout, save_sharded
+from tests.helpers import (digest_bytes_fed, leftovers, load_any, make_state, save_file_layout,
+                           save_sharded)
 
 SPEC = {
     "emb.weight": ((300, 64), torch.bfloat16),
@@ -83,14 +84,7 @@ def test_a_first_merge_digests_the_bytes_the_slices_read(tmp_path, monkeypatch):
     monkeypatch.setattr(engine, "SLICE_BYTES", 8 << 10)
     paths = [save_file_layout(str(tmp_path / f"m{i}.safetensors"), make_state(i, SPEC))
              for i in range(3)]
-    fed = {}
-    real = hashing._FileDigest.update
-
-    def update(self, lo, view):
-        fed[self.wf.path] = fed.get(self.wf.path, 0) + len(view)
-        return real(self, lo, view)
-
-    monkeypatch.setattr(hashing._FileDigest, "update", update)
+    fed = digest_bytes_fed(monkeypatch)
     monkeypatch.setattr(hashing.Hasher, "feed", lambda *a: pytest.fail("windowed feed"))
     calls = _spy(monkeypatch)
     rep = fs.merge(paths, str(tmp_path / "o.safetensors"), quiet=True, threads=2)

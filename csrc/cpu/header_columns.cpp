@@ -92,6 +92,7 @@ PyObject* header_columns(PyObject* raw, PyObject* itemsizes, int64_t data_len) {
     std::vector<PyObject*> keys, dtypes, shapes, begins, ends;
     // the dtype strings, one object each (and their item sizes): set() over them is cheap
     std::unordered_map<std::string, std::pair<PyObject*, int64_t>> known;
+    std::vector<int64_t> dims;  // the current entry's shape (reused)
     int64_t meta_lo = -1, meta_hi = -1, pos = 0;
     bool ok = c.ch('{');
     bool first = true;
@@ -142,7 +143,7 @@ PyObject* header_columns(PyObject* raw, PyObject* itemsizes, int64_t data_len) {
             it = known.emplace(dname, std::make_pair(name, es)).first;  // owns `name`
         }
         // shape: numel and the extent with zero dimensions as 1 must fit int64
-        std::vector<int64_t> dims;
+        dims.clear();
         __int128 numel = 1, extent = it->second.second;
         if (!c.ch(']')) {
             do {

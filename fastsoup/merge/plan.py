@@ -434,7 +434,6 @@ def _plan_uniform(layouts, n: int, keys: List[str], weights, has_base: bool, nor
     rest = []
     first, others = tables[0], tables[1:]
     name0 = names[0]
-    plain = all(nm is None for nm in names)
     for q in keys:
         entry0 = first[q]
         info0 = entry0[1]
@@ -449,11 +448,8 @@ def _plan_uniform(layouts, n: int, keys: List[str], weights, has_base: bool, nor
         if len(entries) != len(tables) or dt not in averageable:
             rest.append(q)
             continue
-        if plain:
-            srcs = [Source(k, entries[k][0], entries[k][1], cs[k], q) for k in used]
-        else:
-            srcs = [Source(k, entries[k][0], entries[k][1], cs[k],
-                           q if names[k] is None else names[k][q][1]) for k in used]
+        srcs = [Source(k, entries[k][0], entries[k][1], cs[k],
+                       q if names[k] is None else names[k][q][1]) for k in used]
         out[q] = OutTensor(q if name0 is None else name0[q][1], q, dtype or dt, info0.shape,
                            "sum", srcs)
     return rest

@@ -7,7 +7,6 @@
 #include <memory>
 #include <stdexcept>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include "header_columns.h"
@@ -36,7 +35,7 @@ static py::dict build_info() {
 #else
     d["simd"] = "none";
 #endif
-    d["hardware_threads"] = std::thread::hardware_concurrency();
+    d["hardware_threads"] = fastsoup::ws::hardware_threads();
     return d;
 }
 

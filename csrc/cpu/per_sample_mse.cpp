@@ -73,7 +73,7 @@ void chunk_grad(const TP* __restrict p, const TT* __restrict t, float k, TP* __r
 }
 
 int thread_count(int threads, int64_t total, int64_t items) {
-    if (threads <= 0) threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+    if (threads <= 0) threads = static_cast<int>(std::max(1u, ::fastsoup::ws::hardware_threads()));
     const int64_t by_size = std::max<int64_t>(1, total / MIN_PER_THREAD);
     return static_cast<int>(std::min<int64_t>({threads, by_size, items}));
 }

@@ -9,6 +9,8 @@
 // Work is split into blocks of BLOCK elements. For one block, the accumulator (fp32 or
 // fp64, on the stack, in L1) is initialised from input 0 and updated from inputs 1..K-1;
 // then it is rounded once into the output. Threads take contiguous ranges of blocks.
+// The AVX2 variant first runs the usual case (inputs of one 2- or 4-byte dtype, fp32
+// accumulation, a 2- or 4-byte output) in register tiles: same operations, same order.
 #ifndef FASTSOUP_WS_KERNELS
 
 #include "weighted_sum.h"
@@ -19,6 +21,9 @@
 #include <cstring>
 #include <thread>
 #include <vector>
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#endif
 
 namespace fastsoup {
 namespace ws {
@@ -53,9 +58,11 @@ namespace fastsoup { namespace ws { namespace generic {
 #define FASTSOUP_WS_HAVE_AVX2 1
 #pragma GCC push_options
 #pragma GCC target("avx2,f16c")
+#define FASTSOUP_WS_TILES 1
 namespace fastsoup { namespace ws { namespace avx2 {
 #include "weighted_sum.cpp"
 }}}
+#undef FASTSOUP_WS_TILES
 #pragma GCC pop_options
 #endif
 
@@ -95,13 +102,18 @@ RangeFn range_fn() {
 
 }  // namespace
 
+unsigned hardware_threads() {
+    static const unsigned hc = std::thread::hardware_concurrency();
+    return hc;
+}
+
 const char* simd_variant() { return cpu_has_avx2() ? "avx2+f16c" : "generic"; }
 
 void weighted_sum(void* out, int out_dtype, const void* const* ins, const int* in_dtypes,
                   const double* weights, int K, int64_t n, int threads, bool acc64) {
     if (n <= 0) return;
     RangeFn fn = range_fn();
-    const unsigned hc = std::thread::hardware_concurrency();  // 0: unknown
+    const unsigned hc = hardware_threads();  // 0: unknown
     if (threads <= 0) threads = static_cast<int>(std::max(1u, hc));
     if (hc > 0 && static_cast<unsigned>(threads) > hc) threads = static_cast<int>(hc);
     int64_t by_size = std::max<int64_t>(1, n / MIN_PER_THREAD);
@@ -227,11 +239,117 @@ static void store_block(void* dst, int dtype, const double* __restrict acc, int6
     }
 }
 
+// ---- register tiles (AVX2 variant): every input of one 2- or 4-byte dtype, fp32
+// accumulation, a 2- or 4-byte output (the usual soup). TILE accumulators stay in
+// registers while the K inputs are added into them, in the same order and with the same
+// roundings as accumulate_block (acc = w_0 x_0, then acc = acc + w_k x_k, each product
+// and sum rounded to fp32; no FMA): bit-identical results, without the load and store
+// of the accumulator per input and element that the block path pays.
+#ifdef FASTSOUP_WS_TILES
+constexpr int64_t TILE = 32;
+
+static inline __m256 tile_load(const uint16_t* x) {  // bf16 bits -> fp32 (exact)
+    __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+static inline __m256 tile_load(const _Float16* x) {  // fp16 -> fp32 (exact)
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x)));
+}
+static inline __m256 tile_load(const float* x) { return _mm256_loadu_ps(x); }
+
+static inline void tile_store(float* y, __m256 v) { _mm256_storeu_ps(y, v); }
+static inline void tile_store(_Float16* y, __m256 v) {  // round to nearest even, as a cast
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(y), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+}
+static inline void tile_store(uint16_t* y, __m256 v) {  // f32_to_bf16_bits, 8 at a time
+    const __m256i u = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    const __m256i rounded = _mm256_srli_epi32(
+        _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb), 16);
+    const __m256i quiet = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
+    const __m256i is_nan = _mm256_cmpgt_epi32(
+        _mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)), _mm256_set1_epi32(0x7f800000));
+    const __m256i bits = _mm256_blendv_epi8(rounded, quiet, is_nan);  // each in [0, 0xffff]
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(bits, bits), 0x08);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(y), _mm256_castsi256_si128(packed));
+}
+
+// Elements [lo, lo + TILE * floor((hi - lo) / TILE)); returns where it stopped.
+template <typename In, typename Out>
+static int64_t tile_range(void* out, const void* const* ins, const float* w, int K,
+                          int64_t lo, int64_t hi) {
+    Out* y = static_cast<Out*>(out);
+    int64_t i = lo;
+    for (; i + TILE <= hi; i += TILE) {
+        const In* x = static_cast<const In*>(ins[0]) + i;
+        __m256 wk = _mm256_set1_ps(w[0]);
+        __m256 a0 = _mm256_mul_ps(wk, tile_load(x));
+        __m256 a1 = _mm256_mul_ps(wk, tile_load(x + 8));
+        __m256 a2 = _mm256_mul_ps(wk, tile_load(x + 16));
+        __m256 a3 = _mm256_mul_ps(wk, tile_load(x + 24));
+        for (int k = 1; k < K; ++k) {
+            x = static_cast<const In*>(ins[k]) + i;
+            wk = _mm256_set1_ps(w[k]);
+            a0 = _mm256_add_ps(a0, _mm256_mul_ps(wk, tile_load(x)));
+            a1 = _mm256_add_ps(a1, _mm256_mul_ps(wk, tile_load(x + 8)));
+            a2 = _mm256_add_ps(a2, _mm256_mul_ps(wk, tile_load(x + 16)));
+            a3 = _mm256_add_ps(a3, _mm256_mul_ps(wk, tile_load(x + 24)));
+        }
+        tile_store(y + i, a0);
+        tile_store(y + i + 8, a1);
+        tile_store(y + i + 16, a2);
+        tile_store(y + i + 24, a3);
+    }
+    return i;
+}
+
+template <typename In>
+static int64_t tile_range_out(void* out, int out_dtype, const void* const* ins, const float* w,
+                              int K, int64_t lo, int64_t hi) {
+    switch (out_dtype) {
+        case ::fastsoup::ws::F32: return tile_range<In, float>(out, ins, w, K, lo, hi);
+        case ::fastsoup::ws::BF16: return tile_range<In, uint16_t>(out, ins, w, K, lo, hi);
+        case ::fastsoup::ws::F16: return tile_range<In, _Float16>(out, ins, w, K, lo, hi);
+    }
+    return lo;  // fp64 output: the block path
+}
+
+// The tiled part of [lo, hi) where the tiles apply; returns where the block path
+// takes over (lo where they do not).
+static int64_t tiled_prefix(void* out, int out_dtype, const void* const* ins,
+                            const int* in_dtypes, const double* weights, int K, int64_t lo,
+                            int64_t hi) {
+    const int d = in_dtypes[0];
+    for (int k = 1; k < K; ++k)
+        if (in_dtypes[k] != d) return lo;
+    if (d == ::fastsoup::ws::F64 || out_dtype == ::fastsoup::ws::F64 || hi - lo < TILE) return lo;
+    constexpr int STACK_K = 64;
+    float stack_w[STACK_K];
+    std::vector<float> heap_w;
+    float* w = stack_w;
+    if (K > STACK_K) {
+        heap_w.resize(K);
+        w = heap_w.data();
+    }
+    for (int k = 0; k < K; ++k) w[k] = static_cast<float>(weights[k]);
+    switch (d) {
+        case ::fastsoup::ws::BF16: return tile_range_out<uint16_t>(out, out_dtype, ins, w, K, lo, hi);
+        case ::fastsoup::ws::F16: return tile_range_out<_Float16>(out, out_dtype, ins, w, K, lo, hi);
+        case ::fastsoup::ws::F32: return tile_range_out<float>(out, out_dtype, ins, w, K, lo, hi);
+    }
+    return lo;
+}
+#endif  // FASTSOUP_WS_TILES
+
 template <typename Acc>
 static void run_range_t(void* out, int out_dtype, const void* const* ins, const int* in_dtypes,
                         const double* weights, int K, int64_t lo, int64_t hi) {
     alignas(64) Acc acc[BLOCK];
     const size_t out_es = ::fastsoup::ws::dtype_size(out_dtype);
+#ifdef FASTSOUP_WS_TILES
+    if constexpr (sizeof(Acc) == sizeof(float))
+        lo = tiled_prefix(out, out_dtype, ins, in_dtypes, weights, K, lo, hi);
+#endif
     for (int64_t start = lo; start < hi; start += BLOCK) {
         int64_t m = std::min<int64_t>(BLOCK, hi - start);
         for (int k = 0; k < K; ++k) {

@@ -4,7 +4,8 @@
 // fastsoup::ws::DType codes; inputs may have different dtypes. Accumulation is fp32
 // (or fp64 when acc64 is set); the result is rounded once to the output dtype
 // (round-to-nearest-even for fp16/bf16, NaN preserved). Each input element is read
-// exactly once and each output element written exactly once, in blocks that stay in L1.
+// exactly once and each output element written exactly once, the accumulators in
+// registers (inputs of one dtype, AVX2) or in blocks that stay in L1.
 #pragma once
 
 #include <cstddef>
@@ -34,6 +35,10 @@ void weighted_sum(void* out, int out_dtype, const void* const* ins, const int* i
 // Read one byte per `page` bytes of [ptr, ptr + nbytes): faults a mapped range into the
 // page tables ahead of use. Returns a checksum so the reads are not optimised away.
 uint64_t prefault(const void* ptr, size_t nbytes, size_t page);
+
+// std::thread::hardware_concurrency(), read once (glibc answers it by reading /sys: a
+// few microseconds per call, as much as a small kernel call). 0: unknown.
+unsigned hardware_threads();
 
 // "avx2+f16c" or "generic": which inner-loop variant weighted_sum dispatches to.
 const char* simd_variant();

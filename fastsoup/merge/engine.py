@@ -2,7 +2,8 @@
 
 Data path, per output file: tensors are split into work items (whole small tensors,
 chunks of large ones), consecutive items are fused into runs (:func:`make_runs`: one
-kernel call over items contiguous in every file), and runs are streamed one of two ways.
+kernel call over items contiguous in every file), a chunk of tensors at a time as the
+stream takes them (:class:`PlannedRuns`), and runs are streamed one of two ways.
 
 When the sum runs on the CPU and every input is safetensors, runs are cut into slices
 (:func:`_stream_sliced`): each worker thread reads a slice of every input into its own
@@ -36,7 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import chain, repeat
 from operator import attrgetter, itemgetter
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 
@@ -581,7 +582,7 @@ SLICED = True          # stream by slices on the CPU (tests compare with the win
 SLICE_BYTES = 4 << 20  # input bytes a worker reads, then sums while they are in cache
 
 
-def _stream_sliced(runs: List[Run], writers, maps: InputFiles, summer: "CpuSummer",
+def _stream_sliced(runs: Iterable[Run], writers, maps: InputFiles, summer: "CpuSummer",
                    window: int, staging_bytes: int, progress, digest=None) -> dict:
     """Stream by slices: each run is cut into slices of about ``SLICE_BYTES`` of input,
     and each of ``summer.threads`` workers reads a slice of every input into its own
@@ -720,24 +721,56 @@ def execute(plan: Plan, writers: List[SafetensorsFileWriter], *, memory: int, th
             fi += 1
     assert len(writers) == fi
     maps.open_all(plan)
-    items = make_items(files, window, staging_bytes)
-    runs = make_runs(items, writers, window, staging_bytes)
+    runs = PlannedRuns(files, writers, window, staging_bytes)
     sliced = (SLICED and isinstance(summer, CpuSummer)
-              and all(s.file.header is not None for r in runs for s in r.sources))
+              and all(f.header is not None for f in input_maps.plan_files(plan)))
     try:
         if sliced:
             figures = _stream_sliced(runs, writers, maps, summer, window, staging_bytes, progress,
                                      digest)
         else:
-            figures = _stream_windowed(runs, writers, maps, summer, window, staging_bytes,
+            figures = _stream_windowed(list(runs), writers, maps, summer, window, staging_bytes,
                                        progress, digest)
     finally:
         if own_maps:
             maps.close()
-    return RunStats(seconds=time.perf_counter() - t0,
-                    bytes_written=sum(r.out_nbytes for r in runs),
-                    bytes_read=sum(r.in_nbytes for r in runs), items=len(items),
-                    window_bytes=window, runs=len(runs), staging_bytes=staging_bytes, **figures)
+    return RunStats(seconds=time.perf_counter() - t0, bytes_written=runs.out_bytes,
+                    bytes_read=runs.in_bytes, items=runs.items, window_bytes=window,
+                    runs=runs.runs, staging_bytes=staging_bytes, **figures)
+
+
+class PlannedRuns:
+    """The runs of ``files`` (``(output file index, tensors)``), computed a chunk of
+    tensors at a time as the stream takes them (:func:`make_items`, :func:`make_runs`):
+    the first bytes are read and written after the first chunk's runs, not after those
+    of every tensor (tens of thousands of tensors take a few tenths of a second), and the
+    rest are computed while the workers stream. A run never spans two chunks; chunks grow
+    from ``FIRST_CHUNK`` tensors to ``MAX_CHUNK``. Counts what it yielded, for
+    :class:`RunStats`. Iterable once."""
+
+    FIRST_CHUNK = 1024
+    MAX_CHUNK = 16384
+
+    def __init__(self, files: List[Tuple[int, List[OutTensor]]], writers, window: int,
+                 staging: int):
+        self.files, self.writers, self.window, self.staging = files, writers, window, staging
+        self.items = self.runs = self.out_bytes = self.in_bytes = 0
+
+    def __iter__(self):
+        chunk = self.FIRST_CHUNK
+        for fi, tensors in self.files:
+            a = 0
+            while a < len(tensors):
+                items = make_items([(fi, tensors[a:a + chunk])], self.window, self.staging)
+                a += chunk
+                runs = make_runs(items, self.writers, self.window, self.staging)
+                self.items += len(items)
+                self.runs += len(runs)
+                for r in runs:
+                    self.out_bytes += r.out_nbytes
+                    self.in_bytes += r.in_nbytes
+                    yield r
+                chunk = min(2 * chunk, self.MAX_CHUNK)
 
 
 def _stream_windowed(runs: List[Run], writers, maps: InputFiles, summer, window: int,

@@ -68,6 +68,8 @@ def test_small_tensors_are_summed_in_runs_bit_exact(tmp_path, monkeypatch, memor
     states = [make_state(200 + i, spec) for i in range(3)]
     paths = [save_file_layout(str(tmp_path / f"m{i}.safetensors"), s) for i, s in enumerate(states)]
     count = _Count(monkeypatch)
+    # the runs of all the tensors planned at once (a run never spans two chunks of them)
+    monkeypatch.setattr(engine.PlannedRuns, "FIRST_CHUNK", 1 << 30)
     rep = fs.merge(paths, tmp_path / "o.safetensors", weights=[0.5, 0.3, 0.2], memory=memory,
                    quiet=True)
     check_merged(load_any(str(tmp_path / "o.safetensors")), states, [0.5, 0.3, 0.2])
@@ -77,6 +79,42 @@ def test_small_tensors_are_summed_in_runs_bit_exact(tmp_path, monkeypatch, memor
     else:  # windows of a few KiB still hold many tensors each
         assert rep.kernel_calls < rep.work_items / 4
     for c, p in zip(rep.manifest["constituents"], paths):  # digests from coalesced reads
+        assert c["files"][0]["sha256"] == _sha(p)
+
+
+def test_first_bytes_are_written_before_every_run_is_planned(tmp_path, monkeypatch):
+    """The runs are planned a chunk of tensors at a time as the stream takes them: the
+    first output bytes are written before the last chunk's runs are planned, and the
+    result is the same (bit-exact, every input byte hashed once, in order)."""
+    from fastsoup.merge import writer
+
+    spec = _spec(3000)
+    states = [make_state(250 + i, spec) for i in range(3)]
+    paths = [save_file_layout(str(tmp_path / f"m{i}.safetensors"), s) for i, s in enumerate(states)]
+    monkeypatch.setattr(engine.PlannedRuns, "FIRST_CHUNK", 256)
+    monkeypatch.setattr(engine.PlannedRuns, "MAX_CHUNK", 512)
+    events = []
+    orig_runs, orig_pwrite = engine.make_runs, writer.SafetensorsFileWriter.pwrite
+
+    def make_runs(items, *a):
+        runs = orig_runs(items, *a)
+        events.append(("runs", len(items)))
+        return runs
+
+    def pwrite(self, data, offset, *a):
+        if offset >= self.data_start:
+            events.append(("write", offset))
+        return orig_pwrite(self, data, offset, *a)
+
+    monkeypatch.setattr(engine, "make_runs", make_runs)
+    monkeypatch.setattr(writer.SafetensorsFileWriter, "pwrite", pwrite)
+    rep = fs.merge(paths, tmp_path / "o.safetensors", memory="64KiB", quiet=True)
+    check_merged(load_any(str(tmp_path / "o.safetensors")), states, [1 / 3] * 3)
+    kinds = [k for k, _ in events]
+    assert kinds.count("runs") >= 6 and sum(n for k, n in events if k == "runs") == rep.work_items
+    last_runs = len(kinds) - 1 - kinds[::-1].index("runs")
+    assert "write" in kinds[:last_runs], kinds
+    for c, p in zip(rep.manifest["constituents"], paths):
         assert c["files"][0]["sha256"] == _sha(p)
 
 

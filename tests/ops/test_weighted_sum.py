@@ -70,6 +70,79 @@ def test_cpu_kernel_special_values():
     assert torch.isnan(out16[0]) and out16[3] == float("inf") and out16[4] == 0
 
 
+def _bits(t):
+    return t.view({2: torch.int16, 4: torch.int32}[t.element_size()])
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("in_dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_cpu_kernel_register_tiles_match_the_block_path(in_dtype, out_dtype):
+    """Inputs of one dtype take the register tiles (AVX2 builds); the same values with one
+    input widened exactly to another dtype take the block path. Every 16-bit pattern
+    (NaN payloads, infinities, subnormals, ties) and random fp32 patterns, with weights
+    that overflow, underflow to subnormals and cancel: the two paths agree bit for bit
+    (a NaN's payload too, but where two NaNs meet), tails past the last tile included."""
+    n = 65536 + 29
+    g = torch.Generator().manual_seed(7)
+    if in_dtype == torch.float32:
+        x = torch.randint(-2**31, 2**31, (n,), dtype=torch.int64, generator=g).to(torch.int32)
+        x = x.view(torch.float32)
+        wide = torch.float64
+    else:
+        x = torch.arange(n, dtype=torch.int32).remainder(65536).to(torch.int16).view(in_dtype)
+        wide = torch.float32
+    y = (torch.randn(n, generator=g) * 3).to(in_dtype)
+    z = x.flip(0).contiguous()
+    for w in ([1.0, 0.5, -2.0], [3e38, 3e38, 1.0], [1e-30, 1e-8, 0.0], [0.25, -0.25, 1.0]):
+        tiles = torch.empty(n, dtype=out_dtype)
+        block = torch.empty(n, dtype=out_dtype)
+        _C.weighted_sum(_np(tiles), CODES[out_dtype], [_np(x), _np(y), _np(z)], [CODES[in_dtype]] * 3,
+                        w, n, 1, False)
+        y_wide = y.to(wide)  # exact: the block path reads the same values
+        _C.weighted_sum(_np(block), CODES[out_dtype], [_np(x), y_wide.numpy(), _np(z)],
+                        [CODES[in_dtype], CODES[wide], CODES[in_dtype]], w, n, 1, False)
+        # where two NaNs meet, which payload survives is the compiler's choice of operand
+        # order (C++ leaves it open; both paths may differ there): NaN is all that is owed
+        both_nan = tiles.float().isnan() & block.float().isnan()
+        same = (_bits(tiles) == _bits(block)) | both_nan
+        assert same.all() and (tiles.float().isnan() == block.float().isnan()).all(), w
+
+
+def test_cpu_kernel_many_inputs():
+    """More inputs than the register tiles keep weights for on the stack."""
+    k, n = 70, 1000
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(n, generator=g).bfloat16() for _ in range(k)]
+    w = [(i % 7 - 3) / 11 for i in range(k)]
+    out = torch.empty(n, dtype=torch.bfloat16)
+    _C.weighted_sum(_np(out), 2, [_np(x) for x in xs], [2] * k, w, n, 1, False)
+    assert torch.equal(out, _fp32_oracle(xs, w, torch.bfloat16))
+
+
+def test_cpu_kernel_is_compiled_without_fma():
+    """The two variants of the CPU kernel give the same bits because neither contracts
+    a product and a sum into an FMA (one rounding instead of two): none in the compiled
+    code of ``fastsoup::ws``."""
+    objdump = shutil.which("objdump")
+    if objdump is None:
+        pytest.skip("objdump (binutils) is not installed")
+    text = subprocess.run([objdump, "-d", "-C", "--no-show-raw-insn", _C.__file__],
+                          capture_output=True, text=True, check=True).stdout
+    funcs, name = {}, None
+    for line in text.splitlines():
+        if line.endswith(">:"):
+            name = line
+            funcs[name] = []
+        elif name is not None:
+            funcs[name].append(line)
+    kernel = {k: v for k, v in funcs.items() if "fastsoup::ws::" in k}
+    assert any("avx2::" in k for k in kernel) or not any("avx2" in k for k in funcs)
+    assert kernel, "no fastsoup::ws function found in the extension"
+    fused = [k for k, body in kernel.items()
+             if any(op in ln for ln in body for op in ("vfmadd", "vfmsub", "vfnmadd", "vfnmsub"))]
+    assert not fused, fused
+
+
 def test_cpu_kernel_checks_buffers():
     a = np.zeros(10, np.float32)
     with pytest.raises(ValueError, match="needs 40"):

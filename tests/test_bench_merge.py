@@ -1,5 +1,6 @@
 """benchmarks/bench_merge.py --run: a row that fails is recorded with its error and the
-other rows are still measured; benchmarks/merge_stages.py reports every stage."""
+other rows are still measured; benchmarks/merge_stages.py reports every stage;
+benchmarks/sum_kernel.py times the CPU sum kernel."""
 import os
 import sys
 
@@ -43,3 +44,29 @@ def test_merge_stages_times_every_stage(tmp_path, capsys):
     assert got["plan + report + items + runs"] == pytest.approx(
         got["plan (resolve included)"] + got["report"] + got["items"] + got["runs"],
         abs=2.6e-3)  # five figures printed to 3 decimals: each off by up to 0.5e-3
+
+
+def test_sum_kernel_reports_every_size_and_the_call_cost(capsys):
+    """benchmarks/sum_kernel.py sums its inputs with the compiled kernel and prints a
+    throughput per size and the cost of one call."""
+    import sum_kernel
+
+    assert sum_kernel.main(["--kib", "4,8", "--seconds", "0.01"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("fastsoup._C from ")
+    assert [ln.split(":")[0].strip() for ln in lines[1:3]] == ["8 bf16 inputs × 4 KiB",
+                                                              "8 bf16 inputs × 8 KiB"]
+    assert all(float(ln.split(": ")[1].split()[0]) > 0 for ln in lines[1:4])
+    assert lines[3].startswith("  one call of 8 fp32 elements")
+
+
+def test_sum_kernel_inputs_are_normal_bf16():
+    """The kernel benchmark sums weights-like values (no subnormals, NaNs or infinities,
+    which would time other paths of the hardware)."""
+    import numpy as np
+    import sum_kernel
+
+    bits = sum_kernel.bf16_normal(10_000, np.random.default_rng(1)).astype(np.uint32) << 16
+    x = bits.view(np.float32)
+    assert np.isfinite(x).all() and (np.abs(x[x != 0]) > np.finfo(np.float32).tiny).all()
+    assert 0.01 < float(x.std()) < 0.04

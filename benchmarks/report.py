@@ -478,8 +478,9 @@ def merge_section(data: dict) -> List[str]:
     lines = [f"### fastsoup-merge, {meta.get('layout_text', 'SD-like inputs')} ({meta.get('date', '?')})", "",
              f"From `{data['_file']}` (`benchmarks/bench_merge.py --run`; full table with "
              f"spreads, CPU time and notes: `{data['_file'][:-5]}.md`). {rounds_text}; page "
-             f"cache: {meta.get('cache_text', '?')}; load average (1/5/15 min): {la}; "
-             f"machine: {meta.get('machine', '?')}.", "",
+             f"cache: {meta.get('cache_text', '?')}; "
+             + (f"bytecode: {meta['bytecode']}; " if meta.get("bytecode") else "")
+             + f"load average (1/5/15 min): {la}; machine: {meta.get('machine', '?')}.", "",
              "*× floor*: median / the floor's median of the same kind (in process against the "
              "floor in process, whole commands against the floor run as a fresh Python). "
              "*Whole command*: the command a user runs, process start and imports included, "

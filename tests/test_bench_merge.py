@@ -70,3 +70,17 @@ def test_sum_kernel_inputs_are_normal_bf16():
     x = bits.view(np.float32)
     assert np.isfinite(x).all() and (np.abs(x[x != 0]) > np.finfo(np.float32).tiny).all()
     assert 0.01 < float(x.std()) < 0.04
+
+
+def test_bytecode_is_compiled_before_the_rounds():
+    """Whole commands load fastsoup's bytecode as an installed package does: the bench
+    byte-compiles fastsoup and itself first, even under PYTHONDONTWRITEBYTECODE."""
+    import importlib.util
+
+    import bench_merge
+    import fastsoup.merge.api as api
+
+    said = bench_merge.compile_bytecode()
+    assert said.startswith("compiled before the rounds")
+    for f in (api.__file__, bench_merge.__file__):
+        assert os.path.exists(importlib.util.cache_from_source(f)), f

@@ -159,6 +159,7 @@ def _bench_n(group, impl, median, rounds, label=None, role=None):
 
 def _readme_for(tmp_path, monkeypatch, files):
     """update_readme over a results folder holding ``files`` ({name: json object})."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
     (tmp_path / "README.md").write_text("<!-- perf:start -->\n<!-- perf:end -->\n")
     results = tmp_path / "benchmarks" / "results"
     results.mkdir(parents=True)
@@ -281,3 +282,15 @@ def test_report_merge_group_faster_than_its_floor_is_flagged():
     flagged = [ln for ln in md.splitlines() if "below the floor" in ln]
     assert len(flagged) == 1 and flagged[0].startswith("| fastsoup-hash-cached |")
     assert "the fractions above are not bounds" in md
+
+
+def test_readme_merge_table_says_how_the_commands_found_their_bytecode(tmp_path, monkeypatch):
+    rows = [_merge_row("floor", "in-process", [1.0] * 3),
+            _merge_row("fastsoup (first merge)", "in-process", [2.0] * 3)]
+    with_bc = _merge_file("2026-01-03 10:00 UTC", rows)
+    with_bc["meta"]["bytecode"] = "compiled before the rounds (compileall)"
+    text = _readme_for(tmp_path, monkeypatch, {"cpu-merge-2026-01-03-sd-2x10.json": with_bc})
+    assert "bytecode: compiled before the rounds (compileall); load average" in text
+    text = _readme_for(tmp_path / "older", monkeypatch,  # older results: nothing said
+                       {"cpu-merge-2026-01-03-sd-2x10.json": _merge_file("2026-01-03 10:00 UTC", rows)})
+    assert "bytecode" not in text

@@ -108,6 +108,29 @@ def test_cpu_kernel_register_tiles_match_the_block_path(in_dtype, out_dtype):
         assert same.all() and (tiles.float().isnan() == block.float().isnan()).all(), w
 
 
+@pytest.mark.parametrize("offset", [1, 2, 3, 6])
+def test_cpu_kernel_unaligned_buffers(offset):
+    """The merge hands the kernel slices at any byte offset (a safetensors tensor may start
+    anywhere): inputs and output shifted off their alignment give the same bytes."""
+    n = 1000 + 5
+    g = torch.Generator().manual_seed(offset)
+    xs = [(torch.randn(n, generator=g) * 3).bfloat16() for _ in range(3)]
+    w = [0.5, -0.25, 1.5]
+    want = torch.empty(n, dtype=torch.bfloat16)
+    _C.weighted_sum(_np(want), 2, [_np(x) for x in xs], [2] * 3, w, n, 1, False)
+
+    def shifted(data: bytes, k: int) -> np.ndarray:  # the bytes at an odd/even offset
+        raw = np.zeros(len(data) + 64, np.uint8)
+        at = offset + 5 * k
+        raw[at:at + len(data)] = np.frombuffer(data, np.uint8)
+        return raw[at:at + len(data)]
+
+    ins = [shifted(_np(x).tobytes(), k) for k, x in enumerate(xs)]
+    out = shifted(bytes(2 * n), 3)
+    _C.weighted_sum(out, 2, ins, [2] * 3, w, n, 1, False)
+    assert out.tobytes() == _np(want).tobytes()
+
+
 def test_cpu_kernel_many_inputs():
     """More inputs than the register tiles keep weights for on the stack."""
     k, n = 70, 1000

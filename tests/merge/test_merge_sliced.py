@@ -227,3 +227,54 @@ def test_drop_cache_releases_every_range_read(tmp_path, monkeypatch, sliced):
             covered = max(covered, hi)
         assert ranges and ranges[0][0] <= data_start and covered == os.path.getsize(p)
     assert len(released) > len(paths)  # released as the merge went, not once at the end
+
+
+@pytest.mark.parametrize("hash_mode", ["none", "sha256"])
+def test_an_error_planning_later_runs_ends_the_merge(tmp_path, monkeypatch, hash_mode):
+    """The runs of later tensors are planned while earlier slices stream: an error there
+    (after bytes were written) ends the merge with that error, nothing is left behind and
+    no thread keeps running."""
+    monkeypatch.setenv("FASTSOUP_HASH_CACHE", "0")
+    spec = {f"layers.{i:03d}.w": ((64 + i,), torch.bfloat16) for i in range(600)}
+    paths = [save_file_layout(str(tmp_path / f"m{i}.safetensors"), make_state(40 + i, spec))
+             for i in range(3)]
+    monkeypatch.setattr(engine.PlannedRuns, "FIRST_CHUNK", 64)
+    monkeypatch.setattr(engine.PlannedRuns, "MAX_CHUNK", 64)
+    real = engine.make_runs
+    calls = [0]
+
+    def make_runs(*a):
+        calls[0] += 1
+        if calls[0] == 4:
+            raise MergeError("planning the runs failed (injected)")
+        return real(*a)
+
+    monkeypatch.setattr(engine, "make_runs", make_runs)
+    from fastsoup.merge import writer
+
+    writes = []  # data written before the error
+    real_pwrite = writer.SafetensorsFileWriter.pwrite
+
+    def pwrite(self, data, offset, *a):
+        if offset >= self.data_start and calls[0] < 4:
+            writes.append(offset)
+        return real_pwrite(self, data, offset, *a)
+
+    monkeypatch.setattr(writer.SafetensorsFileWriter, "pwrite", pwrite)
+    errors = []
+
+    def run():
+        try:
+            fs.merge(paths, str(tmp_path / "o.safetensors"), quiet=True, hash=hash_mode,
+                     threads=2, memory="64KiB")
+        except BaseException as exc:  # noqa: BLE001 - checked below
+            errors.append(exc)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(60)
+    assert not t.is_alive(), "the merge hangs after an error planning runs"
+    assert len(errors) == 1 and "injected" in str(errors[0]), errors
+    assert calls[0] == 4 and writes
+    assert not leftovers(tmp_path) and not os.path.exists(tmp_path / "o.safetensors")
+    assert not [th for th in threading.enumerate() if th.name.startswith("fastsoup-")]

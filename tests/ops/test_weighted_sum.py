@@ -145,7 +145,7 @@ def test_cpu_kernel_many_inputs():
 def test_cpu_kernel_is_compiled_without_fma():
     """The two variants of the CPU kernel give the same bits because neither contracts
     a product and a sum into an FMA (one rounding instead of two): none in the compiled
-    code of ``fastsoup::ws``."""
+    code of ``fastsoup::ws``; and the AVX2 variant works on 256-bit registers."""
     objdump = shutil.which("objdump")
     if objdump is None:
         pytest.skip("objdump (binutils) is not installed")
@@ -164,6 +164,11 @@ def test_cpu_kernel_is_compiled_without_fma():
     fused = [k for k, body in kernel.items()
              if any(op in ln for ln in body for op in ("vfmadd", "vfmsub", "vfnmadd", "vfnmsub"))]
     assert not fused, fused
+    # the AVX2 variant multiplies and adds 8 fp32 at a time (256-bit registers)
+    avx2 = [ln for k, body in kernel.items() if "avx2::run_range_t<float>" in k for ln in body]
+    if avx2:
+        assert any("vmulps" in ln and "%ymm" in ln for ln in avx2)
+        assert any("vaddps" in ln and "%ymm" in ln for ln in avx2)
 
 
 def test_cpu_kernel_checks_buffers():

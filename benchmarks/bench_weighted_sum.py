@@ -8,9 +8,9 @@ Implementations, same inputs (each row records what it is in ``extra_info["label
 which ``report.py`` prints next to the impl name):
 
 * ``fastsoup``: ``fs.weighted_sum_``, the public API, with the device's default backend:
-  Triton on GPU; on CPU the ``fastsoup._C`` kernel once per output tensor, behind the
-  custom op and its argument and aliasing checks (the PyTorch reference only for lists the
-  kernel does not take). On GPU also ``fastsoup-cuda`` (``fs.weighted_sum_`` on the CUDA
+  Triton on GPU; on CPU the ``fastsoup._C`` kernel, one call for the whole list
+  (``weighted_sum_list``, by the tensors' addresses), behind the custom op and its argument
+  and aliasing checks (the PyTorch reference only for lists the kernel does not take). On GPU also ``fastsoup-cuda`` (``fs.weighted_sum_`` on the CUDA
   kernel).
 * ``cpu-C`` (CPU only): ``fastsoup._C.weighted_sum`` called directly per tensor from
   Python, without ``fs.weighted_sum_``'s checks: the merge engine's CPU kernel, not an API

@@ -100,6 +100,47 @@ static void weighted_sum_py(py::object out, int out_dtype, py::sequence inputs,
                      static_cast<int>(K), n, threads, acc64);
 }
 
+// The multi-tensor sum of fs.weighted_sum_ on CPU tensors, one call per list of P outputs
+// and K inputs: raw addresses (torch's data_ptr()), input k of output p at k * P + p. The
+// caller (fastsoup/ops/weighted_sum.py) guarantees contiguous tensors of the stated dtypes
+// holding numels[p] elements, and no output overlapping an input.
+static void weighted_sum_list_py(std::vector<uintptr_t> outs, std::vector<int> out_dtypes,
+                                 std::vector<uintptr_t> ins, std::vector<int> in_dtypes,
+                                 std::vector<double> weights, std::vector<int64_t> numels,
+                                 int threads, bool acc64) {
+    namespace ws = fastsoup::ws;
+    const size_t P = outs.size(), K = weights.size();
+    if (K == 0) throw py::value_error("weighted_sum_list: no inputs");
+    if (out_dtypes.size() != P || numels.size() != P)
+        throw py::value_error("weighted_sum_list: outs, out_dtypes and numels differ in length");
+    if (ins.size() != K * P || in_dtypes.size() != K * P)
+        throw py::value_error("weighted_sum_list: ins and in_dtypes need len(weights) * len(outs) "
+                              "entries");
+    for (size_t p = 0; p < P; ++p) {
+        if (ws::dtype_size(out_dtypes[p]) == 0)
+            throw py::value_error("weighted_sum_list: unknown dtype code for output " +
+                                  std::to_string(p));
+        if (numels[p] < 0) throw py::value_error("weighted_sum_list: negative size");
+    }
+    for (size_t i = 0; i < K * P; ++i)
+        if (ws::dtype_size(in_dtypes[i]) == 0)
+            throw py::value_error("weighted_sum_list: unknown dtype code for input " +
+                                  std::to_string(i / P) + " of output " + std::to_string(i % P));
+    py::gil_scoped_release release;
+    std::vector<const void*> ptrs(K);
+    std::vector<int> dtypes(K);
+    for (size_t p = 0; p < P; ++p) {
+        if (numels[p] == 0) continue;
+        for (size_t k = 0; k < K; ++k) {
+            ptrs[k] = reinterpret_cast<const void*>(ins[k * P + p]);
+            dtypes[k] = in_dtypes[k * P + p];
+        }
+        ws::weighted_sum(reinterpret_cast<void*>(outs[p]), out_dtypes[p], ptrs.data(),
+                         dtypes.data(), weights.data(), static_cast<int>(K), numels[p], threads,
+                         acc64);
+    }
+}
+
 static uint64_t prefault_py(py::object buf, size_t page) {
     ByteBuffer b(buf, false, "buf");
     py::gil_scoped_release release;
@@ -154,6 +195,12 @@ PYBIND11_MODULE(_C, m) {
           "out[i] = sum_k weights[k] * inputs[k][i] for i < n, fused, GIL released.\n"
           "Buffers are contiguous; dtype codes: 0 fp32, 1 fp16, 2 bf16, 3 fp64. Accumulates\n"
           "in fp32 (fp64 with acc64) and rounds once to out_dtype (nearest even).");
+    m.def("weighted_sum_list", &weighted_sum_list_py, py::arg("outs"), py::arg("out_dtypes"),
+          py::arg("ins"), py::arg("in_dtypes"), py::arg("weights"), py::arg("numels"),
+          py::arg("threads") = 0, py::arg("acc64") = false,
+          "weighted_sum over lists in one call, by raw addresses: outs[p] = sum_k weights[k] *\n"
+          "ins[k * len(outs) + p] (numels[p] elements each), GIL released. The caller guarantees\n"
+          "contiguous buffers of those sizes and dtypes, outputs apart from inputs.");
     m.def(
         "header_columns",
         [](py::bytes raw, py::dict itemsizes, int64_t data_len) {

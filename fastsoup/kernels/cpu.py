@@ -30,6 +30,35 @@ def weighted_sum(out, out_dtype: str, srcs: Sequence, src_dtypes: Sequence[str],
                      list(weights), n, threads, acc64)
 
 
+def weighted_sum_list(outs, inputs, weights: Sequence[float], ext=None) -> bool:
+    """``outs[p] = Σ_k weights[k] · inputs[k][p]`` for lists of CPU tensors, in one call of
+    the kernel (fp32 accumulation, rounded once), by the tensors' addresses. The caller
+    guarantees contiguous tensors of kernel dtypes, each input the size of its output, no
+    output overlapping an input. False (nothing done) with an extension built without it."""
+    ext = ext or extension(warn=True)
+    fn = getattr(ext, "weighted_sum_list", None)
+    if fn is None:
+        return False
+    live = [o for o in outs if o.numel()]
+    if not live:
+        return True
+    keep = [o.numel() != 0 for o in outs]
+    ins = [t for inp in inputs for t, k in zip(inp, keep) if k]
+    code = _TORCH_CODES
+    if not code:
+        import torch
+
+        code.update({getattr(torch, n): dtype_code(getattr(torch, n))
+                     for n in ("float32", "float16", "bfloat16", "float64")})
+    ptr = type(live[0]).data_ptr
+    fn(list(map(ptr, live)), [code[t.dtype] for t in live], list(map(ptr, ins)),
+       [code[t.dtype] for t in ins], list(weights), [o.numel() for o in live])
+    return True
+
+
+_TORCH_CODES: dict = {}  # torch dtype -> kernel code, filled on first use (no torch import here)
+
+
 def prefault(buf, page: int) -> None:
     """Touch one byte per ``page`` of ``buf`` (no-op without the extension)."""
     ext = extension()

@@ -7,7 +7,7 @@ writing every output element once, accumulating in fp32 and rounding once.
 
 Layers: the PyTorch reference below (the oracle, and the CPU path for fp64, strided or
 in-place lists), the backend table (the fused ``fastsoup._C`` kernel for the CPU
-otherwise; the one-launch Triton and CUDA launchers of :mod:`fastsoup.kernels`, which
+otherwise, one call for the lists; the one-launch Triton and CUDA launchers of :mod:`fastsoup.kernels`, which
 share one signature), behind the ``torch.library.custom_op`` ``fastsoup::weighted_sum_``
 (mutates ``outs``; a fake implementation is registered).
 ``outs[p]`` may be one of the ``inputs[k][p]`` (in-place averaging into a replica): every
@@ -117,9 +117,11 @@ def _as_buffer(t: Tensor):
 
 
 def _cpu_fused(outs, inputs, weights) -> bool:
-    """CPU tensors: the ``fastsoup._C`` kernel per output (fp32 accumulation, same order
-    and rounding as the reference, multi-threaded), when every tensor is contiguous, no
-    output shares memory with an input, and the extension is loaded. False otherwise."""
+    """CPU tensors: the ``fastsoup._C`` kernel, one call for the lists (per output with an
+    extension built before :func:`~fastsoup.kernels.cpu.weighted_sum_list`; fp32
+    accumulation, same order and rounding as the reference, multi-threaded), when every
+    tensor is contiguous, no output shares memory with an input, and the extension is
+    loaded. False otherwise."""
     ext = cpu_kernels.extension()
     if ext is None:
         return False
@@ -143,6 +145,8 @@ def _cpu_fused(outs, inputs, weights) -> bool:
         i = bisect.bisect_left(starts, hi)  # spans starting before this output ends
         if i and max_end[i - 1] > lo:
             return False  # an output overlaps an input (in place): the reference handles it
+    if cpu_kernels.weighted_sum_list(outs, inputs, weights, ext=ext):
+        return True  # one kernel call for the lists
     for p, o in enumerate(outs):
         if o.numel() == 0:
             continue

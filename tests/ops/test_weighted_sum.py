@@ -340,21 +340,73 @@ def test_cpu_path_uses_the_fused_kernel_bit_exact(monkeypatch):
     real = _ext.cpu_ext(warn=False)
 
     class Spy:
-        def weighted_sum(self, *a, **k):
-            calls.append(a[5])
-            return real.weighted_sum(*a, **k)
+        def weighted_sum_list(self, *a, **k):
+            calls.append(list(a[5]))
+            return real.weighted_sum_list(*a, **k)
 
     monkeypatch.setattr(_ext, "cpu_ext", lambda warn=True: Spy())
     outs, ins = _lists(torch.bfloat16, torch.bfloat16, K=3, seed=5)
     w = [0.2, 0.3, 0.5]
     fs.weighted_sum_(outs, ins, w)
-    assert calls == [o.numel() for o in outs if o.numel()]
+    assert calls == [[o.numel() for o in outs if o.numel()]]  # one call for the list
     for p, o in enumerate(outs):
         exp = _fp32_oracle([ins[k][p].reshape(-1) for k in range(3)], w, torch.bfloat16)
         assert torch.equal(o.reshape(-1).view(torch.int16), exp.view(torch.int16)), p
     calls.clear()
     fs.weighted_sum_(ins[0], ins, w)  # in place: the reference
     assert calls == []
+
+
+@pytest.mark.parametrize("list_kernel", [True, False])
+def test_cpu_lists_of_mixed_dtypes_and_sizes(monkeypatch, list_kernel):
+    """One call for the lists (or, with an extension built without it, one per tensor):
+    outputs of different dtypes, inputs of different dtypes per position, empty tensors
+    between, views at storage offsets; each output bit-identical to the fp32 oracle."""
+    from fastsoup.kernels import _ext
+
+    real = _ext.cpu_ext(warn=False)
+    calls = []
+
+    class Ext:  # the extension, counting its calls; without the list kernel: as built before it
+        def weighted_sum(self, *a, **k):
+            calls.append("one")
+            return real.weighted_sum(*a, **k)
+
+        if list_kernel:
+            def weighted_sum_list(self, *a, **k):
+                calls.append("list")
+                return real.weighted_sum_list(*a, **k)
+
+    monkeypatch.setattr(_ext, "cpu_ext", lambda warn=True: Ext())
+    g = torch.Generator().manual_seed(11)
+    sizes = [5, 0, 4099, 1, 70]
+    base = torch.randn(10_000, generator=g)
+    ins = [[base[7:7 + n].bfloat16() if p % 2 else (torch.randn(n, generator=g) * 2).half()
+            for p, n in enumerate(sizes)],
+           [torch.randn(n, generator=g) for n in sizes],
+           [torch.randn(n, generator=g).bfloat16() for n in sizes]]
+    store = torch.empty(20_000, dtype=torch.bfloat16)
+    outs = [torch.empty(sizes[0]), torch.empty(0, dtype=torch.float16),
+            store[3:3 + sizes[2]], torch.empty(1, dtype=torch.float16), torch.empty(70)]
+    w = [0.7, -0.2, 1.3]
+    fs.weighted_sum_(outs, ins, w)
+    assert calls == (["list"] if list_kernel else ["one"] * 4)
+    for p, o in enumerate(outs):
+        exp = _fp32_oracle([ins[k][p] for k in range(3)], w, o.dtype)
+        assert torch.equal(_bits(o), _bits(exp)), p
+
+
+def test_cpu_list_kernel_checks_its_arguments():
+    f32, a = 0, torch.zeros(4)
+    ptr = a.data_ptr()
+    for args, match in [(([ptr], [f32], [ptr], [f32], [], [4]), "no inputs"),
+                        (([ptr], [f32, f32], [ptr], [f32], [1.0], [4]), "differ in length"),
+                        (([ptr], [f32], [ptr, ptr], [f32], [1.0], [4]), "len\\(weights\\)"),
+                        (([ptr], [9], [ptr], [f32], [1.0], [4]), "output 0"),
+                        (([ptr], [f32], [ptr], [9], [1.0], [4]), "input 0 of output 0"),
+                        (([ptr], [f32], [ptr], [f32], [1.0], [-1]), "negative")]:
+        with pytest.raises(ValueError, match=match):
+            _C.weighted_sum_list(*args)
 
 
 # --------------------------------------------------------------------- on a GPU only

@@ -44,6 +44,10 @@ def weighted_sum_list(outs, inputs, weights: Sequence[float], ext=None) -> bool:
         return True
     keep = [o.numel() != 0 for o in outs]
     ins = [t for inp in inputs for t, k in zip(inp, keep) if k]
+    numels = [o.numel() for o in live]
+    if [t.numel() for t in ins] != numels * len(inputs) or any(len(inp) != len(outs) for inp in inputs):
+        # the kernel reads numels[p] elements of every input by address: never past one
+        raise ValueError("weighted_sum: every inputs[k][p] must have as many elements as outs[p]")
     code = _TORCH_CODES
     if not code:
         import torch
@@ -52,7 +56,7 @@ def weighted_sum_list(outs, inputs, weights: Sequence[float], ext=None) -> bool:
                      for n in ("float32", "float16", "bfloat16", "float64")})
     ptr = type(live[0]).data_ptr
     fn(list(map(ptr, live)), [code[t.dtype] for t in live], list(map(ptr, ins)),
-       [code[t.dtype] for t in ins], list(weights), [o.numel() for o in live])
+       [code[t.dtype] for t in ins], list(weights), numels)
     return True
 
 

@@ -396,6 +396,17 @@ def test_cpu_lists_of_mixed_dtypes_and_sizes(monkeypatch, list_kernel):
         assert torch.equal(_bits(o), _bits(exp)), p
 
 
+def test_the_op_called_directly_never_reads_past_an_input():
+    """``torch.ops.fastsoup.weighted_sum_`` skips the public checks: an input smaller than
+    its output is an error, not a read past its end."""
+    import fastsoup.ops.weighted_sum  # noqa: F401  (registers the op)
+
+    out = torch.zeros(10)
+    with pytest.raises(ValueError, match="as many elements"):
+        torch.ops.fastsoup.weighted_sum_([out], [torch.ones(5)], [1.0])
+    assert torch.equal(out, torch.zeros(10))
+
+
 def test_cpu_list_kernel_checks_its_arguments():
     f32, a = 0, torch.zeros(4)
     ptr = a.data_ptr()

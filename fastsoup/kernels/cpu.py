@@ -2,7 +2,8 @@
 
 Buffers in, buffers out. Importing this module imports neither torch nor numpy: the merge
 engine calls :func:`weighted_sum` on memory-mapped bytes without torch. The per-sample
-MSE launchers take torch tensors of dense rows (checked by :func:`mse_rows_ok`).
+MSE launchers take torch tensors of dense rows (checked by :func:`mse_rows_ok`), and
+:func:`weighted_sum_list` lists of contiguous CPU tensors (checked by its caller).
 """
 from __future__ import annotations
 
@@ -39,15 +40,18 @@ def weighted_sum_list(outs, inputs, weights: Sequence[float], ext=None) -> bool:
     fn = getattr(ext, "weighted_sum_list", None)
     if fn is None:
         return False
+    # the kernel reads numels[p] elements of every input by address: never past one
+    shape_error = "weighted_sum: every inputs[k][p] must have as many elements as outs[p]"
+    if any(len(inp) != len(outs) for inp in inputs):
+        raise ValueError(shape_error)
     live = [o for o in outs if o.numel()]
     if not live:
         return True
     keep = [o.numel() != 0 for o in outs]
     ins = [t for inp in inputs for t, k in zip(inp, keep) if k]
     numels = [o.numel() for o in live]
-    if [t.numel() for t in ins] != numels * len(inputs) or any(len(inp) != len(outs) for inp in inputs):
-        # the kernel reads numels[p] elements of every input by address: never past one
-        raise ValueError("weighted_sum: every inputs[k][p] must have as many elements as outs[p]")
+    if [t.numel() for t in ins] != numels * len(inputs):
+        raise ValueError(shape_error)
     code = _TORCH_CODES
     if not code:
         import torch

@@ -7,8 +7,8 @@ writing every output element once, accumulating in fp32 and rounding once.
 
 Layers: the PyTorch reference below (the oracle, and the CPU path for fp64, strided or
 in-place lists), the backend table (the fused ``fastsoup._C`` kernel for the CPU
-otherwise, one call for the lists; the one-launch Triton and CUDA launchers of :mod:`fastsoup.kernels`, which
-share one signature), behind the ``torch.library.custom_op`` ``fastsoup::weighted_sum_``
+otherwise, one call for the lists; the one-launch Triton and CUDA launchers of
+:mod:`fastsoup.kernels`, which share one signature), behind the ``torch.library.custom_op`` ``fastsoup::weighted_sum_``
 (mutates ``outs``; a fake implementation is registered).
 ``outs[p]`` may be one of the ``inputs[k][p]`` (in-place averaging into a replica): every
 backend reads all K inputs of an element before writing it. An output that shares memory

@@ -194,7 +194,7 @@ def main(argv=None) -> str:
     return write_results("ambient", args, "Fidelity: ambient diffusion vs the Bayes-optimal denoiser",
                          header, rows, notes, {"per_seed": results, "bins": bins(), "config": cfg,
                                                "t_n": T_N, "alpha_n": a_n, "sigma_n": s_n},
-                         total.seconds)
+                         total)
 
 
 if __name__ == "__main__":

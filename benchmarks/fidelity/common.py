@@ -147,18 +147,23 @@ def environment() -> Dict:
 
 
 def write_results(name: str, args: argparse.Namespace, title: str, header: List[str],
-                  rows: List[List], notes: List[str], data: Dict, seconds: float) -> str:
-    """Write ``<stem>.md`` (a table with date, machine, versions, command) and
-    ``<stem>.json``; return the markdown path."""
+                  rows: List[List], notes: List[str], data: Dict, timer: "Timer") -> str:
+    """Write ``<stem>.md`` (a table with date, machine, versions, command, the run's wall
+    and CPU time) and ``<stem>.json``; return the markdown path."""
     env = environment()
+    seconds, cpu = timer.seconds, timer.cpu_seconds
+    load = env["loadavg_at_end"]
+    load_text = ("load average (1/5/15 min) at the end " + " / ".join(f"{x:.2f}" for x in load)
+                 if load else "load average unknown")
     stem = args.out or os.path.join(RESULTS, f"fidelity-{name}-{env['date']}"
                                     + ("-smoke" if args.size == "smoke" else ""))
     os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
     md = [f"# {title}", "",
-          f"{env['date']}; {env['machine']}; load average {env['loadavg_at_end']}; "
+          f"{env['date']}; {env['machine']}; {load_text}; "
           f"{env['torch_threads']} torch thread(s); python {env['versions']['python']}, torch "
           f"{env['versions']['torch']}, fastsoup {env['versions']['fastsoup']}; size `{args.size}`; "
-          f"{seconds:.0f} s.", "", f"Command: `{env['command']}`", "",
+          f"{seconds:.0f} s, {cpu:.0f} s of CPU (the process, all threads).", "",
+          f"Command: `{env['command']}`", "",
           "| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for r in rows:
         md.append("| " + " | ".join(_fmt(v) for v in r) + " |")
@@ -167,7 +172,7 @@ def write_results(name: str, args: argparse.Namespace, title: str, header: List[
         f.write("\n".join(md))
     with open(stem + ".json", "w") as f:
         json.dump({"name": name, "title": title, "environment": env, "size": args.size,
-                   "seconds": seconds, "header": header, "rows": rows, "notes": notes,
+                   "seconds": seconds, "cpu_seconds": cpu, "header": header, "rows": rows, "notes": notes,
                    "data": data}, f, indent=2)
     return stem + ".md"
 
@@ -188,9 +193,12 @@ def mean_sd(xs: Sequence[float]) -> str:
 
 
 class Timer:
+    """Wall time (``seconds``) and the process's CPU time, every thread (``cpu_seconds``)."""
+
     def __enter__(self):
-        self.t0 = time.perf_counter()
+        self.t0, self.c0 = time.perf_counter(), time.process_time()
         return self
 
     def __exit__(self, *exc):
         self.seconds = time.perf_counter() - self.t0
+        self.cpu_seconds = time.process_time() - self.c0

@@ -132,7 +132,7 @@ def main(argv=None) -> str:
                      f"{tg:.4g} vs plain {plain_tgt:.4g} ({tg / plain_tgt - 1:+.1%}).")
     return write_results("difftuning", args, "Fidelity: Diff-Tuning retention vs plain fine-tuning",
                          header, rows, notes, {"per_seed": per_seed, "bins": bins(), "config": cfg},
-                         total.seconds)
+                         total)
 
 
 if __name__ == "__main__":

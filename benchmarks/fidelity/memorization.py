@@ -179,7 +179,7 @@ def main(argv=None) -> str:
                      f"{pcov:.3f} ({dcov}), at {cost:.0f}x the gradient computations and "
                      f"{secs[m] / max(secs['plain'], 1e-9):.1f}x the training time.")
     return write_results("memorization", args, "Fidelity: AGC and IET against a duplicated training point",
-                         header, rows, notes, {"per_seed": res, "config": cfg}, total.seconds)
+                         header, rows, notes, {"per_seed": res, "config": cfg}, total)
 
 
 if __name__ == "__main__":

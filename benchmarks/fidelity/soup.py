@@ -179,7 +179,7 @@ def main(argv=None) -> str:
                      f"{xb:.4g} to {xa:.4g} ({xa / xb - 1:+.1%}).")
     return write_results("soup", args, "Fidelity: Diffusion Soup vs the paragon, and unlearning by remove",
                          header, rows, notes, {"per_seed": per_seed, "bins": bins(), "config": cfg},
-                         total.seconds)
+                         total)
 
 
 if __name__ == "__main__":

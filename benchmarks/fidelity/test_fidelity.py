@@ -34,6 +34,10 @@ def _check_table(data, text, methods):
     env = data["environment"]
     for key in ("date", "machine", "versions", "command"):
         assert env[key]
+    # wall and CPU time of the run; the load average as numbers, not a Python list
+    assert data["seconds"] > 0 and data["cpu_seconds"] > 0
+    assert f"{data['seconds']:.0f} s, {data['cpu_seconds']:.0f} s of CPU" in text
+    assert "load average (1/5/15 min) at the end " in text and "load average [" not in text
     assert env["versions"]["torch"] == torch.__version__
     assert data["size"] == "smoke"
     assert [r[0] for r in data["rows"]][:len(methods)] == list(methods)

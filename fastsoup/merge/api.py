@@ -44,7 +44,7 @@ from .options import MergeOptions
 from .output import (AtomicOutput, check_output_name, check_paths, copy_side_files, describe_error, file_paths,
                      remove_stale_temporaries, write_indexes)
 from .plan import Plan, build_plan
-from .report import MergeReport, human_bytes, peak_rss, plan_report, record_run
+from .report import MergeReport, disk_free, human_bytes, peak_rss, plan_report, record_run
 from .writer import SafetensorsFileWriter
 
 PathLike = Union[str, os.PathLike]
@@ -181,13 +181,21 @@ def _merge(inputs, output, weights, *, base, normalize, keys, dtype, accumulate,
             maps.close()
         report.peak_rss = peak_rss()
         return report
+    # an earlier run into this output killed outright (SIGKILL, the OOM killer: exit 137,
+    # no message) left its temporary: freed before the space check, and said
+    stale = remove_stale_temporaries(output)
+    if stale:
+        report.warnings.extend(
+            f"removed {p}: the temporary of an earlier merge into this output that did not "
+            "finish (its process is gone: killed, e.g. by the out-of-memory killer, or the "
+            "machine stopped)" for p in stale)
+        report.disk_free = disk_free(output)
     needed = report.bytes_to_write + (1 << 20)
     if report.disk_free is not None and report.disk_free < needed:
         raise MergeError(f"{output}: not enough disk space: the output needs about "
                          f"{needed} bytes, {report.disk_free} are free")
 
     t0 = time.perf_counter()
-    remove_stale_temporaries(output)
     run = _Run(plan, layouts, output, opts, manifest_extra)
     run.progress = bar = Progress.make(progress, quiet, report.bytes_to_write)
     bar.phase("plan", f"{report.tensors} tensors from {len(plan.inputs)} inputs, "

@@ -148,6 +148,14 @@ def peak_rss() -> int:
 _BEGIN, _END, _SHARED = attrgetter("info.begin"), attrgetter("info.end"), attrgetter("shared")
 
 
+def disk_free(output: str) -> Optional[int]:
+    """Free bytes on the filesystem of ``output``'s folder, or None when unknown."""
+    try:
+        return shutil.disk_usage(os.path.dirname(os.path.abspath(output))).free
+    except OSError:
+        return None
+
+
 def plan_report(plan, output: str, options) -> MergeReport:
     """The report of a planned merge (a :class:`.plan.Plan` into ``output`` with
     :class:`.options.MergeOptions`): what will be read and written; a run fills in the
@@ -167,11 +175,7 @@ def plan_report(plan, output: str, options) -> MergeReport:
         to_read += sum(len(sh[0].indices) * (sh[1].end - sh[1].begin)
                        for sh in shared if sh is not None)
     to_write = sum(fp.bytes for fp in files)
-    parent = os.path.dirname(os.path.abspath(output))
-    try:
-        free = shutil.disk_usage(parent).free
-    except OSError:
-        free = None
+    free = disk_free(output)
     n = len(plan.input_weights)
     base_coef = 1.0 - sum(plan.coefficients) if plan.base_index is not None else None
     return MergeReport(

@@ -153,3 +153,29 @@ def test_one_descriptor_per_input_file_and_raised_fd_limit(tmp_path, monkeypatch
         assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == hard
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_killed_runs_temporary_is_named_and_freed_before_the_space_check(tmp_path, monkeypatch):
+    """A merge killed outright (the OOM killer, SIGKILL: exit 137, no message) leaves its
+    temporary. The next merge into that output removes it before it checks the free
+    space (which the temporary took), and says so in its report."""
+    import shutil
+
+    from fastsoup.merge import report as report_mod
+
+    paths = [save_file_layout(str(tmp_path / f"m{i}.safetensors"), make_state(i)) for i in range(2)]
+    dead = tmp_path / ".soup.safetensors.fastsoup-tmp-999999999-abcd1234"
+    dead.write_bytes(b"x" * 4096)
+    need = fs.merge(paths, None, dry_run=True, quiet=True).bytes_to_write + (1 << 20)
+    real = shutil.disk_usage
+
+    def disk_usage(path):  # the free space counts the dead temporary only while it exists
+        u = real(path)
+        free = need - 1 + (0 if dead.exists() else 4096)
+        return type(u)(u.total, u.total - free, free)
+
+    monkeypatch.setattr(report_mod.shutil, "disk_usage", disk_usage)
+    rep = fs.merge(paths, tmp_path / "soup.safetensors", quiet=True, hash="none")
+    assert not dead.exists()
+    said = [w for w in rep.warnings if str(dead) in w]
+    assert len(said) == 1 and "did not finish" in said[0], rep.warnings

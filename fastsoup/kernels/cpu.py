@@ -8,6 +8,7 @@ MSE launchers take torch tensors of dense rows (checked by :func:`mse_rows_ok`),
 from __future__ import annotations
 
 import math
+from itertools import chain, compress
 from typing import Optional, Sequence
 
 from . import _ext
@@ -31,40 +32,27 @@ def weighted_sum(out, out_dtype: str, srcs: Sequence, src_dtypes: Sequence[str],
                      list(weights), n, threads, acc64)
 
 
-def weighted_sum_list(outs, inputs, weights: Sequence[float], ext=None) -> bool:
+def weighted_sum_list(outs, inputs, weights: Sequence[float], ext=None) -> None:
     """``outs[p] = Σ_k weights[k] · inputs[k][p]`` for lists of CPU tensors, in one call of
     the kernel (fp32 accumulation, rounded once), by the tensors' addresses. The caller
-    guarantees contiguous tensors of kernel dtypes, each input the size of its output, no
-    output overlapping an input. False (nothing done) with an extension built without it."""
+    guarantees contiguous tensors of kernel dtypes and no output overlapping an input;
+    an input without its output's element count is refused here (the kernel reads
+    ``numel`` elements of each by address: never past one)."""
     ext = ext or extension(warn=True)
-    fn = getattr(ext, "weighted_sum_list", None)
-    if fn is None:
-        return False
-    # the kernel reads numels[p] elements of every input by address: never past one
-    shape_error = "weighted_sum: every inputs[k][p] must have as many elements as outs[p]"
     if any(len(inp) != len(outs) for inp in inputs):
-        raise ValueError(shape_error)
-    live = [o for o in outs if o.numel()]
-    if not live:
-        return True
+        raise ValueError("weighted_sum: every input list must have one tensor per output")
     keep = [o.numel() != 0 for o in outs]
-    ins = [t for inp in inputs for t, k in zip(inp, keep) if k]
+    live = list(compress(outs, keep))
+    ins = [t for inp in inputs for t in compress(inp, keep)]
     numels = [o.numel() for o in live]
     if [t.numel() for t in ins] != numels * len(inputs):
-        raise ValueError(shape_error)
-    code = _TORCH_CODES
-    if not code:
-        import torch
-
-        code.update({getattr(torch, n): dtype_code(getattr(torch, n))
-                     for n in ("float32", "float16", "bfloat16", "float64")})
+        raise ValueError("weighted_sum: every inputs[k][p] must have as many elements as outs[p]")
+    if not live:
+        return
+    code = {d: dtype_code(d) for d in {t.dtype for t in chain(live, ins)}}
     ptr = type(live[0]).data_ptr
-    fn(list(map(ptr, live)), [code[t.dtype] for t in live], list(map(ptr, ins)),
-       [code[t.dtype] for t in ins], list(weights), numels)
-    return True
-
-
-_TORCH_CODES: dict = {}  # torch dtype -> kernel code, filled on first use (no torch import here)
+    ext.weighted_sum_list(list(map(ptr, live)), [code[t.dtype] for t in live],
+                          list(map(ptr, ins)), [code[t.dtype] for t in ins], list(weights), numels)
 
 
 def prefault(buf, page: int) -> None:

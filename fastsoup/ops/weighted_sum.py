@@ -8,8 +8,9 @@ writing every output element once, accumulating in fp32 and rounding once.
 Layers: the PyTorch reference below (the oracle, and the CPU path for fp64, strided or
 in-place lists), the backend table (the fused ``fastsoup._C`` kernel for the CPU
 otherwise, one call for the lists; the one-launch Triton and CUDA launchers of
-:mod:`fastsoup.kernels`, which share one signature), behind the ``torch.library.custom_op`` ``fastsoup::weighted_sum_``
-(mutates ``outs``; a fake implementation is registered).
+:mod:`fastsoup.kernels`, which share one signature), behind the
+``torch.library.custom_op`` ``fastsoup::weighted_sum_`` (mutates ``outs``; a fake
+implementation is registered).
 ``outs[p]`` may be one of the ``inputs[k][p]`` (in-place averaging into a replica): every
 backend reads all K inputs of an element before writing it. An output that shares memory
 with an input at another position (tied weights listed twice, a swap) is computed into a
@@ -110,20 +111,14 @@ def _fused(backend: str, outs, inputs, weights, signature=None) -> None:
             o.copy_(tmp)
 
 
-def _as_buffer(t: Tensor):
-    """A zero-copy numpy view of a contiguous CPU tensor's bytes (bf16 as int16)."""
-    flat = t.reshape(-1)
-    return (flat.view(torch.int16) if t.dtype == torch.bfloat16 else flat).numpy()
-
-
 def _cpu_fused(outs, inputs, weights) -> bool:
-    """CPU tensors: the ``fastsoup._C`` kernel, one call for the lists (per output with an
-    extension built before :func:`~fastsoup.kernels.cpu.weighted_sum_list`; fp32
-    accumulation, same order and rounding as the reference, multi-threaded), when every
-    tensor is contiguous, no output shares memory with an input, and the extension is
-    loaded. False otherwise."""
+    """CPU tensors: the ``fastsoup._C`` kernel, one call for the lists (fp32 accumulation,
+    same order and rounding as the reference, multi-threaded), when every tensor is
+    contiguous, no output shares memory with an input, and the extension is loaded (and
+    built with :func:`~fastsoup.kernels.cpu.weighted_sum_list`). False otherwise: the
+    reference computes them."""
     ext = cpu_kernels.extension()
-    if ext is None:
+    if ext is None or not hasattr(ext, "weighted_sum_list"):
         return False
     tensors = list(outs) + [t for inp in inputs for t in inp]
     if any(t.device.type != "cpu" or not t.is_contiguous() or t.dtype not in _CPU_DTYPES
@@ -145,13 +140,7 @@ def _cpu_fused(outs, inputs, weights) -> bool:
         i = bisect.bisect_left(starts, hi)  # spans starting before this output ends
         if i and max_end[i - 1] > lo:
             return False  # an output overlaps an input (in place): the reference handles it
-    if cpu_kernels.weighted_sum_list(outs, inputs, weights, ext=ext):
-        return True  # one kernel call for the lists
-    for p, o in enumerate(outs):
-        if o.numel() == 0:
-            continue
-        cpu_kernels.weighted_sum(_as_buffer(o), o.dtype, [_as_buffer(inp[p]) for inp in inputs],
-                                 [inp[p].dtype for inp in inputs], weights, o.numel(), ext=ext)
+    cpu_kernels.weighted_sum_list(outs, inputs, weights, ext=ext)
     return True
 
 

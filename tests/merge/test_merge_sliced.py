@@ -98,6 +98,27 @@ def test_a_first_merge_digests_the_bytes_the_slices_read(tmp_path, monkeypatch):
         assert fed[os.path.abspath(p)] == len(data) - header - (copied if i else 0)
 
 
+def _failing_merge(paths, tmp_path, what: str, **kw) -> list:
+    """Merge ``paths`` into ``tmp_path/o.safetensors`` in a thread that must end within a
+    minute (no slice left waiting after ``what``); returns what it raised, having checked
+    that nothing is left behind: no output, no temporary, no fastsoup thread."""
+    errors = []
+
+    def run():
+        try:
+            fs.merge(paths, str(tmp_path / "o.safetensors"), quiet=True, **kw)
+        except BaseException as exc:  # noqa: BLE001 - checked by the caller
+            errors.append(exc)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(60)
+    assert not t.is_alive(), f"the merge hangs after {what}"
+    assert not leftovers(tmp_path) and not os.path.exists(tmp_path / "o.safetensors")
+    assert not [th for th in threading.enumerate() if th.name.startswith("fastsoup-")]
+    return errors
+
+
 @pytest.mark.parametrize("hash_mode", ["none", "sha256"])
 def test_an_error_in_a_slice_ends_the_merge(tmp_path, monkeypatch, hash_mode):
     """The slice's own error ends the merge (with digests: not a later slice that stopped
@@ -118,23 +139,10 @@ def test_an_error_in_a_slice_ends_the_merge(tmp_path, monkeypatch, hash_mode):
     monkeypatch.setattr(InputFiles, "read_into", read_into)
     monkeypatch.setattr(engine, "SLICE_BYTES", 8 << 10)
     calls = _spy(monkeypatch)
-    errors = []
-
-    def run():
-        try:
-            fs.merge(paths, str(tmp_path / "o.safetensors"), quiet=True, hash=hash_mode, threads=2)
-        except BaseException as exc:  # noqa: BLE001 - checked below
-            errors.append(exc)
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    t.join(60)
-    assert not t.is_alive(), "the merge hangs after a failed slice"
+    errors = _failing_merge(paths, tmp_path, "a failed slice", hash=hash_mode, threads=2)
     assert len(errors) == 1 and isinstance(errors[0], MergeError), errors
     assert "injected" in str(errors[0])
     assert calls == [1] and count[0] >= 5
-    assert not leftovers(tmp_path) and not os.path.exists(tmp_path / "o.safetensors")
-    assert not [th for th in threading.enumerate() if th.name.startswith("fastsoup-")]
 
 
 @pytest.mark.parametrize("case", ["same-buffer", "later-buffer"])
@@ -261,20 +269,7 @@ def test_an_error_planning_later_runs_ends_the_merge(tmp_path, monkeypatch, hash
         return real_pwrite(self, data, offset, *a)
 
     monkeypatch.setattr(writer.SafetensorsFileWriter, "pwrite", pwrite)
-    errors = []
-
-    def run():
-        try:
-            fs.merge(paths, str(tmp_path / "o.safetensors"), quiet=True, hash=hash_mode,
-                     threads=2, memory="64KiB")
-        except BaseException as exc:  # noqa: BLE001 - checked below
-            errors.append(exc)
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    t.join(60)
-    assert not t.is_alive(), "the merge hangs after an error planning runs"
+    errors = _failing_merge(paths, tmp_path, "an error planning runs", hash=hash_mode,
+                            threads=2, memory="64KiB")
     assert len(errors) == 1 and "injected" in str(errors[0]), errors
     assert calls[0] == 4 and writes
-    assert not leftovers(tmp_path) and not os.path.exists(tmp_path / "o.safetensors")
-    assert not [th for th in threading.enumerate() if th.name.startswith("fastsoup-")]
